@@ -1,0 +1,706 @@
+//! The one module with `unsafe` code and raw syscalls, behind a small safe API.
+//!
+//! Everything here takes borrowed descriptors and Rust strings and returns
+//! `io::Result`, so the rest of the crate is plain safe Rust. Directory-relative
+//! (`*at`) calls are used throughout so that the daemon never resolves a path
+//! string from the root of the host: every name is one component under a
+//! descriptor it already holds.
+
+use std::ffi::{CStr, CString, OsStr};
+use std::io;
+use std::mem::MaybeUninit;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+
+pub use libc::stat as Stat;
+
+/// Result of a raw syscall returning -1 on error.
+fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+fn cvt_long(ret: libc::c_long) -> io::Result<libc::c_long> {
+    if ret == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// A single path component or relative path as a C string. Interior NULs are
+/// rejected with `EINVAL` (the kernel never sends them, but be safe).
+pub fn cstr(name: &OsStr) -> io::Result<CString> {
+    CString::new(name.as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+const EMPTY: &CStr = c"";
+
+/// `/proc/self/fd/N`: the magic link that reopens an `O_PATH` descriptor.
+pub fn proc_fd_path(fd: BorrowedFd<'_>) -> CString {
+    // A decimal number never contains NUL.
+    CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap_or_default()
+}
+
+fn owned(fd: libc::c_int) -> OwnedFd {
+    // SAFETY: `fd` was just returned by a successful open-style syscall and is
+    // owned by nobody else.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+/// `openat(dirfd, name, flags | O_CLOEXEC, mode)`.
+pub fn openat(dir: BorrowedFd<'_>, name: &CStr, flags: i32, mode: u32) -> io::Result<OwnedFd> {
+    // SAFETY: valid C string and descriptor; the result is checked.
+    let fd = cvt(unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            flags | libc::O_CLOEXEC,
+            mode as libc::c_uint,
+        )
+    })?;
+    Ok(owned(fd))
+}
+
+/// Open a path (used once at start-up for the backing directory).
+pub fn open_path(path: &std::path::Path, flags: i32) -> io::Result<OwnedFd> {
+    let c = cstr(path.as_os_str())?;
+    // SAFETY: as above.
+    let fd = cvt(unsafe { libc::open(c.as_ptr(), flags | libc::O_CLOEXEC) })?;
+    Ok(owned(fd))
+}
+
+/// Reopen an `O_PATH` descriptor with real access flags through
+/// `/proc/self/fd/N` (permission checks apply to the current fsuid/fsgid).
+pub fn reopen(fd: BorrowedFd<'_>, flags: i32) -> io::Result<OwnedFd> {
+    let p = proc_fd_path(fd);
+    let flags = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW);
+    // SAFETY: valid C string; result checked.
+    let fd = cvt(unsafe { libc::open(p.as_ptr(), flags | libc::O_CLOEXEC) })?;
+    Ok(owned(fd))
+}
+
+/// `fstatat(dirfd, name, AT_SYMLINK_NOFOLLOW)`.
+pub fn statat(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<Stat> {
+    let mut st = MaybeUninit::<Stat>::uninit();
+    // SAFETY: `st` is a valid out-pointer; it is initialised on success.
+    cvt(unsafe {
+        libc::fstatat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            st.as_mut_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })?;
+    // SAFETY: fstatat succeeded, so the buffer is filled.
+    Ok(unsafe { st.assume_init() })
+}
+
+/// `fstat` of any descriptor, `O_PATH` included.
+pub fn fstat(fd: BorrowedFd<'_>) -> io::Result<Stat> {
+    let mut st = MaybeUninit::<Stat>::uninit();
+    // SAFETY: as in `statat`; AT_EMPTY_PATH works on O_PATH descriptors.
+    cvt(unsafe {
+        libc::fstatat(
+            fd.as_raw_fd(),
+            EMPTY.as_ptr(),
+            st.as_mut_ptr(),
+            libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })?;
+    // SAFETY: success means initialised.
+    Ok(unsafe { st.assume_init() })
+}
+
+/// `fstatfs`-backed statvfs of the filesystem holding `fd`.
+pub fn fstatvfs(fd: BorrowedFd<'_>) -> io::Result<libc::statvfs> {
+    let mut st = MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: valid out-pointer; fstatvfs accepts O_PATH descriptors.
+    cvt(unsafe { libc::fstatvfs(fd.as_raw_fd(), st.as_mut_ptr()) })?;
+    // SAFETY: success means initialised.
+    Ok(unsafe { st.assume_init() })
+}
+
+pub fn mkdirat(dir: BorrowedFd<'_>, name: &CStr, mode: u32) -> io::Result<()> {
+    // SAFETY: valid arguments; result checked.
+    cvt(unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), mode as libc::mode_t) })?;
+    Ok(())
+}
+
+pub fn mknodat(dir: BorrowedFd<'_>, name: &CStr, mode: u32, rdev: u64) -> io::Result<()> {
+    // SAFETY: valid arguments; result checked.
+    cvt(unsafe {
+        libc::mknodat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            mode as libc::mode_t,
+            rdev as libc::dev_t,
+        )
+    })?;
+    Ok(())
+}
+
+pub fn symlinkat(target: &CStr, dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
+    // SAFETY: valid arguments; result checked.
+    cvt(unsafe { libc::symlinkat(target.as_ptr(), dir.as_raw_fd(), name.as_ptr()) })?;
+    Ok(())
+}
+
+/// `readlinkat(fd, "")` on an `O_PATH` descriptor of a symlink.
+pub fn readlink_fd(fd: BorrowedFd<'_>) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; libc::PATH_MAX as usize + 1];
+    // SAFETY: buffer pointer and length describe `buf`.
+    let n = unsafe {
+        libc::readlinkat(
+            fd.as_raw_fd(),
+            EMPTY.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    buf.truncate(n as usize);
+    Ok(buf)
+}
+
+pub fn unlinkat(dir: BorrowedFd<'_>, name: &CStr, flags: i32) -> io::Result<()> {
+    // SAFETY: valid arguments; result checked.
+    cvt(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), flags) })?;
+    Ok(())
+}
+
+/// `renameat2` (flags: RENAME_NOREPLACE, RENAME_EXCHANGE, RENAME_WHITEOUT).
+pub fn renameat2(
+    olddir: BorrowedFd<'_>,
+    old: &CStr,
+    newdir: BorrowedFd<'_>,
+    new: &CStr,
+    flags: u32,
+) -> io::Result<()> {
+    // SAFETY: valid arguments; result checked.
+    cvt(unsafe {
+        libc::renameat2(
+            olddir.as_raw_fd(),
+            old.as_ptr(),
+            newdir.as_raw_fd(),
+            new.as_ptr(),
+            flags,
+        )
+    })?;
+    Ok(())
+}
+
+/// Make a new name for the inode behind `fd` (an `O_PATH` descriptor) without
+/// needing its old name: `linkat` through `/proc/self/fd/N`.
+pub fn link_fd(fd: BorrowedFd<'_>, newdir: BorrowedFd<'_>, new: &CStr) -> io::Result<()> {
+    let p = proc_fd_path(fd);
+    // SAFETY: valid arguments; result checked.
+    cvt(unsafe {
+        libc::linkat(
+            libc::AT_FDCWD,
+            p.as_ptr(),
+            newdir.as_raw_fd(),
+            new.as_ptr(),
+            libc::AT_SYMLINK_FOLLOW,
+        )
+    })?;
+    Ok(())
+}
+
+/// `linkat(olddir, old, newdir, new, 0)`: hard link by name.
+pub fn linkat(
+    olddir: BorrowedFd<'_>,
+    old: &CStr,
+    newdir: BorrowedFd<'_>,
+    new: &CStr,
+) -> io::Result<()> {
+    // SAFETY: valid arguments; result checked.
+    cvt(unsafe {
+        libc::linkat(
+            olddir.as_raw_fd(),
+            old.as_ptr(),
+            newdir.as_raw_fd(),
+            new.as_ptr(),
+            0,
+        )
+    })?;
+    Ok(())
+}
+
+/// chmod of the inode behind an `O_PATH` descriptor (not for symlinks).
+pub fn chmod_fd(fd: BorrowedFd<'_>, mode: u32) -> io::Result<()> {
+    let p = proc_fd_path(fd);
+    // SAFETY: valid arguments; result checked.
+    cvt(unsafe { libc::chmod(p.as_ptr(), mode as libc::mode_t) })?;
+    Ok(())
+}
+
+/// chown of the inode behind any descriptor (`u32::MAX` leaves a field as is).
+pub fn chown_fd(fd: BorrowedFd<'_>, uid: u32, gid: u32) -> io::Result<()> {
+    // SAFETY: valid arguments; AT_EMPTY_PATH works with O_PATH descriptors.
+    cvt(unsafe {
+        libc::fchownat(
+            fd.as_raw_fd(),
+            EMPTY.as_ptr(),
+            uid,
+            gid,
+            libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })?;
+    Ok(())
+}
+
+/// `truncate` of the inode behind an `O_PATH` descriptor (permission-checked).
+pub fn truncate_fd_path(fd: BorrowedFd<'_>, size: u64) -> io::Result<()> {
+    let p = proc_fd_path(fd);
+    // SAFETY: valid arguments; result checked.
+    cvt(unsafe { libc::truncate(p.as_ptr(), size as libc::off_t) })?;
+    Ok(())
+}
+
+pub fn ftruncate(fd: BorrowedFd<'_>, size: u64) -> io::Result<()> {
+    // SAFETY: valid arguments; result checked.
+    cvt(unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) })?;
+    Ok(())
+}
+
+/// A time for [`utimens`]: left alone, set to now, or set to a value.
+#[derive(Clone, Copy, Debug)]
+pub enum TimeSpec {
+    Omit,
+    Now,
+    Set(i64, i64),
+}
+
+impl TimeSpec {
+    fn raw(self) -> libc::timespec {
+        match self {
+            TimeSpec::Omit => libc::timespec {
+                tv_sec: 0,
+                tv_nsec: libc::UTIME_OMIT,
+            },
+            TimeSpec::Now => libc::timespec {
+                tv_sec: 0,
+                tv_nsec: libc::UTIME_NOW,
+            },
+            TimeSpec::Set(s, ns) => libc::timespec {
+                tv_sec: s,
+                tv_nsec: ns,
+            },
+        }
+    }
+}
+
+/// utimensat on the inode behind an `O_PATH` descriptor, through
+/// `/proc/self/fd/N` (symlinks: the link itself is not followed).
+pub fn utimens_fd(fd: BorrowedFd<'_>, atime: TimeSpec, mtime: TimeSpec) -> io::Result<()> {
+    let p = proc_fd_path(fd);
+    let times = [atime.raw(), mtime.raw()];
+    // SAFETY: valid path and a two-element array, as the call requires.
+    cvt(unsafe { libc::utimensat(libc::AT_FDCWD, p.as_ptr(), times.as_ptr(), 0) })?;
+    Ok(())
+}
+
+/// `faccessat2(fd, "", mode, AT_EMPTY_PATH | AT_EACCESS)`: access check with
+/// the thread's fsuid/fsgid and groups.
+pub fn access_fd(fd: BorrowedFd<'_>, mode: i32) -> io::Result<()> {
+    // SAFETY: raw syscall with valid arguments; result checked.
+    cvt_long(unsafe {
+        libc::syscall(
+            libc::SYS_faccessat2,
+            fd.as_raw_fd(),
+            EMPTY.as_ptr(),
+            mode,
+            libc::AT_EMPTY_PATH | libc::AT_EACCESS,
+        )
+    })?;
+    Ok(())
+}
+
+fn xattr_path(fd: BorrowedFd<'_>) -> CString {
+    proc_fd_path(fd)
+}
+
+/// What a get/listxattr call gives back: with a zero-size request, the size
+/// needed; otherwise the bytes.
+#[derive(Debug, PartialEq, Eq)]
+pub enum XattrReply {
+    Size(usize),
+    Data(Vec<u8>),
+}
+
+fn xattr_reply(mut buf: Vec<u8>, size: usize, n: isize) -> io::Result<XattrReply> {
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if size == 0 {
+        return Ok(XattrReply::Size(n as usize));
+    }
+    buf.truncate(n as usize);
+    Ok(XattrReply::Data(buf))
+}
+
+fn buf_ptr(buf: &mut [u8]) -> *mut libc::c_void {
+    if buf.is_empty() {
+        std::ptr::null_mut()
+    } else {
+        buf.as_mut_ptr().cast()
+    }
+}
+
+/// getxattr of the inode behind a descriptor.
+pub fn getxattr_fd(fd: BorrowedFd<'_>, name: &CStr, size: usize) -> io::Result<XattrReply> {
+    let p = xattr_path(fd);
+    let mut buf = vec![0u8; size];
+    // SAFETY: buffer pointer/length describe `buf` (null with size 0).
+    let n = unsafe { libc::getxattr(p.as_ptr(), name.as_ptr(), buf_ptr(&mut buf), size) };
+    xattr_reply(buf, size, n)
+}
+
+/// listxattr of the inode behind a descriptor.
+pub fn listxattr_fd(fd: BorrowedFd<'_>, size: usize) -> io::Result<XattrReply> {
+    let p = xattr_path(fd);
+    let mut buf = vec![0u8; size];
+    // SAFETY: buffer pointer/length describe `buf` (null with size 0).
+    let n = unsafe { libc::listxattr(p.as_ptr(), buf_ptr(&mut buf).cast(), size) };
+    xattr_reply(buf, size, n)
+}
+
+pub fn setxattr_fd(fd: BorrowedFd<'_>, name: &CStr, value: &[u8], flags: i32) -> io::Result<()> {
+    let p = xattr_path(fd);
+    // SAFETY: value pointer/length describe `value`.
+    cvt(unsafe {
+        libc::setxattr(
+            p.as_ptr(),
+            name.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            flags,
+        )
+    })?;
+    Ok(())
+}
+
+pub fn removexattr_fd(fd: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
+    let p = xattr_path(fd);
+    // SAFETY: valid C strings.
+    cvt(unsafe { libc::removexattr(p.as_ptr(), name.as_ptr()) })?;
+    Ok(())
+}
+
+pub fn lseek(fd: BorrowedFd<'_>, offset: i64, whence: i32) -> io::Result<i64> {
+    // SAFETY: plain syscall on a valid descriptor.
+    let r = unsafe { libc::lseek(fd.as_raw_fd(), offset, whence) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+pub fn fallocate(fd: BorrowedFd<'_>, mode: i32, offset: i64, len: i64) -> io::Result<()> {
+    // SAFETY: plain syscall on a valid descriptor.
+    cvt(unsafe { libc::fallocate(fd.as_raw_fd(), mode, offset, len) })?;
+    Ok(())
+}
+
+pub fn copy_file_range(
+    fd_in: BorrowedFd<'_>,
+    off_in: i64,
+    fd_out: BorrowedFd<'_>,
+    off_out: i64,
+    len: usize,
+    flags: u32,
+) -> io::Result<usize> {
+    let mut oi = off_in;
+    let mut oo = off_out;
+    // SAFETY: the offset pointers are to locals that outlive the call.
+    let n = unsafe {
+        libc::copy_file_range(
+            fd_in.as_raw_fd(),
+            &mut oi,
+            fd_out.as_raw_fd(),
+            &mut oo,
+            len,
+            flags,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// The `FICLONE` ioctl: share all blocks of `src` with `dst` (reflink).
+pub fn ficlone(dst: BorrowedFd<'_>, src: BorrowedFd<'_>) -> io::Result<()> {
+    const FICLONE: libc::c_ulong = 0x4004_9409;
+    // SAFETY: FICLONE takes the source descriptor as its argument.
+    cvt(unsafe { libc::ioctl(dst.as_raw_fd(), FICLONE, src.as_raw_fd()) })?;
+    Ok(())
+}
+
+/// A byte-range lock as FUSE describes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LockRange {
+    pub typ: i32,
+    pub start: u64,
+    /// Inclusive end; `u64::MAX` or `i64::MAX` means "to end of file".
+    pub end: u64,
+    pub pid: u32,
+}
+
+fn to_flock(l: &LockRange) -> libc::flock {
+    // SAFETY: flock is plain data; all-zero is a valid value.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = l.typ as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = l.start.min(i64::MAX as u64) as libc::off_t;
+    fl.l_len = if l.end >= i64::MAX as u64 {
+        0
+    } else {
+        (l.end - l.start.min(l.end) + 1) as libc::off_t
+    };
+    fl.l_pid = 0;
+    fl
+}
+
+/// Open file description lock (F_OFD_SETLK / F_OFD_SETLKW).
+pub fn ofd_setlk(fd: BorrowedFd<'_>, l: &LockRange, wait: bool) -> io::Result<()> {
+    let fl = to_flock(l);
+    let cmd = if wait {
+        libc::F_OFD_SETLKW
+    } else {
+        libc::F_OFD_SETLK
+    };
+    // SAFETY: `fl` is a valid flock for the duration of the call.
+    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), cmd, &fl) })?;
+    Ok(())
+}
+
+/// F_OFD_GETLK: the first conflicting lock, or `typ == F_UNLCK`.
+pub fn ofd_getlk(fd: BorrowedFd<'_>, l: &LockRange) -> io::Result<LockRange> {
+    let mut fl = to_flock(l);
+    // SAFETY: `fl` is a valid, writable flock.
+    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) })?;
+    let start = fl.l_start.max(0) as u64;
+    let end = if fl.l_len == 0 {
+        i64::MAX as u64
+    } else {
+        start + fl.l_len as u64 - 1
+    };
+    Ok(LockRange {
+        typ: fl.l_type as i32,
+        start,
+        end,
+        pid: if fl.l_pid < 0 { 0 } else { fl.l_pid as u32 },
+    })
+}
+
+/// Per-thread filesystem credentials. These are raw syscalls on purpose:
+/// glibc's `setgroups` changes every thread of the process.
+pub fn set_thread_fsuid(uid: u32) -> u32 {
+    // SAFETY: setfsuid cannot fail in a way that matters here; it returns the
+    // previous fsuid.
+    unsafe { libc::syscall(libc::SYS_setfsuid, uid) as u32 }
+}
+
+pub fn set_thread_fsgid(gid: u32) -> u32 {
+    // SAFETY: as for setfsuid.
+    unsafe { libc::syscall(libc::SYS_setfsgid, gid) as u32 }
+}
+
+pub fn set_thread_groups(groups: &[u32]) -> io::Result<()> {
+    // SAFETY: pointer/length describe `groups`; raw syscall affects this thread only.
+    cvt_long(unsafe {
+        libc::syscall(
+            libc::SYS_setgroups,
+            groups.len() as libc::size_t,
+            groups.as_ptr(),
+        )
+    })?;
+    Ok(())
+}
+
+/// `umask` for this thread's filesystem context (CLONE_FS is shared by all
+/// threads, so the daemon sets 0 once and applies the caller's umask itself).
+pub fn set_umask(mask: u32) -> u32 {
+    // SAFETY: umask cannot fail.
+    unsafe { libc::umask(mask as libc::mode_t) as u32 }
+}
+
+/// An opaque kernel file handle (`name_to_handle_at`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct FileHandle {
+    handle_type: i32,
+    bytes: Box<[u8]>,
+}
+
+const MAX_HANDLE_SZ: usize = 128;
+
+#[repr(C)]
+struct RawHandle {
+    handle_bytes: u32,
+    handle_type: i32,
+    f_handle: [u8; MAX_HANDLE_SZ],
+}
+
+/// `name_to_handle_at(fd, "", AT_EMPTY_PATH)`. Returns the handle and mount id.
+pub fn name_to_handle(fd: BorrowedFd<'_>) -> io::Result<(FileHandle, i32)> {
+    let mut raw = RawHandle {
+        handle_bytes: MAX_HANDLE_SZ as u32,
+        handle_type: 0,
+        f_handle: [0; MAX_HANDLE_SZ],
+    };
+    let mut mount_id: libc::c_int = 0;
+    // SAFETY: `raw` is a file_handle with room for MAX_HANDLE_SZ bytes.
+    cvt_long(unsafe {
+        libc::syscall(
+            libc::SYS_name_to_handle_at,
+            fd.as_raw_fd(),
+            EMPTY.as_ptr(),
+            &mut raw as *mut RawHandle,
+            &mut mount_id as *mut libc::c_int,
+            libc::AT_EMPTY_PATH,
+        )
+    })?;
+    let n = (raw.handle_bytes as usize).min(MAX_HANDLE_SZ);
+    Ok((
+        FileHandle {
+            handle_type: raw.handle_type,
+            bytes: raw.f_handle[..n].into(),
+        },
+        mount_id,
+    ))
+}
+
+/// `open_by_handle_at(mount_fd, handle, flags)`; needs CAP_DAC_READ_SEARCH.
+pub fn open_by_handle(mount_fd: BorrowedFd<'_>, h: &FileHandle, flags: i32) -> io::Result<OwnedFd> {
+    let mut raw = RawHandle {
+        handle_bytes: h.bytes.len() as u32,
+        handle_type: h.handle_type,
+        f_handle: [0; MAX_HANDLE_SZ],
+    };
+    raw.f_handle[..h.bytes.len()].copy_from_slice(&h.bytes);
+    // SAFETY: `raw` is a valid file_handle; result checked.
+    let fd = cvt_long(unsafe {
+        libc::syscall(
+            libc::SYS_open_by_handle_at,
+            mount_fd.as_raw_fd(),
+            &mut raw as *mut RawHandle,
+            flags | libc::O_CLOEXEC,
+        )
+    })?;
+    Ok(owned(fd as RawFd))
+}
+
+/// Raise the soft open-file limit to the hard limit; returns the new limit.
+pub fn raise_nofile_limit() -> io::Result<u64> {
+    let mut rl = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid out-pointer.
+    cvt(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) })?;
+    rl.rlim_cur = rl.rlim_max;
+    // SAFETY: valid in-pointer.
+    cvt(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &rl) })?;
+    Ok(rl.rlim_cur)
+}
+
+pub fn geteuid() -> u32 {
+    // SAFETY: cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// The host name (for quarantine records).
+pub fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: pointer/length describe `buf`.
+    let r = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if r != 0 {
+        return String::from("unknown");
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+/// Detach-unmount a path (used by tests and the CLI's private namespace).
+pub fn umount_detach(path: &std::path::Path) -> io::Result<()> {
+    let c = cstr(path.as_os_str())?;
+    // SAFETY: valid C string.
+    cvt(unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) })?;
+    Ok(())
+}
+
+/// Enter a private mount namespace (the calling process must be
+/// single-threaded), with propagation turned off so nothing leaks back.
+pub fn unshare_mount_namespace() -> io::Result<()> {
+    // SAFETY: plain syscalls; results checked.
+    cvt(unsafe { libc::unshare(libc::CLONE_NEWNS) })?;
+    let root = c"/";
+    // SAFETY: valid C strings and null data pointers as mount(2) allows.
+    cvt(unsafe {
+        libc::mount(
+            std::ptr::null(),
+            root.as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        )
+    })?;
+    Ok(())
+}
+
+/// Send a signal to a process.
+pub fn kill(pid: i32, sig: i32) -> io::Result<()> {
+    // SAFETY: plain syscall.
+    cvt(unsafe { libc::kill(pid, sig) })?;
+    Ok(())
+}
+
+/// Block the given signals in this thread (and threads it spawns later) and
+/// wait for one of them in a dedicated thread with [`wait_signal`].
+pub fn block_signals(sigs: &[i32]) -> io::Result<()> {
+    // SAFETY: sigset_t manipulation on a local set.
+    unsafe {
+        let mut set = MaybeUninit::<libc::sigset_t>::uninit();
+        libc::sigemptyset(set.as_mut_ptr());
+        for &s in sigs {
+            libc::sigaddset(set.as_mut_ptr(), s);
+        }
+        let r = libc::pthread_sigmask(libc::SIG_BLOCK, set.as_ptr(), std::ptr::null_mut());
+        if r != 0 {
+            return Err(io::Error::from_raw_os_error(r));
+        }
+    }
+    Ok(())
+}
+
+/// Wait for one of the (blocked) signals; returns its number.
+pub fn wait_signal(sigs: &[i32]) -> io::Result<i32> {
+    // SAFETY: sigset_t manipulation on a local set; sigwait writes `sig`.
+    unsafe {
+        let mut set = MaybeUninit::<libc::sigset_t>::uninit();
+        libc::sigemptyset(set.as_mut_ptr());
+        for &s in sigs {
+            libc::sigaddset(set.as_mut_ptr(), s);
+        }
+        let mut sig: libc::c_int = 0;
+        let r = libc::sigwait(set.as_ptr(), &mut sig);
+        if r != 0 {
+            return Err(io::Error::from_raw_os_error(r));
+        }
+        Ok(sig)
+    }
+}
+
+/// Is `fd` an `fd` of this process at all (for diagnostics)?
+pub fn raw(fd: BorrowedFd<'_>) -> RawFd {
+    fd.as_raw_fd()
+}
