@@ -1,0 +1,2 @@
+//! The `baseguard` subcommands.
+pub mod mount;

@@ -1,0 +1,253 @@
+//! `baseguard mount`: serve BACKING at MOUNTPOINT until unmounted or signalled.
+
+use std::io;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Args;
+use fuser::{Config, MountOption, SessionACL};
+
+use crate::fs::{FsOptions, Passthrough};
+use crate::fuse::FuseAdapter;
+use crate::sys;
+
+/// Options of `baseguard mount`.
+#[derive(Args, Debug, Clone)]
+#[command(after_help = "\
+Examples:
+  baseguard mount /srv/nova-nfs /var/lib/nova/instances
+  baseguard mount /var/lib/nova/instances /var/lib/nova/instances   # over the same path
+  baseguard mount --threads 16 --stats-file /run/baseguard.stats /srv/nfs /mnt/guarded
+
+Stop it with `umount MOUNTPOINT`, Ctrl-C or SIGTERM: it unmounts and exits 0.
+SIGUSR1 writes the request counters to --stats-file.")]
+pub struct MountArgs {
+    /// The real directory (e.g. the NFS-shared instances directory).
+    pub backing: PathBuf,
+    /// Where to show it. May be the same path as BACKING: the backing
+    /// directory is opened before mounting and reached through that descriptor.
+    pub mountpoint: PathBuf,
+    /// Worker threads serving requests, so a slow NFS call or a blocked lock
+    /// does not hold up the rest.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub threads: u32,
+    /// Serve file data through the daemon instead of kernel FUSE passthrough
+    /// (much slower; for kernels without CONFIG_FUSE_PASSTHROUGH or debugging).
+    #[arg(long)]
+    pub no_passthrough: bool,
+    /// Mount read-only.
+    #[arg(long)]
+    pub ro: bool,
+    /// Let only root use the mount (by default every user may, as Nova,
+    /// libvirt and qemu run as different users).
+    #[arg(long)]
+    pub root_only: bool,
+    /// Write request counters as JSON here on SIGUSR1 and at exit.
+    #[arg(long, value_name = "PATH")]
+    pub stats_file: Option<PathBuf>,
+}
+
+/// Errors before the filesystem is up, each one sentence for the operator.
+fn preflight(a: &MountArgs) -> Result<(OwnedFd, PathBuf, PathBuf), String> {
+    if sys::geteuid() != 0 {
+        return Err(
+            "baseguard mount must run as root (it switches to each caller's \
+                    uid/gid per request and uses kernel FUSE passthrough)."
+                .into(),
+        );
+    }
+    if !Path::new("/dev/fuse").exists() {
+        return Err(
+            "/dev/fuse does not exist: load the fuse module (modprobe fuse) \
+                    or give the container the device."
+                .into(),
+        );
+    }
+    let backing = std::fs::canonicalize(&a.backing).map_err(|e| {
+        format!(
+            "backing directory {} cannot be opened: {}",
+            a.backing.display(),
+            e
+        )
+    })?;
+    let mountpoint = std::fs::canonicalize(&a.mountpoint).map_err(|e| {
+        format!(
+            "mountpoint {} cannot be used: {}",
+            a.mountpoint.display(),
+            e
+        )
+    })?;
+    if !mountpoint.is_dir() {
+        return Err(format!(
+            "mountpoint {} is not a directory.",
+            mountpoint.display()
+        ));
+    }
+    if let Some(m) = mounted_at(&mountpoint) {
+        if m == "fuse.baseguard" {
+            return Err(format!(
+                "mountpoint {} is busy: baseguard is already mounted there.",
+                mountpoint.display()
+            ));
+        }
+    }
+    let fd = sys::open_path(&backing, libc::O_PATH | libc::O_DIRECTORY).map_err(|e| {
+        format!(
+            "backing directory {} cannot be opened: {}",
+            backing.display(),
+            e
+        )
+    })?;
+    Ok((fd, backing, mountpoint))
+}
+
+/// The filesystem type mounted exactly at `path`, if any (topmost).
+pub fn mounted_at(path: &Path) -> Option<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let want = path.to_str()?;
+    let mut found = None;
+    for line in info.lines() {
+        let f: Vec<&str> = line.split(' ').collect();
+        let Some(sep) = f.iter().position(|x| *x == "-") else {
+            continue;
+        };
+        if f.len() > 4 && unescape(f[4]) == want && sep + 1 < f.len() {
+            found = Some(f[sep + 1].to_string());
+        }
+    }
+    found
+}
+
+/// mountinfo escapes space, tab, newline and backslash as octal.
+pub fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 4 <= b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn write_stats(path: &Path, fs: &Passthrough) {
+    let (inodes, fds) = fs.inode_counts();
+    let mut v = fs.stats.to_json();
+    if let Some(o) = v.as_object_mut() {
+        o.insert("inodes".into(), inodes.into());
+        o.insert("descriptors".into(), fds.into());
+    }
+    let tmp = path.with_extension("tmp");
+    let r = std::fs::write(&tmp, v.to_string()).and_then(|_| std::fs::rename(&tmp, path));
+    if let Err(e) = r {
+        tracing::warn!(path = %path.display(), error = %e, "cannot write stats file");
+    }
+}
+
+impl MountArgs {
+    pub fn run(&self) -> ExitCode {
+        match self.mount() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(msg) => {
+                eprintln!("baseguard: {msg}");
+                ExitCode::FAILURE
+            }
+        }
+    }
+
+    fn mount(&self) -> Result<(), String> {
+        let (root, backing, mountpoint) = preflight(self)?;
+        let limit = sys::raise_nofile_limit().unwrap_or(1024);
+        // Half of the descriptors for cached inodes, the rest for open files.
+        let fd_cache = (limit.saturating_sub(512) / 2).clamp(64, 1 << 16) as usize;
+        let fs = Arc::new(
+            Passthrough::new(root, FsOptions { fd_cache })
+                .map_err(|e| format!("cannot serve {}: {e}", backing.display()))?,
+        );
+        let mut opts = vec![
+            MountOption::FSName(backing.display().to_string()),
+            MountOption::CUSTOM("subtype=baseguard".into()),
+        ];
+        if self.ro {
+            opts.push(MountOption::RO);
+        }
+        let mut config = Config::default();
+        config.mount_options = opts;
+        config.acl = if self.root_only {
+            SessionACL::Owner
+        } else {
+            SessionACL::All
+        };
+        config.n_threads = Some(self.threads as usize);
+        config.clone_fd = true;
+
+        // Signals are handled by one thread with sigwait; block them first
+        // so every thread started from here on inherits the mask.
+        let sigs = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGUSR1];
+        sys::block_signals(&sigs).map_err(|e| format!("cannot set up signals: {e}"))?;
+
+        let adapter = FuseAdapter::new(Arc::clone(&fs), !self.no_passthrough);
+        let mut session = fuser::Session::new(adapter, &mountpoint, &config)
+            .map_err(|e| mount_error(&mountpoint, e))?;
+        tracing::info!(
+            backing = %backing.display(),
+            mountpoint = %mountpoint.display(),
+            threads = self.threads,
+            "mounted"
+        );
+        let mut unmounter = session.unmount_callable();
+        let stats_path = self.stats_file.clone();
+        let fs_sig = Arc::clone(&fs);
+        let mp = mountpoint.clone();
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                loop {
+                    match sys::wait_signal(&sigs) {
+                        Ok(libc::SIGUSR1) => {
+                            if let Some(p) = &stats_path {
+                                write_stats(p, &fs_sig);
+                            }
+                        }
+                        Ok(sig) => {
+                            tracing::info!(signal = sig, "unmounting");
+                            if let Err(e) = unmounter.unmount() {
+                                tracing::warn!(error = %e, "unmount failed; detaching lazily");
+                                let _ = sys::umount_detach(&mp);
+                            }
+                        }
+                        Err(_) => return,
+                    }
+                }
+            })
+            .map_err(|e| format!("cannot start the signal thread: {e}"))?;
+        let r = session.run();
+        if let Some(p) = &self.stats_file {
+            write_stats(p, &fs);
+        }
+        r.map_err(|e| format!("the FUSE session ended with an error: {e}"))?;
+        tracing::info!(mountpoint = %mountpoint.display(), "unmounted");
+        Ok(())
+    }
+}
+
+fn mount_error(mountpoint: &Path, e: io::Error) -> String {
+    match e.raw_os_error() {
+        Some(libc::EBUSY) => format!("mountpoint {} is busy.", mountpoint.display()),
+        Some(libc::ENOENT) => format!("mountpoint {} does not exist.", mountpoint.display()),
+        Some(libc::EPERM) => format!(
+            "not permitted to mount on {} (need root and access to /dev/fuse): {e}",
+            mountpoint.display()
+        ),
+        _ => format!("cannot mount on {}: {e}", mountpoint.display()),
+    }
+}
