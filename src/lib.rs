@@ -2,3 +2,6 @@
 //!
 //! Layout (the FUSE adapter is thin; everything else is plain Rust):
 //! - [`sys`]: the only module with `unsafe` and raw syscalls, behind a safe API.
+//! - [`qcow2`]: defensive qcow2 header parsing (backing file name and format).
+
+pub mod qcow2;
