@@ -2,10 +2,21 @@
 //!
 //! Layout (the FUSE adapter is thin; everything else is plain Rust):
 //! - [`sys`]: the only module with `unsafe` and raw syscalls, behind a safe API.
+//! - [`inode`]: the inode store (backing `(dev, ino)`, file handles, bounded descriptors).
+//! - [`creds`]: per-thread caller credentials (fsuid, fsgid, groups).
+//! - [`fs`]: the passthrough filesystem as a plain Rust type.
+//! - [`fuse`]: the thin `fuser` adapter.
+//! - [`stats`]: request counters.
+//! - [`qcow2`]: defensive qcow2 header parsing (backing file name and format).
+//! - [`refs`]: the reference index: which `_base` files instance disks' backing chains use.
+//! - [`cmd`]: the `baseguard` subcommands.
+
 pub mod cmd;
 pub mod creds;
 pub mod fs;
 pub mod fuse;
 pub mod inode;
+pub mod qcow2;
+pub mod refs;
 pub mod stats;
 pub mod sys;
