@@ -7,6 +7,8 @@
 //! - [`fs`]: the passthrough filesystem as a plain Rust type.
 //! - [`fuse`]: the thin `fuser` adapter.
 //! - [`stats`]: request counters.
+//! - [`guard`]: the policy deciding which paths are protected (globs, no I/O).
+//! - [`quarantine`]: the on-disk quarantine store (stash, list, restore, purge).
 //! - [`qcow2`]: defensive qcow2 header parsing (backing file name and format).
 //! - [`refs`]: the reference index: which `_base` files instance disks' backing chains use.
 //! - [`cmd`]: the `baseguard` subcommands.
@@ -15,8 +17,10 @@ pub mod cmd;
 pub mod creds;
 pub mod fs;
 pub mod fuse;
+pub mod guard;
 pub mod inode;
 pub mod qcow2;
+pub mod quarantine;
 pub mod refs;
 pub mod stats;
 pub mod sys;

@@ -1,2 +1,3 @@
 //! The `baseguard` subcommands.
 pub mod mount;
+pub mod quarantine;
