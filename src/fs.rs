@@ -16,7 +16,9 @@ use dashmap::DashMap;
 use parking_lot::Mutex;
 
 use crate::creds::{Caller, Credentials};
+use crate::guard::Guard;
 use crate::inode::{Inode, InodeStore, ROOT_ID};
+use crate::quarantine::{Quarantine, Who, Why};
 use crate::stats::{Op, Stats};
 use crate::sys::{self, LockRange, Stat, TimeSpec, XattrReply};
 
@@ -102,7 +104,14 @@ pub struct Passthrough {
     locks: DashMap<(u64, u64), Arc<OwnedFd>>,
     hidden: Mutex<Vec<Hidden>>,
     root_path: PathBuf,
+    protection: Option<Protection>,
     pub stats: Stats,
+}
+
+/// What the guard protects and where protected files go instead of away.
+pub struct Protection {
+    pub guard: Guard,
+    pub quarantine: Arc<Quarantine>,
 }
 
 fn cstr(name: &OsStr) -> Result<CString> {
@@ -155,6 +164,7 @@ impl Passthrough {
             locks: DashMap::new(),
             hidden: Mutex::new(Vec::new()),
             root_path,
+            protection: None,
             stats: Stats::default(),
         })
     }
@@ -162,6 +172,58 @@ impl Passthrough {
     /// Hide a directory (the quarantine) from the mount.
     pub fn hide(&self, h: Hidden) {
         self.hidden.lock().push(h);
+    }
+
+    /// Turn on the guard: deletions of protected files go to `quarantine`,
+    /// which is hidden from the mount.
+    pub fn protect(&mut self, guard: Guard, quarantine: Arc<Quarantine>) {
+        let (dev, ino) = quarantine.dir_ino();
+        self.hide(Hidden { dev, ino });
+        self.protection = Some(Protection { guard, quarantine });
+    }
+
+    pub fn protection(&self) -> Option<&Protection> {
+        self.protection.as_ref()
+    }
+
+    /// If `parent/name` is a protected regular file or symlink, its path
+    /// relative to the backing root, the guard, and its attributes.
+    fn protected_entry(
+        &self,
+        parent: u64,
+        pfd: &OwnedFd,
+        c: &CStr,
+        name: &OsStr,
+    ) -> Option<(&Protection, PathBuf, Stat)> {
+        let p = self.protection.as_ref()?;
+        // The decision is made with the daemon's rights: a failed look here
+        // must never turn a protected deletion into a real one.
+        self.creds.become_daemon();
+        let rel = self.rel_path(parent)?.join(name);
+        if !p.guard.protects(&rel) {
+            return None;
+        }
+        let st = sys::statat(pfd.as_fd(), c).ok()?;
+        let kind = st.st_mode & libc::S_IFMT;
+        (kind == libc::S_IFREG || kind == libc::S_IFLNK).then_some((p, rel, st))
+    }
+
+    /// Would the caller be allowed to remove or replace `name` in the
+    /// directory `pfd`? (Write and search on the directory, and the sticky
+    /// bit rule.) Checked with the caller's credentials before the daemon
+    /// moves the file with its own.
+    fn may_remove(&self, caller: Caller, pfd: &OwnedFd, st: &Stat) -> Result<()> {
+        self.creds.become_caller(caller);
+        sys::access_fd(pfd.as_fd(), libc::W_OK | libc::X_OK)?;
+        let dir = sys::fstat(pfd.as_fd())?;
+        if caller.uid != 0
+            && dir.st_mode & libc::S_ISVTX != 0
+            && caller.uid != dir.st_uid
+            && caller.uid != st.st_uid
+        {
+            return Err(Errno(libc::EPERM));
+        }
+        Ok(())
     }
 
     fn is_hidden(&self, st: &Stat) -> bool {
@@ -303,6 +365,8 @@ impl Passthrough {
             )?;
         }
         if let Some(size) = a.size {
+            self.preserve_before_truncate(caller, id, &fd, size)?;
+            self.creds.become_caller(caller);
             match &open {
                 Some(f) => sys::ftruncate(f.file.as_fd(), size)?,
                 None => sys::truncate_fd_path(fd.as_fd(), size)?,
@@ -316,6 +380,39 @@ impl Passthrough {
             )?;
         }
         Ok(sys::fstat(fd.as_fd())?)
+    }
+
+    /// A truncate that would destroy data of a non-empty protected file:
+    /// copy it into the quarantine first (reflink where the filesystem can).
+    fn preserve_before_truncate(
+        &self,
+        caller: Caller,
+        id: u64,
+        fd: &OwnedFd,
+        size: u64,
+    ) -> Result<()> {
+        let Some(p) = self.protection.as_ref() else {
+            return Ok(());
+        };
+        let st = sys::fstat(fd.as_fd())?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG || size >= st.st_size as u64 {
+            return Ok(());
+        }
+        let Some(rel) = self.rel_path(id) else {
+            return Ok(());
+        };
+        if !p.guard.protects(&rel) {
+            return Ok(());
+        }
+        // Only callers allowed to write the file may cause a copy.
+        self.creds.become_caller(caller);
+        sys::access_fd(fd.as_fd(), libc::W_OK)?;
+        self.creds.become_daemon();
+        let who = Who::from_pid(caller.pid, caller.uid, caller.gid);
+        p.quarantine
+            .stash_copy(fd.as_fd(), &rel, &who, Why::Truncate)?;
+        self.stats.count(Op::Quarantined);
+        Ok(())
     }
 
     pub fn readlink(&self, id: u64) -> Result<Vec<u8>> {
@@ -399,6 +496,15 @@ impl Passthrough {
         self.stats.count(Op::Unlink);
         let (_, pfd) = self.inode_fd(parent)?;
         let c = cstr(name)?;
+        if let Some((p, rel, st)) = self.protected_entry(parent, &pfd, &c, name) {
+            self.may_remove(caller, &pfd, &st)?;
+            self.creds.become_daemon();
+            let who = Who::from_pid(caller.pid, caller.uid, caller.gid);
+            p.quarantine
+                .stash_rename(pfd.as_fd(), &c, &rel, &who, Why::Unlink)?;
+            self.stats.count(Op::Quarantined);
+            return Ok(());
+        }
         self.creds.become_caller(caller);
         self.check_not_hidden(&pfd, &c)?;
         sys::unlinkat(pfd.as_fd(), &c, 0)?;
@@ -431,7 +537,37 @@ impl Passthrough {
         self.creds.become_caller(caller);
         self.check_not_hidden(&pfd, &c)?;
         self.check_not_hidden(&npfd, &nc)?;
-        sys::renameat2(pfd.as_fd(), &c, npfd.as_fd(), &nc, flags)?;
+        // Replacing a protected file: keep a hard link of it in the
+        // quarantine first, so its data survives and the name never
+        // disappears (the rename replaces it atomically).
+        let replaces = flags & (libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE) == 0;
+        let kept = match self.protected_entry(newparent, &npfd, &nc, newname) {
+            Some((p, rel, st)) if replaces => {
+                let src = sys::statat(pfd.as_fd(), &c)?;
+                if (src.st_dev, src.st_ino) == (st.st_dev, st.st_ino) {
+                    None
+                } else {
+                    self.may_remove(caller, &npfd, &st)?;
+                    self.creds.become_daemon();
+                    let who = Who::from_pid(caller.pid, caller.uid, caller.gid);
+                    let e =
+                        p.quarantine
+                            .stash_link(npfd.as_fd(), &nc, &rel, &who, Why::RenameOver)?;
+                    self.stats.count(Op::Quarantined);
+                    Some((p, e.id))
+                }
+            }
+            _ => None,
+        };
+        self.creds.become_caller(caller);
+        let r = sys::renameat2(pfd.as_fd(), &c, npfd.as_fd(), &nc, flags);
+        if let (Err(_), Some((p, id))) = (&r, kept) {
+            // The rename did not happen: the file is still in place, so the
+            // extra link is not needed.
+            self.creds.become_daemon();
+            let _ = p.quarantine.purge(&id);
+        }
+        r?;
         Ok(())
     }
 
@@ -473,14 +609,25 @@ impl Passthrough {
         let c = cstr(name)?;
         self.creds.become_caller(caller);
         self.check_not_hidden(&pfd, &c)?;
+        // O_TRUNC is applied after the guard has seen the file: the name
+        // may exist by now (another node made it) and be protected.
         let fd = sys::openat(
             pfd.as_fd(),
             &c,
-            (flags & !libc::O_NOCTTY) | libc::O_CREAT | libc::O_NOFOLLOW,
+            (flags & !(libc::O_NOCTTY | libc::O_TRUNC)) | libc::O_CREAT | libc::O_NOFOLLOW,
             mode,
         )?;
         let file = File::from(fd);
         let (inode, st) = self.lookup_at(&pfd, name)?;
+        let st = if flags & libc::O_TRUNC != 0 && st.st_size > 0 {
+            let ifd = self.fd(&inode)?;
+            self.preserve_before_truncate(caller, inode.id, &ifd, 0)?;
+            self.creds.become_caller(caller);
+            sys::ftruncate(file.as_fd(), 0)?;
+            sys::fstat(file.as_fd())?
+        } else {
+            st
+        };
         let (fh, f) = self.register_file(file, inode.id, flags & !libc::O_CREAT);
         Ok((inode, st, fh, f))
     }

@@ -35,8 +35,14 @@ fn every_operation_matches_the_backing_directory_as_root() {
     let got = scenario(&m.mountpoint, None);
     assert_eq!(got, expected);
     // The mount wrote to the backing directory: the same tree.
-    let mut a: Vec<_> = std::fs::read_dir(&native).unwrap().map(|e| e.unwrap().file_name()).collect();
-    let mut b: Vec<_> = std::fs::read_dir(&backing).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let mut a: Vec<_> = std::fs::read_dir(&native)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    let mut b: Vec<_> = std::fs::read_dir(&backing)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     a.sort();
     b.sort();
     assert_eq!(a, b);
@@ -63,9 +69,17 @@ fn permission_checks_match_for_other_users() {
     let t = scratch();
     let backing = dir_in(&t, "backing", None);
     std::fs::write(backing.join("secret"), "s").unwrap();
-    std::fs::set_permissions(backing.join("secret"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::set_permissions(
+        backing.join("secret"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
     std::fs::create_dir(backing.join("closed")).unwrap();
-    std::fs::set_permissions(backing.join("closed"), std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::fs::set_permissions(
+        backing.join("closed"),
+        std::fs::Permissions::from_mode(0o700),
+    )
+    .unwrap();
     std::fs::write(backing.join("closed/inner"), "i").unwrap();
     let m = Mount::new(&backing, &[]);
     for (what, dir) in [("native", &backing), ("mount", &m.mountpoint)] {
@@ -83,7 +97,10 @@ fn permission_checks_match_for_other_users() {
         );
     }
     // Root stays root through the mount.
-    assert_eq!(std::fs::read_to_string(m.path("closed/inner")).unwrap(), "i");
+    assert_eq!(
+        std::fs::read_to_string(m.path("closed/inner")).unwrap(),
+        "i"
+    );
 }
 
 #[test]
@@ -117,10 +134,21 @@ fn sparse_layout_and_statfs_are_the_backing_ones() {
     let t = scratch();
     let backing = dir_in(&t, "backing", None);
     let m = Mount::new(&backing, &[]);
-    let st = Command::new("truncate").args(["-s", "1G"]).arg(m.path("img")).status().unwrap();
+    let st = Command::new("truncate")
+        .args(["-s", "1G"])
+        .arg(m.path("img"))
+        .status()
+        .unwrap();
     assert!(st.success());
     let st = Command::new("dd")
-        .args(["if=/dev/urandom", "bs=64k", "count=4", "seek=1000", "conv=notrunc", "status=none"])
+        .args([
+            "if=/dev/urandom",
+            "bs=64k",
+            "count=4",
+            "seek=1000",
+            "conv=notrunc",
+            "status=none",
+        ])
         .arg(format!("of={}", m.path("img").display()))
         .status()
         .unwrap();
@@ -133,7 +161,10 @@ fn sparse_layout_and_statfs_are_the_backing_ones() {
         String::from_utf8(out.stdout).unwrap()
     };
     assert_eq!(seg(&m.path("img")), seg(&backing.join("img")));
-    assert_eq!(seg(&m.path("img")).trim(), format!("{} {} 0", 1000 * 65536, 1004 * 65536));
+    assert_eq!(
+        seg(&m.path("img")).trim(),
+        format!("{} {} 0", 1000 * 65536, 1004 * 65536)
+    );
     // Allocated blocks (du) are the backing ones: the hole stays a hole.
     let mm = std::fs::metadata(m.path("img")).unwrap();
     let bm = std::fs::metadata(backing.join("img")).unwrap();
@@ -199,7 +230,9 @@ fn hold(path: &Path, kind: &str) -> std::process::Child {
 }
 
 fn try_lock(path: &Path, kind: &str) -> String {
-    let out = python(TRY_LOCK, &[path, Path::new(kind)]).wait_with_output().unwrap();
+    let out = python(TRY_LOCK, &[path, Path::new(kind)])
+        .wait_with_output()
+        .unwrap();
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
@@ -222,12 +255,17 @@ fn two_mounts_share_data_and_locks() {
             "{kind} lock through A must block B"
         );
         assert!(
-            try_lock(&backing.join("locks/nova-img"), kind).starts_with("blocked") || kind == "flock",
+            try_lock(&backing.join("locks/nova-img"), kind).starts_with("blocked")
+                || kind == "flock",
             "{kind} lock through A must be a real lock on the backing file"
         );
         drop(holder.stdin.take());
         holder.wait().unwrap();
-        assert_eq!(try_lock(&b.path("locks/nova-img"), kind), "acquired", "{kind} released");
+        assert_eq!(
+            try_lock(&b.path("locks/nova-img"), kind),
+            "acquired",
+            "{kind} released"
+        );
     }
 }
 
@@ -253,7 +291,10 @@ fn a_blocked_lock_does_not_stall_other_requests() {
         std::fs::write(a.path(&format!("f{i}")), "x").unwrap();
         assert!(std::fs::metadata(a.path(&format!("f{i}"))).is_ok());
     }
-    assert!(start.elapsed() < Duration::from_secs(10), "requests stalled behind blocked locks");
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "requests stalled behind blocked locks"
+    );
     drop(holder.stdin.take());
     holder.wait().unwrap();
     for w in waiters {
@@ -274,25 +315,55 @@ fn qemu_images_through_two_mounts() {
     std::fs::create_dir_all(a.path("_base")).unwrap();
     std::fs::create_dir_all(a.path("inst")).unwrap();
     let base = a.path("_base/0123456789abcdef0123456789abcdef01234567");
-    let out = run(Command::new("qemu-img").args(["create", "-f", "raw"]).arg(&base).arg("64M"));
+    let out = run(Command::new("qemu-img")
+        .args(["create", "-f", "raw"])
+        .arg(&base)
+        .arg("64M"));
     assert!(out.status.success());
-    let out = run(Command::new("qemu-io").args(["-f", "raw", "-t", "none", "-c", "write -P 0x5a 0 1M"]).arg(&base));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = run(Command::new("qemu-io")
+        .args(["-f", "raw", "-t", "none", "-c", "write -P 0x5a 0 1M"])
+        .arg(&base));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let disk = a.path("inst/disk");
     let out = run(Command::new("qemu-img")
         .args(["create", "-f", "qcow2", "-F", "raw", "-b"])
         .arg(&base)
         .arg(&disk));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // O_DIRECT writes and reads back through the overlay.
     let out = run(Command::new("qemu-io")
-        .args(["-f", "qcow2", "-t", "none", "-c", "write -P 0xab 2M 64k", "-c", "read -P 0xab 2M 64k", "-c", "read -P 0x5a 0 1M"])
+        .args([
+            "-f",
+            "qcow2",
+            "-t",
+            "none",
+            "-c",
+            "write -P 0xab 2M 64k",
+            "-c",
+            "read -P 0xab 2M 64k",
+            "-c",
+            "read -P 0x5a 0 1M",
+        ])
         .arg(&disk));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let so = String::from_utf8_lossy(&out.stdout);
     assert!(!so.contains("Pattern verification failed"), "{so}");
     // The image info through node B sees the chain.
-    let out = run(Command::new("qemu-img").args(["info", "--backing-chain"]).arg(b.path("inst/disk")));
+    let out = run(Command::new("qemu-img")
+        .args(["info", "--backing-chain"])
+        .arg(b.path("inst/disk")));
     assert!(String::from_utf8_lossy(&out.stdout).contains("0123456789abcdef"));
     // Node A holds the image open for writing; node B must be refused.
     let mut holder = Command::new("qemu-io")
@@ -304,13 +375,24 @@ fn qemu_images_through_two_mounts() {
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(700));
-    let out = run(Command::new("qemu-io").args(["-f", "qcow2", "-c", "read 0 4k"]).arg(b.path("inst/disk")));
+    let out = run(Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "read 0 4k"])
+        .arg(b.path("inst/disk")));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("lock"), "expected a lock error: {err}");
+    assert!(
+        !out.status.success() && err.contains("lock"),
+        "expected a lock error: {err}"
+    );
     drop(holder.stdin.take());
     holder.wait().unwrap();
-    let out = run(Command::new("qemu-io").args(["-f", "qcow2", "-c", "read -P 0xab 2M 64k"]).arg(b.path("inst/disk")));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = run(Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "read -P 0xab 2M 64k"])
+        .arg(b.path("inst/disk")));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -327,16 +409,26 @@ fn file_data_bypasses_the_daemon_with_passthrough() {
     let before = m.stats();
     let a = run(Command::new("sha1sum").arg(m.path("big")));
     let b = run(Command::new("sha1sum").arg(backing.join("big")));
-    assert_eq!(a.stdout.split(|c| *c == b' ').next(), b.stdout.split(|c| *c == b' ').next());
+    assert_eq!(
+        a.stdout.split(|c| *c == b' ').next(),
+        b.stdout.split(|c| *c == b' ').next()
+    );
     // 4 KiB O_DIRECT random reads too.
     let out = run(Command::new("python3").args([
         "-c",
         "import os,sys,mmap,random\nfd=os.open(sys.argv[1],os.O_RDONLY|os.O_DIRECT)\nm=mmap.mmap(-1,4096)\nfor i in range(2000): os.preadv(fd,[m],random.randrange(65536)*4096)",
     ]).arg(m.path("big")));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let after = m.stats();
     assert!(after["passthrough_opens"].as_u64().unwrap() >= 1);
-    assert_eq!(after["read"], before["read"], "read requests reached the daemon");
+    assert_eq!(
+        after["read"], before["read"],
+        "read requests reached the daemon"
+    );
     assert_eq!(after["read_bytes"].as_u64(), Some(0));
 }
 
@@ -428,7 +520,11 @@ fn sigterm_sigint_and_umount_end_cleanly() {
         let m = Mount::new(&backing, &[]);
         std::fs::write(m.path("x"), how).unwrap();
         let mp = m.mountpoint.clone();
-        let st = if how == "umount" { m.unmount() } else { m.signal(how) };
+        let st = if how == "umount" {
+            m.unmount()
+        } else {
+            m.signal(how)
+        };
         assert_eq!(st.code(), Some(0), "{how}");
         assert!(!is_mounted(&mp), "{how}: mount left behind");
     }
@@ -438,7 +534,11 @@ fn mount_fails(args: &[&str]) -> String {
     let out = run(Command::new(BIN).arg("mount").args(args));
     assert!(!out.status.success(), "expected failure for {args:?}");
     let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert_eq!(err.trim().lines().count(), 1, "one sentence expected: {err}");
+    assert_eq!(
+        err.trim().lines().count(),
+        1,
+        "one sentence expected: {err}"
+    );
     err
 }
 
@@ -449,9 +549,15 @@ fn startup_errors_are_one_clear_sentence() {
     let mp = dir_in(&t, "mp", None);
     let missing = t.path().join("missing");
     let e = mount_fails(&[missing.to_str().unwrap(), mp.to_str().unwrap()]);
-    assert!(e.contains("backing directory") && e.contains("No such file"), "{e}");
+    assert!(
+        e.contains("backing directory") && e.contains("No such file"),
+        "{e}"
+    );
     let e = mount_fails(&[backing.to_str().unwrap(), missing.to_str().unwrap()]);
-    assert!(e.contains("mountpoint") && e.contains("No such file"), "{e}");
+    assert!(
+        e.contains("mountpoint") && e.contains("No such file"),
+        "{e}"
+    );
     let file = t.path().join("file");
     std::fs::write(&file, "").unwrap();
     let e = mount_fails(&[backing.to_str().unwrap(), file.to_str().unwrap()]);
@@ -460,7 +566,11 @@ fn startup_errors_are_one_clear_sentence() {
     let e = mount_fails(&[backing.to_str().unwrap(), mp.to_str().unwrap()]);
     assert!(e.contains("busy"), "{e}");
     drop(m);
-    let out = as_nobody(&format!("{BIN} mount {} {}", backing.display(), mp.display()));
+    let out = as_nobody(&format!(
+        "{BIN} mount {} {}",
+        backing.display(),
+        mp.display()
+    ));
     assert!(!out.status.success());
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(e.contains("must run as root"), "{e}");

@@ -1,16 +1,19 @@
 //! `baseguard mount`: serve BACKING at MOUNTPOINT until unmounted or signalled.
 
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::Args;
 use fuser::{Config, MountOption, SessionACL};
 
 use crate::fs::{FsOptions, Passthrough};
 use crate::fuse::FuseAdapter;
+use crate::guard::Guard;
+use crate::quarantine::Quarantine;
 use crate::sys;
 
 /// Options of `baseguard mount`.
@@ -47,6 +50,50 @@ pub struct MountArgs {
     /// Write request counters as JSON here on SIGUSR1 and at exit.
     #[arg(long, value_name = "PATH")]
     pub stats_file: Option<PathBuf>,
+    /// Quarantine directory; must be on the same filesystem as BACKING
+    /// (default: BACKING/.baseguard, hidden from the mount).
+    #[arg(long, value_name = "DIR")]
+    pub quarantine: Option<PathBuf>,
+    /// Protect paths matching GLOB (relative to the mount root; `*` within a
+    /// name, `**` across directories). Repeatable; replaces the default
+    /// `_base/**`.
+    #[arg(long, value_name = "GLOB")]
+    pub protect: Vec<String>,
+    /// Let deletions of paths matching GLOB through. Repeatable; replaces the
+    /// default `_base/*.part` and `_base/*.converted` (Nova's download
+    /// temporaries).
+    #[arg(long, value_name = "GLOB")]
+    pub ignore: Vec<String>,
+    /// Keep quarantined files at least this long before the daemon purges
+    /// them: e.g. 30m, 12h, 14d.
+    #[arg(long, value_name = "AGE", default_value = "14d", value_parser = parse_age)]
+    pub retain: Duration,
+    /// Turn the guard off: deletions under _base/ really delete. For
+    /// benchmarking the bare passthrough only.
+    #[arg(long, hide = true)]
+    pub unguarded: bool,
+}
+
+fn parse_age(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("'{s}' is not an age: use a number and a unit, e.g. 30m, 12h, 14d"))?;
+    let secs = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        "w" => 7 * 86400,
+        _ => {
+            return Err(format!(
+                "'{s}' has no known unit: use s, m, h, d or w (e.g. 14d)"
+            ));
+        }
+    };
+    Ok(Duration::from_secs(n.saturating_mul(secs)))
 }
 
 /// Errors before the filesystem is up, each one sentence for the operator.
@@ -169,10 +216,23 @@ impl MountArgs {
         let limit = sys::raise_nofile_limit().unwrap_or(1024);
         // Half of the descriptors for cached inodes, the rest for open files.
         let fd_cache = (limit.saturating_sub(512) / 2).clamp(64, 1 << 16) as usize;
-        let fs = Arc::new(
-            Passthrough::new(root, FsOptions { fd_cache })
-                .map_err(|e| format!("cannot serve {}: {e}", backing.display()))?,
-        );
+        let guard = Guard::from_options(
+            (!self.protect.is_empty()).then_some(&self.protect[..]),
+            (!self.ignore.is_empty()).then_some(&self.ignore[..]),
+        )?;
+        let quarantine = if self.unguarded {
+            None
+        } else {
+            let q = Quarantine::open(root.as_fd(), self.quarantine.as_deref())
+                .map_err(|e| e.to_string())?;
+            Some(Arc::new(q))
+        };
+        let mut fs = Passthrough::new(root, FsOptions { fd_cache })
+            .map_err(|e| format!("cannot serve {}: {e}", backing.display()))?;
+        if let Some(q) = &quarantine {
+            fs.protect(guard, Arc::clone(q));
+        }
+        let fs = Arc::new(fs);
         let mut opts = vec![
             MountOption::FSName(backing.display().to_string()),
             MountOption::CUSTOM("subtype=baseguard".into()),
@@ -230,6 +290,9 @@ impl MountArgs {
                 }
             })
             .map_err(|e| format!("cannot start the signal thread: {e}"))?;
+        if let Some(q) = quarantine {
+            spawn_expiry(q, self.retain)?;
+        }
         let r = session.run();
         if let Some(p) = &self.stats_file {
             write_stats(p, &fs);
@@ -238,6 +301,22 @@ impl MountArgs {
         tracing::info!(mountpoint = %mountpoint.display(), "unmounted");
         Ok(())
     }
+}
+
+/// Purge expired quarantine entries now and then: often enough that an
+/// entry outlives `retain` by at most a tenth of it (1 s to 1 h).
+fn spawn_expiry(q: Arc<Quarantine>, retain: Duration) -> Result<(), String> {
+    let every = (retain / 10).clamp(Duration::from_secs(1), Duration::from_secs(3600));
+    std::thread::Builder::new()
+        .name("expiry".into())
+        .spawn(move || {
+            loop {
+                q.purge_expired(retain, &|_| None);
+                std::thread::sleep(every);
+            }
+        })
+        .map(|_| ())
+        .map_err(|e| format!("cannot start the expiry thread: {e}"))
 }
 
 fn mount_error(mountpoint: &Path, e: io::Error) -> String {

@@ -57,7 +57,10 @@ impl Mount {
             .arg(mp)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or("info".into()));
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or("info".into()),
+            );
         if std::env::var_os("BG_TEST_VERBOSE").is_none() {
             cmd.stderr(Stdio::null());
         }
@@ -76,7 +79,10 @@ impl Mount {
                     panic!("baseguard mount exited early: {st}");
                 }
             }
-            assert!(start.elapsed() < Duration::from_secs(15), "mount did not appear");
+            assert!(
+                start.elapsed() < Duration::from_secs(15),
+                "mount did not appear"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         m
@@ -110,7 +116,10 @@ impl Mount {
 
     /// Unmount with umount(8) and wait for the daemon; returns its exit status.
     pub fn unmount(mut self) -> std::process::ExitStatus {
-        let st = Command::new("umount").arg(&self.mountpoint).status().unwrap();
+        let st = Command::new("umount")
+            .arg(&self.mountpoint)
+            .status()
+            .unwrap();
         assert!(st.success(), "umount failed");
         let mut c = self.child.take().unwrap();
         wait_timeout(&mut c, Duration::from_secs(10)).expect("daemon did not exit after umount")
@@ -131,7 +140,10 @@ impl Mount {
         let mut c = self.child.take().unwrap();
         let _ = c.kill();
         let _ = c.wait();
-        let _ = Command::new("umount").arg("-l").arg(&self.mountpoint).status();
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(&self.mountpoint)
+            .status();
     }
 }
 
@@ -156,7 +168,10 @@ impl Drop for Mount {
                     .status()
                     .is_ok_and(|s| s.success());
                 if !ok {
-                    let _ = Command::new("umount").arg("-l").arg(&self.mountpoint).status();
+                    let _ = Command::new("umount")
+                        .arg("-l")
+                        .arg(&self.mountpoint)
+                        .status();
                 }
             }
             if wait_timeout(&mut c, Duration::from_secs(5)).is_none() {
@@ -175,16 +190,15 @@ pub fn run(cmd: &mut Command) -> Output {
 
 /// Run a shell snippet as an unprivileged user (uid/gid 65534).
 pub fn as_nobody(script: &str) -> Output {
-    run(Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "--",
-            "sh",
-            "-c",
-            script,
-        ]))
+    run(Command::new("setpriv").args([
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--",
+        "sh",
+        "-c",
+        script,
+    ]))
 }
 
 /// The scenario script shared by transparency tests.
