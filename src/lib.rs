@@ -2,3 +2,6 @@
 //!
 //! Layout (the FUSE adapter is thin; everything else is plain Rust):
 //! - [`sys`]: the only module with `unsafe` and raw syscalls, behind a safe API.
+
+/// fstab-style `-o` option parsing, and `parse_duration` for `--retain`.
+pub mod mountopts;
