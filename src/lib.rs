@@ -3,5 +3,7 @@
 //! Layout (the FUSE adapter is thin; everything else is plain Rust):
 //! - [`sys`]: the only module with `unsafe` and raw syscalls, behind a safe API.
 
+/// Detaching `baseguard mount` by re-executing itself, with a READY/ERROR startup handshake.
+pub mod daemon;
 /// fstab-style `-o` option parsing, and `parse_duration` for `--retain`.
 pub mod mountopts;
