@@ -5,5 +5,7 @@
 
 /// Detaching `baseguard mount` by re-executing itself, with a READY/ERROR startup handshake.
 pub mod daemon;
+/// tracing setup for stderr, a log file or syslog (`/dev/log`), with the `log` crate bridged.
+pub mod logging;
 /// fstab-style `-o` option parsing, and `parse_duration` for `--retain`.
 pub mod mountopts;
