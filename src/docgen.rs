@@ -47,7 +47,11 @@ pub fn write_completions_and_man(cmd: Command, outdir: &Path) -> io::Result<Gene
     std::fs::create_dir_all(&comp_dir)?;
 
     let mut out = Generated::default();
-    write_man(&cmd, &bin, &man_dir, &mut out.man)?;
+    let source = match cmd.get_version() {
+        Some(v) => format!("{bin} {v}"),
+        None => bin.clone(),
+    };
+    write_man(&cmd, &bin, &source, &man_dir, &mut out.man)?;
     for shell in SHELLS {
         let path = clap_complete::generate_to(shell, &mut cmd, &bin, &comp_dir)?;
         out.completions.push(path);
@@ -60,11 +64,12 @@ pub fn write_completions_and_man(cmd: Command, outdir: &Path) -> io::Result<Gene
 fn write_man(
     cmd: &Command,
     page_name: &str,
+    source: &str,
     dir: &Path,
     written: &mut Vec<PathBuf>,
 ) -> io::Result<()> {
     let page = cmd.clone().display_name(page_name.to_string());
-    let man = clap_mangen::Man::new(page);
+    let man = clap_mangen::Man::new(page).source(source.to_string());
     let path = dir.join(format!("{page_name}.1"));
     let mut f = std::fs::File::create(&path)?;
     man.render(&mut f)?;
@@ -72,7 +77,7 @@ fn write_man(
     written.push(path);
     for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
         let name = format!("{page_name}-{}", sub.get_name());
-        write_man(sub, &name, dir, written)?;
+        write_man(sub, &name, source, dir, written)?;
     }
     Ok(())
 }
@@ -126,6 +131,7 @@ mod tests {
         );
         let mount = std::fs::read_to_string(&g.man[1]).unwrap();
         assert!(mount.contains("retain"), "{mount}");
+        assert!(mount.contains("\"baseguard 0.1.0\""), "{mount}");
         assert!(!mount.contains("notify"), "{mount}");
 
         let comp: Vec<String> = g
