@@ -34,13 +34,13 @@
 //!
 //! `on|off` also accepts `yes|no` and `true|false`.
 //!
-//! Kernel-level flags are kept, in order, in [`FstabOptions::kernel`] and re-emitted as one
+//! Kernel-level flags are kept, in order, in `FstabOptions::kernel` and re-emitted as one
 //! `-o` argument: `noatime atime relatime strictatime nodiratime diratime nosuid suid nodev dev
 //! noexec exec sync async dirsync default_permissions`. Within each group of opposites
 //! (`noatime/atime/relatime/strictatime`, `nodiratime/diratime`, `nosuid/suid`, `nodev/dev`,
 //! `noexec/exec`, `sync/async`) the last one wins.
 //!
-//! Dropped silently (recorded in [`FstabOptions::dropped`]), because they are meant for
+//! Dropped silently (recorded in `FstabOptions::dropped`), because they are meant for
 //! mount(8), systemd or fstab tooling and a helper must ignore them: `defaults`, `auto`,
 //! `noauto`, `_netdev`, `nofail`, `user`, `user=NAME`, `nouser`, `users`, `owner`, `group`,
 //! `x-*` and `X-*` (e.g. `x-systemd.requires-mounts-for=`, `X-mount.mkdir`), `comment=*`,
@@ -243,7 +243,7 @@ impl FstabOptions {
     ///
     /// Values use the `--flag=value` form so that a glob starting with `-` is not taken for a
     /// flag. Kernel flags come last as `-o a,b,c`, which parses back to the same
-    /// [`FstabOptions::kernel`]. Settings equal to the default (`heal=on`, `rw`) emit nothing.
+    /// `FstabOptions::kernel`. Settings equal to the default (`heal=on`, `rw`) emit nothing.
     pub fn to_mount_args(&self) -> Vec<String> {
         let mut a = Vec::new();
         if let Some(n) = self.threads {
