@@ -12,13 +12,21 @@
 //! - [`qcow2`]: defensive qcow2 header parsing (backing file name and format).
 //! - [`refs`]: the reference index: which `_base` files instance disks' backing chains use.
 //! - [`cmd`]: the `baseguard` subcommands.
+//! - [`mountopts`]: fstab-style `-o` option parsing and `parse_duration`.
+//! - [`daemon`]: detaching `baseguard mount` with a READY/ERROR startup handshake.
+//! - [`logging`]: tracing to stderr, a log file or syslog, with `log` bridged.
+//! - [`docgen`]: shell completions and man pages from the clap command.
 
 pub mod cmd;
 pub mod creds;
+pub mod daemon;
+pub mod docgen;
 pub mod fs;
 pub mod fuse;
 pub mod guard;
 pub mod inode;
+pub mod logging;
+pub mod mountopts;
 pub mod qcow2;
 pub mod quarantine;
 pub mod refs;
