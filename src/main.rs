@@ -1,6 +1,6 @@
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use baseguard::cmd::mount::MountArgs;
 
@@ -17,19 +17,25 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Mount BACKING at MOUNTPOINT (runs until unmounted).
+    /// Mount BACKING at MOUNTPOINT (detaches once it answers; -f to stay).
     Mount(MountArgs),
+    /// Write the man pages and shell completions into DIR.
+    #[command(hide = true)]
+    GenDocs { dir: std::path::PathBuf },
 }
 
 fn main() -> ExitCode {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Mount(a) => a.run(),
+        Cmd::GenDocs { dir } => {
+            match baseguard::docgen::write_completions_and_man(Cli::command(), &dir) {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("baseguard: cannot write docs to {}: {e}", dir.display());
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
 }

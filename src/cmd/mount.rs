@@ -10,9 +10,12 @@ use std::time::Duration;
 use clap::Args;
 use fuser::{Config, MountOption, SessionACL};
 
+use crate::daemon;
 use crate::fs::{FsOptions, Passthrough};
 use crate::fuse::FuseAdapter;
 use crate::guard::Guard;
+use crate::logging::{self, LogTarget};
+use crate::mountopts::{FstabOptions, parse_duration};
 use crate::quarantine::Quarantine;
 use crate::sys;
 
@@ -32,10 +35,22 @@ pub struct MountArgs {
     /// Where to show it. May be the same path as BACKING: the backing
     /// directory is opened before mounting and reached through that descriptor.
     pub mountpoint: PathBuf,
+    /// Options in fstab style, e.g. `-o retain=14d,protect=_base/**,threads=8,noatime`
+    /// (see mount.fuse.baseguard(8)); explicit flags win over them.
+    #[arg(short = 'o', value_name = "OPTS")]
+    pub options: Vec<String>,
+    /// Stay in the foreground (for systemd services and debugging). Without
+    /// it, baseguard detaches once the filesystem answers, and reports any
+    /// start-up error before returning.
+    #[arg(short = 'f', long)]
+    pub foreground: bool,
+    /// Internal: tell the detaching parent when the mount is ready.
+    #[arg(long, hide = true)]
+    pub notify_ready: bool,
     /// Worker threads serving requests, so a slow NFS call or a blocked lock
-    /// does not hold up the rest.
-    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=256))]
-    pub threads: u32,
+    /// does not hold up the rest [default: 8].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub threads: Option<u32>,
     /// Serve file data through the daemon instead of kernel FUSE passthrough
     /// (much slower; for kernels without CONFIG_FUSE_PASSTHROUGH or debugging).
     #[arg(long)]
@@ -45,8 +60,15 @@ pub struct MountArgs {
     pub ro: bool,
     /// Let only root use the mount (by default every user may, as Nova,
     /// libvirt and qemu run as different users).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "allow_other")]
     pub root_only: bool,
+    /// Let every user use the mount (the default; accepted for fstab's
+    /// `allow_other`).
+    #[arg(long)]
+    pub allow_other: bool,
+    /// Log to this file instead of stderr (foreground) or syslog (detached).
+    #[arg(long, value_name = "PATH")]
+    pub log_file: Option<PathBuf>,
     /// Write request counters as JSON here on SIGUSR1 and at exit.
     #[arg(long, value_name = "PATH")]
     pub stats_file: Option<PathBuf>,
@@ -66,34 +88,16 @@ pub struct MountArgs {
     pub ignore: Vec<String>,
     /// Keep quarantined files at least this long before the daemon purges
     /// them: e.g. 30m, 12h, 14d.
-    #[arg(long, value_name = "AGE", default_value = "14d", value_parser = parse_age)]
-    pub retain: Duration,
+    #[arg(long, value_name = "AGE", value_parser = parse_duration)]
+    pub retain: Option<Duration>,
+    /// Do not restore quarantined base files that an instance disk still
+    /// references when they are looked up (restore on access is on by default).
+    #[arg(long)]
+    pub no_heal: bool,
     /// Turn the guard off: deletions under _base/ really delete. For
     /// benchmarking the bare passthrough only.
     #[arg(long, hide = true)]
     pub unguarded: bool,
-}
-
-fn parse_age(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (n, unit) = s.split_at(split);
-    let n: u64 = n
-        .parse()
-        .map_err(|_| format!("'{s}' is not an age: use a number and a unit, e.g. 30m, 12h, 14d"))?;
-    let secs = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86400,
-        "w" => 7 * 86400,
-        _ => {
-            return Err(format!(
-                "'{s}' has no known unit: use s, m, h, d or w (e.g. 14d)"
-            ));
-        }
-    };
-    Ok(Duration::from_secs(n.saturating_mul(secs)))
 }
 
 /// Errors before the filesystem is up, each one sentence for the operator.
@@ -200,18 +204,79 @@ fn write_stats(path: &Path, fs: &Passthrough) {
     }
 }
 
+/// Kernel mount flags from fstab-style names (already validated by
+/// [`FstabOptions`]); the ones fuser cannot express are the kernel defaults.
+fn kernel_option(name: &str) -> Option<MountOption> {
+    Some(match name {
+        "noatime" => MountOption::NoAtime,
+        "atime" => MountOption::Atime,
+        "nosuid" => MountOption::NoSuid,
+        "suid" => MountOption::Suid,
+        "nodev" => MountOption::NoDev,
+        "dev" => MountOption::Dev,
+        "noexec" => MountOption::NoExec,
+        "exec" => MountOption::Exec,
+        "sync" => MountOption::Sync,
+        "async" => MountOption::Async,
+        "dirsync" => MountOption::DirSync,
+        "default_permissions" => MountOption::DefaultPermissions,
+        _ => return None,
+    })
+}
+
 impl MountArgs {
-    pub fn run(&self) -> ExitCode {
-        match self.mount() {
+    /// Fold `-o` options into the flags; explicit flags win.
+    fn apply_options(&mut self) -> Result<Vec<MountOption>, String> {
+        if self.options.is_empty() {
+            return Ok(Vec::new());
+        }
+        let o = FstabOptions::parse(&self.options.join(",")).map_err(|e| e.to_string())?;
+        self.retain = self.retain.or(o.retain);
+        self.quarantine = self.quarantine.take().or(o.quarantine);
+        if self.protect.is_empty() {
+            self.protect = o.protect;
+        }
+        if self.ignore.is_empty() {
+            self.ignore = o.ignore;
+        }
+        self.no_heal |= o.heal == Some(false);
+        self.threads = self.threads.or(o.threads.map(|t| t as u32));
+        self.no_passthrough |= o.passthrough == Some(false);
+        self.log_file = self.log_file.take().or(o.log_file);
+        self.stats_file = self.stats_file.take().or(o.stats_file);
+        self.ro |= o.read_only == Some(true);
+        Ok(o.kernel.iter().filter_map(|k| kernel_option(k)).collect())
+    }
+
+    pub fn run(mut self) -> ExitCode {
+        daemon::set_notify(self.notify_ready);
+        let kernel = match self.apply_options() {
+            Ok(k) => k,
+            Err(msg) => return fail(&msg),
+        };
+        if !self.foreground {
+            // Detach: run ourselves again in the foreground and return once
+            // it says the filesystem answers (or why it could not start).
+            let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+            return match daemon::spawn_detached(&args, daemon::DEFAULT_READY_TIMEOUT) {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(msg) => fail(&msg),
+            };
+        }
+        let target = LogTarget::choose(!self.notify_ready, self.log_file.as_deref());
+        if let Err(e) = logging::init(target, None) {
+            eprintln!("baseguard: {e}");
+        }
+        match self.mount(kernel) {
             Ok(()) => ExitCode::SUCCESS,
             Err(msg) => {
-                eprintln!("baseguard: {msg}");
-                ExitCode::FAILURE
+                tracing::error!("{msg}");
+                fail(&msg)
             }
         }
     }
 
-    fn mount(&self) -> Result<(), String> {
+    fn mount(&self, kernel: Vec<MountOption>) -> Result<(), String> {
         let (root, backing, mountpoint) = preflight(self)?;
         let limit = sys::raise_nofile_limit().unwrap_or(1024);
         // Half of the descriptors for cached inodes, the rest for open files.
@@ -240,6 +305,7 @@ impl MountArgs {
         if self.ro {
             opts.push(MountOption::RO);
         }
+        opts.extend(kernel);
         let mut config = Config::default();
         config.mount_options = opts;
         config.acl = if self.root_only {
@@ -247,7 +313,8 @@ impl MountArgs {
         } else {
             SessionACL::All
         };
-        config.n_threads = Some(self.threads as usize);
+        let threads = self.threads.unwrap_or(8);
+        config.n_threads = Some(threads as usize);
         config.clone_fd = true;
 
         // Signals are handled by one thread with sigwait; block them first
@@ -261,9 +328,15 @@ impl MountArgs {
         tracing::info!(
             backing = %backing.display(),
             mountpoint = %mountpoint.display(),
-            threads = self.threads,
+            threads,
             "mounted"
         );
+        if self.notify_ready {
+            daemon::notify_ready();
+            if let Err(e) = sys::redirect_stdio_to_devnull() {
+                tracing::warn!(error = %e, "cannot detach from the starting terminal");
+            }
+        }
         let mut unmounter = session.unmount_callable();
         let stats_path = self.stats_file.clone();
         let fs_sig = Arc::clone(&fs);
@@ -291,7 +364,7 @@ impl MountArgs {
             })
             .map_err(|e| format!("cannot start the signal thread: {e}"))?;
         if let Some(q) = quarantine {
-            spawn_expiry(q, self.retain)?;
+            spawn_expiry(q, self.retain.unwrap_or(DEFAULT_RETAIN))?;
         }
         let r = session.run();
         if let Some(p) = &self.stats_file {
@@ -318,6 +391,20 @@ fn spawn_expiry(q: Arc<Quarantine>, retain: Duration) -> Result<(), String> {
         .map(|_| ())
         .map_err(|e| format!("cannot start the expiry thread: {e}"))
 }
+
+/// Report a start-up failure: to the detaching parent if there is one, and
+/// on stderr.
+fn fail(msg: &str) -> ExitCode {
+    if daemon::notify_pending() {
+        daemon::notify_error(msg);
+    } else {
+        eprintln!("baseguard: {msg}");
+    }
+    ExitCode::FAILURE
+}
+
+/// How long quarantined files are kept by default.
+pub const DEFAULT_RETAIN: Duration = Duration::from_secs(14 * 86400);
 
 fn mount_error(mountpoint: &Path, e: io::Error) -> String {
     match e.raw_os_error() {

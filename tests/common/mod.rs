@@ -49,7 +49,7 @@ impl Mount {
             N.fetch_add(1, Ordering::Relaxed)
         ));
         let mut cmd = Command::new(BIN);
-        cmd.arg("mount")
+        cmd.args(["mount", "--foreground"])
             .args(args)
             .arg("--stats-file")
             .arg(&stats)
