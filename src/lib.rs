@@ -2,10 +2,33 @@
 //!
 //! Layout (the FUSE adapter is thin; everything else is plain Rust):
 //! - [`sys`]: the only module with `unsafe` and raw syscalls, behind a safe API.
+//! - [`inode`]: the inode store (backing `(dev, ino)`, file handles, bounded descriptors).
+//! - [`creds`]: per-thread caller credentials (fsuid, fsgid, groups).
+//! - [`fs`]: the passthrough filesystem as a plain Rust type.
+//! - [`fuse`]: the thin `fuser` adapter.
+//! - [`stats`]: request counters.
 //! - [`guard`]: the policy deciding which paths are protected (globs, no I/O).
 //! - [`quarantine`]: the on-disk quarantine store (stash, list, restore, purge).
-//! - [`cmd`]: the command-line subcommands.
+//! - [`qcow2`]: defensive qcow2 header parsing (backing file name and format).
+//! - [`refs`]: the reference index: which `_base` files instance disks' backing chains use.
+//! - [`cmd`]: the `baseguard` subcommands.
+//! - [`mountopts`]: fstab-style `-o` option parsing and `parse_duration`.
+//! - [`daemon`]: detaching `baseguard mount` with a READY/ERROR startup handshake.
+//! - [`logging`]: tracing to stderr, a log file or syslog, with `log` bridged.
+//! - [`docgen`]: shell completions and man pages from the clap command.
+
 pub mod cmd;
+pub mod creds;
+pub mod daemon;
+pub mod docgen;
+pub mod fs;
+pub mod fuse;
 pub mod guard;
+pub mod inode;
+pub mod logging;
+pub mod mountopts;
+pub mod qcow2;
 pub mod quarantine;
+pub mod refs;
+pub mod stats;
 pub mod sys;

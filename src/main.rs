@@ -1,11 +1,16 @@
 use std::process::ExitCode;
 
-use baseguard::cmd::quarantine::{ListArgs, PurgeArgs, RestoreArgs, ShowArgs, StatusArgs};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
-/// baseguard: deletions under Nova's _base/ go to a quarantine instead.
+use baseguard::cmd::mount::MountArgs;
+use baseguard::cmd::quarantine::{ListArgs, PurgeArgs, RestoreArgs, ShowArgs, StatusArgs};
+
+/// baseguard stands guard over Nova's shared instances directory: every
+/// operation passes through to the real directory at native speed, but a
+/// deletion under _base/ becomes a move into a quarantine, listed and restored
+/// with this command.
 #[derive(Parser)]
-#[command(name = "baseguard", version)]
+#[command(name = "baseguard", version, propagate_version = true)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -13,28 +18,37 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Mount BACKING at MOUNTPOINT (detaches once it answers; -f to stay).
+    Mount(MountArgs),
     List(ListArgs),
     Show(ShowArgs),
     Restore(RestoreArgs),
     Purge(PurgeArgs),
     Status(StatusArgs),
+    /// Write the man pages and shell completions into DIR.
+    #[command(hide = true)]
+    GenDocs {
+        dir: std::path::PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
-    // Single-threaded until a command runs: the quarantine commands may need
-    // to unshare their mount namespace first thing.
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    match Cli::parse().cmd {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Mount(a) => a.run(),
         Cmd::List(a) => a.run(),
         Cmd::Show(a) => a.run(),
         Cmd::Restore(a) => a.run(),
         Cmd::Purge(a) => a.run(),
         Cmd::Status(a) => a.run(),
+        Cmd::GenDocs { dir } => {
+            match baseguard::docgen::write_completions_and_man(Cli::command(), &dir) {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("baseguard: cannot write docs to {}: {e}", dir.display());
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
 }

@@ -704,3 +704,14 @@ pub fn wait_signal(sigs: &[i32]) -> io::Result<i32> {
 pub fn raw(fd: BorrowedFd<'_>) -> RawFd {
     fd.as_raw_fd()
 }
+
+/// Point stdin, stdout and stderr at /dev/null (a detached daemon, once its
+/// parent has read the READY line and gone).
+pub fn redirect_stdio_to_devnull() -> io::Result<()> {
+    let null = open_path(std::path::Path::new("/dev/null"), libc::O_RDWR)?;
+    for target in 0..3 {
+        // SAFETY: dup2 onto the standard descriptors; `null` stays valid.
+        cvt(unsafe { libc::dup2(null.as_raw_fd(), target) })?;
+    }
+    Ok(())
+}

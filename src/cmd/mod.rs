@@ -1,2 +1,3 @@
-//! Command-line subcommands.
+//! The `baseguard` subcommands.
+pub mod mount;
 pub mod quarantine;

@@ -36,47 +36,8 @@ pub struct Location {
     pub quarantine: Option<PathBuf>,
 }
 
-/// Parse `30m`, `12h`, `14d`, `2w`, `90s` or combinations like `1d12h`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let bad = || {
-        format!(
-            "invalid duration '{s}': use a number with a unit s, m, h, d or w, like 30m, 12h, 14d or 2w"
-        )
-    };
-    let t = s.trim();
-    if t == "0" {
-        return Ok(Duration::ZERO);
-    }
-    if t.is_empty() {
-        return Err(bad());
-    }
-    let mut total: u64 = 0;
-    let mut num = String::new();
-    for c in t.chars() {
-        if c.is_ascii_digit() {
-            num.push(c);
-            continue;
-        }
-        let unit: u64 = match c {
-            's' => 1,
-            'm' => 60,
-            'h' => 3600,
-            'd' => 86_400,
-            'w' => 7 * 86_400,
-            _ => return Err(bad()),
-        };
-        let n: u64 = num.parse().map_err(|_| bad())?;
-        num.clear();
-        total = n
-            .checked_mul(unit)
-            .and_then(|v| total.checked_add(v))
-            .ok_or_else(bad)?;
-    }
-    if !num.is_empty() {
-        return Err(bad());
-    }
-    Ok(Duration::from_secs(total))
-}
+/// Durations (`30m`, `12h`, `14d`, `2w`, `1d12h`): the one parser of the crate.
+pub use crate::mountopts::parse_duration;
 
 /// `1.5 GiB`.
 pub fn human_size(n: u64) -> String {
@@ -310,6 +271,22 @@ impl Backing {
     }
 }
 
+/// Logging for the quarantine commands: restores and purges are audit events,
+/// so they go to syslog (`info`) when `/dev/log` is there; otherwise only
+/// warnings reach stderr (the commands print their own results). `RUST_LOG`
+/// overrides the level. Installs no thread (the namespace step needs none).
+pub fn init_logging() {
+    use crate::logging::{self, LogTarget};
+    let env = std::env::var("RUST_LOG").is_ok_and(|v| !v.trim().is_empty());
+    if let Ok((d, LogTarget::Syslog { .. })) =
+        logging::build(&LogTarget::syslog(), if env { None } else { Some("info") })
+    {
+        let _ = tracing::dispatcher::set_global_default(d);
+        return;
+    }
+    let _ = logging::init(LogTarget::Stderr, if env { None } else { Some("warn") });
+}
+
 fn fail(msg: impl std::fmt::Display) -> ExitCode {
     eprintln!("baseguard: {msg}");
     ExitCode::from(1)
@@ -317,6 +294,7 @@ fn fail(msg: impl std::fmt::Display) -> ExitCode {
 
 /// Open the quarantine for a command; `Ok(None)` when none exists yet.
 fn open(loc: &Location) -> Result<(Backing, Option<Quarantine>), String> {
+    init_logging();
     let b = resolve_backing(&loc.dir)?;
     match Quarantine::open_existing(b.fd.as_fd(), loc.quarantine.as_deref()) {
         Ok(q) => Ok((b, Some(q))),
@@ -881,34 +859,6 @@ impl StatusArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("30m").unwrap(), Duration::from_secs(1800));
-        assert_eq!(parse_duration("12h").unwrap(), Duration::from_secs(43_200));
-        assert_eq!(
-            parse_duration("14d").unwrap(),
-            Duration::from_secs(14 * 86_400)
-        );
-        assert_eq!(
-            parse_duration("2w").unwrap(),
-            Duration::from_secs(14 * 86_400)
-        );
-        assert_eq!(
-            parse_duration("1d12h").unwrap(),
-            Duration::from_secs(129_600)
-        );
-        assert_eq!(parse_duration("2s").unwrap(), Duration::from_secs(2));
-        assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
-        for bad in ["", "14", "d", "3x", "-1d", "1.5h", "99999999999999999999w"] {
-            assert!(
-                parse_duration(bad)
-                    .unwrap_err()
-                    .contains("invalid duration"),
-                "{bad}"
-            );
-        }
-    }
 
     #[test]
     fn humans() {

@@ -1,0 +1,419 @@
+//! `baseguard mount`: serve BACKING at MOUNTPOINT until unmounted or signalled.
+
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+use fuser::{Config, MountOption, SessionACL};
+
+use crate::daemon;
+use crate::fs::{FsOptions, Passthrough};
+use crate::fuse::FuseAdapter;
+use crate::guard::Guard;
+use crate::logging::{self, LogTarget};
+use crate::mountopts::{FstabOptions, parse_duration};
+use crate::quarantine::Quarantine;
+use crate::sys;
+
+/// Options of `baseguard mount`.
+#[derive(Args, Debug, Clone)]
+#[command(after_help = "\
+Examples:
+  baseguard mount /srv/nova-nfs /var/lib/nova/instances
+  baseguard mount /var/lib/nova/instances /var/lib/nova/instances   # over the same path
+  baseguard mount --threads 16 --stats-file /run/baseguard.stats /srv/nfs /mnt/guarded
+
+Stop it with `umount MOUNTPOINT`, Ctrl-C or SIGTERM: it unmounts and exits 0.
+SIGUSR1 writes the request counters to --stats-file.")]
+pub struct MountArgs {
+    /// The real directory (e.g. the NFS-shared instances directory).
+    pub backing: PathBuf,
+    /// Where to show it. May be the same path as BACKING: the backing
+    /// directory is opened before mounting and reached through that descriptor.
+    pub mountpoint: PathBuf,
+    /// Options in fstab style, e.g. `-o retain=14d,protect=_base/**,threads=8,noatime`
+    /// (see mount.fuse.baseguard(8)); explicit flags win over them.
+    #[arg(short = 'o', value_name = "OPTS")]
+    pub options: Vec<String>,
+    /// Stay in the foreground (for systemd services and debugging). Without
+    /// it, baseguard detaches once the filesystem answers, and reports any
+    /// start-up error before returning.
+    #[arg(short = 'f', long)]
+    pub foreground: bool,
+    /// Internal: tell the detaching parent when the mount is ready.
+    #[arg(long, hide = true)]
+    pub notify_ready: bool,
+    /// Worker threads serving requests, so a slow NFS call or a blocked lock
+    /// does not hold up the rest [default: 8].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub threads: Option<u32>,
+    /// Serve file data through the daemon instead of kernel FUSE passthrough
+    /// (much slower; for kernels without CONFIG_FUSE_PASSTHROUGH or debugging).
+    #[arg(long)]
+    pub no_passthrough: bool,
+    /// Mount read-only.
+    #[arg(long)]
+    pub ro: bool,
+    /// Let only root use the mount (by default every user may, as Nova,
+    /// libvirt and qemu run as different users).
+    #[arg(long, conflicts_with = "allow_other")]
+    pub root_only: bool,
+    /// Let every user use the mount (the default; accepted for fstab's
+    /// `allow_other`).
+    #[arg(long)]
+    pub allow_other: bool,
+    /// Log to this file instead of stderr (foreground) or syslog (detached).
+    #[arg(long, value_name = "PATH")]
+    pub log_file: Option<PathBuf>,
+    /// Write request counters as JSON here on SIGUSR1 and at exit.
+    #[arg(long, value_name = "PATH")]
+    pub stats_file: Option<PathBuf>,
+    /// Quarantine directory; must be on the same filesystem as BACKING
+    /// (default: BACKING/.baseguard, hidden from the mount).
+    #[arg(long, value_name = "DIR")]
+    pub quarantine: Option<PathBuf>,
+    /// Protect paths matching GLOB (relative to the mount root; `*` within a
+    /// name, `**` across directories). Repeatable; replaces the default
+    /// `_base/**`.
+    #[arg(long, value_name = "GLOB")]
+    pub protect: Vec<String>,
+    /// Let deletions of paths matching GLOB through. Repeatable; replaces the
+    /// default `_base/*.part` and `_base/*.converted` (Nova's download
+    /// temporaries).
+    #[arg(long, value_name = "GLOB")]
+    pub ignore: Vec<String>,
+    /// Keep quarantined files at least this long before the daemon purges
+    /// them: e.g. 30m, 12h, 14d.
+    #[arg(long, value_name = "AGE", value_parser = parse_duration)]
+    pub retain: Option<Duration>,
+    /// Do not restore quarantined base files that an instance disk still
+    /// references when they are looked up (restore on access is on by default).
+    #[arg(long)]
+    pub no_heal: bool,
+    /// Turn the guard off: deletions under _base/ really delete. For
+    /// benchmarking the bare passthrough only.
+    #[arg(long, hide = true)]
+    pub unguarded: bool,
+}
+
+/// Errors before the filesystem is up, each one sentence for the operator.
+fn preflight(a: &MountArgs) -> Result<(OwnedFd, PathBuf, PathBuf), String> {
+    if sys::geteuid() != 0 {
+        return Err(
+            "baseguard mount must run as root (it switches to each caller's \
+                    uid/gid per request and uses kernel FUSE passthrough)."
+                .into(),
+        );
+    }
+    if !Path::new("/dev/fuse").exists() {
+        return Err(
+            "/dev/fuse does not exist: load the fuse module (modprobe fuse) \
+                    or give the container the device."
+                .into(),
+        );
+    }
+    let backing = std::fs::canonicalize(&a.backing).map_err(|e| {
+        format!(
+            "backing directory {} cannot be opened: {}",
+            a.backing.display(),
+            e
+        )
+    })?;
+    let mountpoint = std::fs::canonicalize(&a.mountpoint).map_err(|e| {
+        format!(
+            "mountpoint {} cannot be used: {}",
+            a.mountpoint.display(),
+            e
+        )
+    })?;
+    if !mountpoint.is_dir() {
+        return Err(format!(
+            "mountpoint {} is not a directory.",
+            mountpoint.display()
+        ));
+    }
+    if let Some(m) = mounted_at(&mountpoint) {
+        if m == "fuse.baseguard" {
+            return Err(format!(
+                "mountpoint {} is busy: baseguard is already mounted there.",
+                mountpoint.display()
+            ));
+        }
+    }
+    let fd = sys::open_path(&backing, libc::O_PATH | libc::O_DIRECTORY).map_err(|e| {
+        format!(
+            "backing directory {} cannot be opened: {}",
+            backing.display(),
+            e
+        )
+    })?;
+    Ok((fd, backing, mountpoint))
+}
+
+/// The filesystem type mounted exactly at `path`, if any (topmost).
+pub fn mounted_at(path: &Path) -> Option<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let want = path.to_str()?;
+    let mut found = None;
+    for line in info.lines() {
+        let f: Vec<&str> = line.split(' ').collect();
+        let Some(sep) = f.iter().position(|x| *x == "-") else {
+            continue;
+        };
+        if f.len() > 4 && unescape(f[4]) == want && sep + 1 < f.len() {
+            found = Some(f[sep + 1].to_string());
+        }
+    }
+    found
+}
+
+/// mountinfo escapes space, tab, newline and backslash as octal.
+pub fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 4 <= b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn write_stats(path: &Path, fs: &Passthrough) {
+    let (inodes, fds) = fs.inode_counts();
+    let mut v = fs.stats.to_json();
+    if let Some(o) = v.as_object_mut() {
+        o.insert("inodes".into(), inodes.into());
+        o.insert("descriptors".into(), fds.into());
+    }
+    let tmp = path.with_extension("tmp");
+    let r = std::fs::write(&tmp, v.to_string()).and_then(|_| std::fs::rename(&tmp, path));
+    if let Err(e) = r {
+        tracing::warn!(path = %path.display(), error = %e, "cannot write stats file");
+    }
+}
+
+/// Kernel mount flags from fstab-style names (already validated by
+/// [`FstabOptions`]); the ones fuser cannot express are the kernel defaults.
+fn kernel_option(name: &str) -> Option<MountOption> {
+    Some(match name {
+        "noatime" => MountOption::NoAtime,
+        "atime" => MountOption::Atime,
+        "nosuid" => MountOption::NoSuid,
+        "suid" => MountOption::Suid,
+        "nodev" => MountOption::NoDev,
+        "dev" => MountOption::Dev,
+        "noexec" => MountOption::NoExec,
+        "exec" => MountOption::Exec,
+        "sync" => MountOption::Sync,
+        "async" => MountOption::Async,
+        "dirsync" => MountOption::DirSync,
+        "default_permissions" => MountOption::DefaultPermissions,
+        _ => return None,
+    })
+}
+
+impl MountArgs {
+    /// Fold `-o` options into the flags; explicit flags win.
+    fn apply_options(&mut self) -> Result<Vec<MountOption>, String> {
+        if self.options.is_empty() {
+            return Ok(Vec::new());
+        }
+        let o = FstabOptions::parse(&self.options.join(",")).map_err(|e| e.to_string())?;
+        self.retain = self.retain.or(o.retain);
+        self.quarantine = self.quarantine.take().or(o.quarantine);
+        if self.protect.is_empty() {
+            self.protect = o.protect;
+        }
+        if self.ignore.is_empty() {
+            self.ignore = o.ignore;
+        }
+        self.no_heal |= o.heal == Some(false);
+        self.threads = self.threads.or(o.threads.map(|t| t as u32));
+        self.no_passthrough |= o.passthrough == Some(false);
+        self.log_file = self.log_file.take().or(o.log_file);
+        self.stats_file = self.stats_file.take().or(o.stats_file);
+        self.ro |= o.read_only == Some(true);
+        Ok(o.kernel.iter().filter_map(|k| kernel_option(k)).collect())
+    }
+
+    pub fn run(mut self) -> ExitCode {
+        daemon::set_notify(self.notify_ready);
+        let kernel = match self.apply_options() {
+            Ok(k) => k,
+            Err(msg) => return fail(&msg),
+        };
+        if !self.foreground {
+            // Detach: run ourselves again in the foreground and return once
+            // it says the filesystem answers (or why it could not start).
+            let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+            return match daemon::spawn_detached(&args, daemon::DEFAULT_READY_TIMEOUT) {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(msg) => fail(&msg),
+            };
+        }
+        let target = LogTarget::choose(!self.notify_ready, self.log_file.as_deref());
+        if let Err(e) = logging::init(target, None) {
+            eprintln!("baseguard: {e}");
+        }
+        match self.mount(kernel) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(msg) => {
+                tracing::error!("{msg}");
+                fail(&msg)
+            }
+        }
+    }
+
+    fn mount(&self, kernel: Vec<MountOption>) -> Result<(), String> {
+        let (root, backing, mountpoint) = preflight(self)?;
+        let limit = sys::raise_nofile_limit().unwrap_or(1024);
+        // Half of the descriptors for cached inodes, the rest for open files.
+        let fd_cache = (limit.saturating_sub(512) / 2).clamp(64, 1 << 16) as usize;
+        let guard = Guard::from_options(
+            (!self.protect.is_empty()).then_some(&self.protect[..]),
+            (!self.ignore.is_empty()).then_some(&self.ignore[..]),
+        )?;
+        let quarantine = if self.unguarded {
+            None
+        } else {
+            let q = Quarantine::open(root.as_fd(), self.quarantine.as_deref())
+                .map_err(|e| e.to_string())?;
+            Some(Arc::new(q))
+        };
+        let mut fs = Passthrough::new(root, FsOptions { fd_cache })
+            .map_err(|e| format!("cannot serve {}: {e}", backing.display()))?;
+        if let Some(q) = &quarantine {
+            fs.protect(guard, Arc::clone(q));
+        }
+        let fs = Arc::new(fs);
+        let mut opts = vec![
+            MountOption::FSName(backing.display().to_string()),
+            MountOption::CUSTOM("subtype=baseguard".into()),
+        ];
+        if self.ro {
+            opts.push(MountOption::RO);
+        }
+        opts.extend(kernel);
+        let mut config = Config::default();
+        config.mount_options = opts;
+        config.acl = if self.root_only {
+            SessionACL::Owner
+        } else {
+            SessionACL::All
+        };
+        let threads = self.threads.unwrap_or(8);
+        config.n_threads = Some(threads as usize);
+        config.clone_fd = true;
+
+        // Signals are handled by one thread with sigwait; block them first
+        // so every thread started from here on inherits the mask.
+        let sigs = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGUSR1];
+        sys::block_signals(&sigs).map_err(|e| format!("cannot set up signals: {e}"))?;
+
+        let adapter = FuseAdapter::new(Arc::clone(&fs), !self.no_passthrough);
+        let mut session = fuser::Session::new(adapter, &mountpoint, &config)
+            .map_err(|e| mount_error(&mountpoint, e))?;
+        tracing::info!(
+            backing = %backing.display(),
+            mountpoint = %mountpoint.display(),
+            threads,
+            "mounted"
+        );
+        if self.notify_ready {
+            daemon::notify_ready();
+            if let Err(e) = sys::redirect_stdio_to_devnull() {
+                tracing::warn!(error = %e, "cannot detach from the starting terminal");
+            }
+        }
+        let mut unmounter = session.unmount_callable();
+        let stats_path = self.stats_file.clone();
+        let fs_sig = Arc::clone(&fs);
+        let mp = mountpoint.clone();
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                loop {
+                    match sys::wait_signal(&sigs) {
+                        Ok(libc::SIGUSR1) => {
+                            if let Some(p) = &stats_path {
+                                write_stats(p, &fs_sig);
+                            }
+                        }
+                        Ok(sig) => {
+                            tracing::info!(signal = sig, "unmounting");
+                            if let Err(e) = unmounter.unmount() {
+                                tracing::warn!(error = %e, "unmount failed; detaching lazily");
+                                let _ = sys::umount_detach(&mp);
+                            }
+                        }
+                        Err(_) => return,
+                    }
+                }
+            })
+            .map_err(|e| format!("cannot start the signal thread: {e}"))?;
+        if let Some(q) = quarantine {
+            spawn_expiry(q, self.retain.unwrap_or(DEFAULT_RETAIN))?;
+        }
+        let r = session.run();
+        if let Some(p) = &self.stats_file {
+            write_stats(p, &fs);
+        }
+        r.map_err(|e| format!("the FUSE session ended with an error: {e}"))?;
+        tracing::info!(mountpoint = %mountpoint.display(), "unmounted");
+        Ok(())
+    }
+}
+
+/// Purge expired quarantine entries now and then: often enough that an
+/// entry outlives `retain` by at most a tenth of it (1 s to 1 h).
+fn spawn_expiry(q: Arc<Quarantine>, retain: Duration) -> Result<(), String> {
+    let every = (retain / 10).clamp(Duration::from_secs(1), Duration::from_secs(3600));
+    std::thread::Builder::new()
+        .name("expiry".into())
+        .spawn(move || {
+            loop {
+                q.purge_expired(retain, &|_| None);
+                std::thread::sleep(every);
+            }
+        })
+        .map(|_| ())
+        .map_err(|e| format!("cannot start the expiry thread: {e}"))
+}
+
+/// Report a start-up failure: to the detaching parent if there is one, and
+/// on stderr.
+fn fail(msg: &str) -> ExitCode {
+    if daemon::notify_pending() {
+        daemon::notify_error(msg);
+    } else {
+        eprintln!("baseguard: {msg}");
+    }
+    ExitCode::FAILURE
+}
+
+/// How long quarantined files are kept by default.
+pub const DEFAULT_RETAIN: Duration = Duration::from_secs(14 * 86400);
+
+fn mount_error(mountpoint: &Path, e: io::Error) -> String {
+    match e.raw_os_error() {
+        Some(libc::EBUSY) => format!("mountpoint {} is busy.", mountpoint.display()),
+        Some(libc::ENOENT) => format!("mountpoint {} does not exist.", mountpoint.display()),
+        Some(libc::EPERM) => format!(
+            "not permitted to mount on {} (need root and access to /dev/fuse): {e}",
+            mountpoint.display()
+        ),
+        _ => format!("cannot mount on {}: {e}", mountpoint.display()),
+    }
+}

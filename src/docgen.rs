@@ -1,0 +1,149 @@
+//! Shell completions and man pages generated from the clap command (for `baseguard gen-docs`).
+//!
+//! Layout written under the output directory, which `mount-helpers/install.sh --docs DIR`
+//! installs:
+//!
+//! ```text
+//! DIR/man1/baseguard.1              the top-level page
+//! DIR/man1/baseguard-mount.1        one per visible subcommand (nested ones too)
+//! DIR/completions/baseguard.bash    bash-completion
+//! DIR/completions/_baseguard        zsh
+//! DIR/completions/baseguard.fish    fish
+//! ```
+//!
+//! Hidden subcommands and hidden arguments are left out, as clap's help leaves them out.
+
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use clap::Command;
+use clap_complete::Shell;
+
+/// The files written by [`write_completions_and_man`].
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Generated {
+    /// Man pages, top-level first.
+    pub man: Vec<PathBuf>,
+    /// Completion scripts: bash, zsh, fish.
+    pub completions: Vec<PathBuf>,
+}
+
+/// The shells completions are generated for.
+pub const SHELLS: [Shell; 3] = [Shell::Bash, Shell::Zsh, Shell::Fish];
+
+/// Writes man pages to `outdir/man1/` and completions to `outdir/completions/`, creating the
+/// directories. The binary name is the command's bin name, else its name.
+pub fn write_completions_and_man(cmd: Command, outdir: &Path) -> io::Result<Generated> {
+    let bin = cmd
+        .get_bin_name()
+        .unwrap_or_else(|| cmd.get_name())
+        .to_string();
+    let mut cmd = cmd.bin_name(&bin).disable_help_subcommand(true);
+    cmd.build();
+
+    let man_dir = outdir.join("man1");
+    let comp_dir = outdir.join("completions");
+    std::fs::create_dir_all(&man_dir)?;
+    std::fs::create_dir_all(&comp_dir)?;
+
+    let mut out = Generated::default();
+    let source = match cmd.get_version() {
+        Some(v) => format!("{bin} {v}"),
+        None => bin.clone(),
+    };
+    write_man(&cmd, &bin, &source, &man_dir, &mut out.man)?;
+    for shell in SHELLS {
+        let path = clap_complete::generate_to(shell, &mut cmd, &bin, &comp_dir)?;
+        out.completions.push(path);
+    }
+    Ok(out)
+}
+
+/// Writes `cmd`'s page as `page_name.1`, then each visible subcommand's as
+/// `page_name-sub.1`, recursively.
+fn write_man(
+    cmd: &Command,
+    page_name: &str,
+    source: &str,
+    dir: &Path,
+    written: &mut Vec<PathBuf>,
+) -> io::Result<()> {
+    let page = cmd.clone().display_name(page_name.to_string());
+    let man = clap_mangen::Man::new(page).source(source.to_string());
+    let path = dir.join(format!("{page_name}.1"));
+    let mut f = std::fs::File::create(&path)?;
+    man.render(&mut f)?;
+    f.flush()?;
+    written.push(path);
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        let name = format!("{page_name}-{}", sub.get_name());
+        write_man(sub, &name, source, dir, written)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{Arg, ArgAction};
+
+    fn sample() -> Command {
+        Command::new("baseguard")
+            .version("0.1.0")
+            .about("A FUSE guard over Nova's instances directory")
+            .subcommand(
+                Command::new("mount")
+                    .about("Mount BACKING at MOUNTPOINT")
+                    .arg(Arg::new("retain").long("retain").value_name("DUR"))
+                    .arg(
+                        Arg::new("protect")
+                            .long("protect")
+                            .action(ArgAction::Append),
+                    )
+                    .arg(
+                        Arg::new("notify")
+                            .long("notify-ready")
+                            .action(ArgAction::SetTrue)
+                            .hide(true),
+                    )
+                    .arg(Arg::new("backing").required(true))
+                    .arg(Arg::new("mountpoint").required(true)),
+            )
+            .subcommand(Command::new("gen-docs").hide(true).arg(Arg::new("dir")))
+    }
+
+    #[test]
+    fn writes_pages_and_completions() {
+        let d = tempfile::tempdir().unwrap();
+        let g = write_completions_and_man(sample(), d.path()).unwrap();
+        let names: Vec<String> = g
+            .man
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["baseguard.1", "baseguard-mount.1"]);
+        let top = std::fs::read_to_string(&g.man[0]).unwrap();
+        assert!(top.contains(".TH baseguard 1"), "{top}");
+        assert!(top.contains("mount"));
+        assert!(
+            !top.contains("gen\\-docs"),
+            "hidden subcommand listed: {top}"
+        );
+        let mount = std::fs::read_to_string(&g.man[1]).unwrap();
+        assert!(mount.contains("retain"), "{mount}");
+        assert!(mount.contains("\"baseguard 0.1.0\""), "{mount}");
+        assert!(!mount.contains("notify"), "{mount}");
+
+        let comp: Vec<String> = g
+            .completions
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(comp, ["baseguard.bash", "_baseguard", "baseguard.fish"]);
+        for p in &g.completions {
+            let text = std::fs::read_to_string(p).unwrap();
+            assert!(text.contains("retain"), "{}", p.display());
+        }
+        assert!(d.path().join("man1/baseguard-mount.1").is_file());
+    }
+}

@@ -1,0 +1,698 @@
+//! The thin `fuser` adapter: decode a request, call [`Passthrough`], encode
+//! the reply. The only state here is FUSE-specific: the kernel passthrough
+//! backing ids (one per inode while any handle is open).
+
+use std::ffi::OsStr;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
+use dashmap::mapref::one::RefMut;
+use fuser::{
+    AccessFlags, BackingId, CopyFileRangeFlags, Errno as FErrno, FileAttr, FileHandle, FileType,
+    FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags,
+    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyIoctl,
+    ReplyLock, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
+    WriteFlags,
+};
+
+use crate::creds::Caller;
+use crate::fs::{Errno, OpenFile, Passthrough, SetAttr};
+use crate::inode::Inode;
+use crate::stats::Op;
+use crate::sys::{LockRange, Stat, TimeSpec, XattrReply};
+
+/// How long the kernel may cache names and attributes. Short, because other
+/// compute nodes change the shared directory behind our back (as NFS's own
+/// attribute cache does).
+const TTL: Duration = Duration::from_secs(1);
+
+/// The adapter.
+pub struct FuseAdapter {
+    fs: Arc<Passthrough>,
+    passthrough: bool,
+    backing: DashMap<u64, (BackingId, usize)>,
+}
+
+impl FuseAdapter {
+    pub fn new(fs: Arc<Passthrough>, passthrough: bool) -> FuseAdapter {
+        FuseAdapter {
+            fs,
+            passthrough,
+            backing: DashMap::new(),
+        }
+    }
+}
+
+fn caller(req: &Request) -> Caller {
+    Caller {
+        uid: req.uid(),
+        gid: req.gid(),
+        pid: req.pid(),
+    }
+}
+
+fn ferr(e: Errno) -> FErrno {
+    FErrno::from_i32(e.0)
+}
+
+fn time(sec: i64, nsec: i64) -> SystemTime {
+    let nsec = nsec.clamp(0, 999_999_999) as u32;
+    if sec >= 0 {
+        UNIX_EPOCH + Duration::new(sec as u64, nsec)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(sec.unsigned_abs()) + Duration::new(0, nsec)
+    }
+}
+
+fn file_type(kind: u32) -> FileType {
+    match kind {
+        libc::S_IFDIR => FileType::Directory,
+        libc::S_IFLNK => FileType::Symlink,
+        libc::S_IFIFO => FileType::NamedPipe,
+        libc::S_IFSOCK => FileType::Socket,
+        libc::S_IFCHR => FileType::CharDevice,
+        libc::S_IFBLK => FileType::BlockDevice,
+        _ => FileType::RegularFile,
+    }
+}
+
+/// Attributes for the kernel; `ino` is the node id for entry replies and the
+/// backing inode number for getattr replies.
+fn attr(st: &Stat, ino: u64) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(ino),
+        size: st.st_size as u64,
+        blocks: st.st_blocks as u64,
+        atime: time(st.st_atime, st.st_atime_nsec),
+        mtime: time(st.st_mtime, st.st_mtime_nsec),
+        ctime: time(st.st_ctime, st.st_ctime_nsec),
+        crtime: UNIX_EPOCH,
+        kind: file_type(st.st_mode & libc::S_IFMT),
+        perm: (st.st_mode & 0o7777) as u16,
+        nlink: st.st_nlink as u32,
+        uid: st.st_uid,
+        gid: st.st_gid,
+        rdev: st.st_rdev as u32,
+        blksize: st.st_blksize as u32,
+        flags: 0,
+    }
+}
+
+fn timespec(t: TimeOrNow) -> TimeSpec {
+    match t {
+        TimeOrNow::Now => TimeSpec::Now,
+        TimeOrNow::SpecificTime(t) => match t.duration_since(UNIX_EPOCH) {
+            Ok(d) => TimeSpec::Set(d.as_secs() as i64, d.subsec_nanos() as i64),
+            Err(e) => {
+                let d = e.duration();
+                let (mut s, mut ns) = (-(d.as_secs() as i64), -(d.subsec_nanos() as i64));
+                if ns < 0 {
+                    s -= 1;
+                    ns += 1_000_000_000;
+                }
+                TimeSpec::Set(s, ns)
+            }
+        },
+    }
+}
+
+fn entry(reply: ReplyEntry, r: crate::fs::Result<(Arc<Inode>, Stat)>) {
+    match r {
+        Ok((inode, st)) => reply.entry(&TTL, &attr(&st, inode.id), Generation(0)),
+        Err(e) => reply.error(ferr(e)),
+    }
+}
+
+fn empty(reply: ReplyEmpty, r: crate::fs::Result<()>) {
+    match r {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(ferr(e)),
+    }
+}
+
+fn xattr(reply: ReplyXattr, r: crate::fs::Result<XattrReply>) {
+    match r {
+        Ok(XattrReply::Size(n)) => reply.size(n as u32),
+        Ok(XattrReply::Data(d)) => reply.data(&d),
+        Err(e) => reply.error(ferr(e)),
+    }
+}
+
+impl FuseAdapter {
+    /// The kernel passthrough backing id for the file's inode, registered
+    /// with `register` on the first open and shared by later ones (the
+    /// kernel wants one backing file per inode). `None`: serve data here.
+    fn backing(
+        &self,
+        f: &OpenFile,
+        register: impl FnOnce(BorrowedFd<'_>) -> std::io::Result<BackingId>,
+    ) -> Option<RefMut<'_, u64, (BackingId, usize)>> {
+        if !self.passthrough {
+            return None;
+        }
+        self.fs.as_daemon();
+        match self.backing.entry(f.inode) {
+            Entry::Occupied(mut o) => {
+                o.get_mut().1 += 1;
+                Some(o.into_ref())
+            }
+            Entry::Vacant(v) => match register(f.file.as_fd()) {
+                Ok(id) => {
+                    self.fs.stats.count(Op::Passthrough);
+                    Some(v.insert((id, 1)))
+                }
+                Err(e) => {
+                    tracing::debug!(inode = f.inode, error = %e, "no passthrough for this file");
+                    None
+                }
+            },
+        }
+    }
+
+    fn release_backing(&self, inode: u64) {
+        if let Entry::Occupied(mut o) = self.backing.entry(inode) {
+            o.get_mut().1 -= 1;
+            if o.get().1 == 0 {
+                o.remove();
+            }
+        }
+    }
+}
+
+impl fuser::Filesystem for FuseAdapter {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let caps = config.capabilities();
+        let want = InitFlags::FUSE_POSIX_LOCKS
+            | InitFlags::FUSE_FLOCK_LOCKS
+            | InitFlags::FUSE_HANDLE_KILLPRIV_V2
+            | InitFlags::FUSE_PARALLEL_DIROPS
+            | InitFlags::FUSE_ASYNC_DIO
+            | InitFlags::FUSE_CACHE_SYMLINKS;
+        let _ = config.add_capabilities(want & caps);
+        if self.passthrough {
+            let ok = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+                && config.set_max_stack_depth(1).is_ok();
+            if !ok {
+                tracing::warn!(
+                    "the kernel offers no FUSE passthrough: file data goes through the daemon"
+                );
+                self.passthrough = false;
+            }
+        }
+        tracing::info!(
+            passthrough = self.passthrough,
+            locks = caps.contains(InitFlags::FUSE_POSIX_LOCKS),
+            killpriv_v2 = caps.contains(InitFlags::FUSE_HANDLE_KILLPRIV_V2),
+            "kernel session ready"
+        );
+        Ok(())
+    }
+
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        entry(reply, self.fs.lookup(caller(req), parent.0, name));
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.fs.forget(ino.0, nlookup);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.fs.getattr(ino.0, fh.map(|f| f.0)) {
+            Ok(st) => reply.attr(&TTL, &attr(&st, st.st_ino)),
+            Err(e) => reply.error(ferr(e)),
+        }
+    }
+
+    fn setattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let a = SetAttr {
+            mode,
+            uid,
+            gid,
+            size,
+            atime: atime.map(timespec),
+            mtime: mtime.map(timespec),
+        };
+        match self.fs.setattr(caller(req), ino.0, fh.map(|f| f.0), a) {
+            Ok(st) => reply.attr(&TTL, &attr(&st, st.st_ino)),
+            Err(e) => reply.error(ferr(e)),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.fs.readlink(ino.0) {
+            Ok(t) => reply.data(&t),
+            Err(e) => reply.error(ferr(e)),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        entry(
+            reply,
+            self.fs.mknod(caller(req), parent.0, name, mode, rdev),
+        );
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        entry(reply, self.fs.mkdir(caller(req), parent.0, name, mode));
+    }
+
+    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        empty(reply, self.fs.unlink(caller(req), parent.0, name));
+    }
+
+    fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        empty(reply, self.fs.rmdir(caller(req), parent.0, name));
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        entry(
+            reply,
+            self.fs.symlink(caller(req), parent.0, link_name, target),
+        );
+    }
+
+    fn rename(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        empty(
+            reply,
+            self.fs.rename(
+                caller(req),
+                parent.0,
+                name,
+                newparent.0,
+                newname,
+                flags.bits(),
+            ),
+        );
+    }
+
+    fn link(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        entry(
+            reply,
+            self.fs.link(caller(req), ino.0, newparent.0, newname),
+        );
+    }
+
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        match self.fs.open(caller(req), ino.0, flags.0) {
+            Ok((fh, f)) => match self.backing(&f, |fd| reply.open_backing(fd)) {
+                Some(b) => reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &b.0),
+                None => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            },
+            Err(e) => reply.error(ferr(e)),
+        }
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        match self.fs.create(caller(req), parent.0, name, mode, flags) {
+            Ok((inode, st, fh, f)) => {
+                let (a, fh) = (attr(&st, inode.id), FileHandle(fh));
+                let flags = FopenFlags::empty();
+                match self.backing(&f, |fd| reply.open_backing(fd)) {
+                    Some(b) => reply.created_passthrough(&TTL, &a, Generation(0), fh, flags, &b.0),
+                    None => reply.created(&TTL, &a, Generation(0), fh, flags),
+                }
+            }
+            Err(e) => reply.error(ferr(e)),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        match self.fs.read(fh.0, offset, size) {
+            Ok(buf) => reply.data(buf.data()),
+            Err(e) => reply.error(ferr(e)),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let kill = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
+        match self.fs.write(fh.0, offset, data, kill) {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(ferr(e)),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        empty(reply, self.fs.flush(fh.0, lock_owner.0));
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        match self.fs.release(fh.0) {
+            Ok(Some(f)) => {
+                if self.passthrough {
+                    self.release_backing(f.inode);
+                }
+                reply.ok()
+            }
+            Ok(None) => reply.ok(),
+            Err(e) => reply.error(ferr(e)),
+        }
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        empty(reply, self.fs.fsync(fh.0, datasync));
+    }
+
+    fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.fs.opendir(caller(req), ino.0) {
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Err(e) => reply.error(ferr(e)),
+        }
+    }
+
+    fn readdir(
+        &self,
+        req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        match self.fs.readdir(caller(req), fh.0, offset) {
+            Ok(entries) => {
+                for (i, e) in entries.iter().enumerate().skip(offset as usize) {
+                    if reply.add(INodeNo(e.ino), (i + 1) as u64, file_type(e.kind), &e.name) {
+                        break;
+                    }
+                }
+                reply.ok()
+            }
+            Err(e) => reply.error(ferr(e)),
+        }
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.fs.releasedir(fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        empty(reply, self.fs.fsyncdir(fh.0, datasync));
+    }
+
+    fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {
+        match self.fs.statfs(ino.0) {
+            Ok(s) => reply.statfs(
+                s.f_blocks,
+                s.f_bfree,
+                s.f_bavail,
+                s.f_files,
+                s.f_ffree,
+                s.f_bsize as u32,
+                s.f_namemax as u32,
+                s.f_frsize as u32,
+            ),
+            Err(e) => reply.error(ferr(e)),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        empty(
+            reply,
+            self.fs.setxattr(caller(req), ino.0, name, value, flags),
+        );
+    }
+
+    fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        xattr(reply, self.fs.getxattr(caller(req), ino.0, name, size));
+    }
+
+    fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        xattr(reply, self.fs.listxattr(caller(req), ino.0, size));
+    }
+
+    fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        empty(reply, self.fs.removexattr(caller(req), ino.0, name));
+    }
+
+    fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        empty(reply, self.fs.access(caller(req), ino.0, mask.bits()));
+    }
+
+    fn getlk(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        reply: ReplyLock,
+    ) {
+        let l = LockRange {
+            typ,
+            start,
+            end,
+            pid,
+        };
+        match self.fs.getlk(fh.0, lock_owner.0, l) {
+            Ok(l) => reply.locked(l.start, l.end, l.typ, l.pid),
+            Err(e) => reply.error(ferr(e)),
+        }
+    }
+
+    fn setlk(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        sleep: bool,
+        reply: ReplyEmpty,
+    ) {
+        let l = LockRange {
+            typ,
+            start,
+            end,
+            pid,
+        };
+        if !sleep || typ == libc::F_UNLCK {
+            return empty(reply, self.fs.setlk(fh.0, lock_owner.0, l, false));
+        }
+        // A blocking lock may wait for another node for a long time: try
+        // once here, and wait on a thread of its own so no request thread is
+        // held up.
+        match self.fs.setlk(fh.0, lock_owner.0, l, false) {
+            Err(Errno(e)) if e == libc::EAGAIN || e == libc::EACCES => {
+                let fs = Arc::clone(&self.fs);
+                let spawned = std::thread::Builder::new()
+                    .name("lock-wait".into())
+                    .spawn(move || empty(reply, fs.setlk(fh.0, lock_owner.0, l, true)));
+                if let Err(e) = spawned {
+                    tracing::error!(error = %e, "cannot start a lock-wait thread");
+                }
+            }
+            r => empty(reply, r),
+        }
+    }
+
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: ReplyIoctl,
+    ) {
+        reply.error(FErrno::from_i32(libc::ENOTTY));
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        empty(reply, self.fs.fallocate(fh.0, offset, length, mode));
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        match self.fs.lseek(fh.0, offset, whence) {
+            Ok(o) => reply.offset(o),
+            Err(e) => reply.error(ferr(e)),
+        }
+    }
+
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        _ino_in: INodeNo,
+        fh_in: FileHandle,
+        offset_in: u64,
+        _ino_out: INodeNo,
+        fh_out: FileHandle,
+        offset_out: u64,
+        len: u64,
+        flags: CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        match self.fs.copy_file_range(
+            fh_in.0,
+            offset_in,
+            fh_out.0,
+            offset_out,
+            len,
+            flags.bits() as u32,
+        ) {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(ferr(e)),
+        }
+    }
+}

@@ -1,0 +1,283 @@
+//! The inode store: FUSE node ids mapped to backing inodes.
+//!
+//! An inode is known by its backing `(dev, ino)`, never by a path string, so a
+//! rename by another compute node or a symlink inside the tree can never make
+//! the daemon act on a different file. The FUSE node id is the backing inode
+//! number (so `stat` through the mount shows the real numbers and hard links
+//! share one), except for the root (always 1) and the rare collision (another
+//! device below the backing directory, or a backing inode numbered 1), which
+//! get a synthetic id.
+//!
+//! Descriptors are bounded: where the filesystem supports file handles
+//! (`name_to_handle_at`: ext4, xfs, NFS…), an inode keeps only its handle and
+//! its `O_PATH` descriptor lives in a bounded cache, reopened on demand with
+//! `open_by_handle_at`. Only where handles are unsupported is a descriptor
+//! pinned per inode.
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
+use parking_lot::Mutex;
+
+use crate::sys::{self, FileHandle, Stat};
+
+pub const ROOT_ID: u64 = 1;
+const SYNTHETIC_BASE: u64 = 1 << 62;
+
+/// One backing inode the kernel knows about.
+#[derive(Debug)]
+pub struct Inode {
+    pub id: u64,
+    pub dev: u64,
+    pub ino: u64,
+    /// `S_IFMT` bits of the mode (the type never changes).
+    pub kind: u32,
+    handle: Option<FileHandle>,
+    /// Pinned descriptor: the root, and inodes on filesystems without handles.
+    pinned: Option<Arc<OwnedFd>>,
+    nlookup: AtomicU64,
+}
+
+impl Inode {
+    pub fn is_dir(&self) -> bool {
+        self.kind == libc::S_IFDIR
+    }
+}
+
+/// Cached descriptors by node id, and their insertion order.
+type FdMap = (HashMap<u64, Arc<OwnedFd>>, VecDeque<u64>);
+
+/// A bounded FIFO cache of `O_PATH` descriptors for handle-backed inodes.
+struct FdCache {
+    cap: usize,
+    inner: Mutex<FdMap>,
+}
+
+impl FdCache {
+    fn get(&self, id: u64) -> Option<Arc<OwnedFd>> {
+        self.inner.lock().0.get(&id).cloned()
+    }
+
+    fn insert(&self, id: u64, fd: Arc<OwnedFd>) {
+        let mut g = self.inner.lock();
+        let (map, order) = &mut *g;
+        if map.insert(id, fd).is_none() {
+            order.push_back(id);
+        }
+        while map.len() > self.cap {
+            match order.pop_front() {
+                Some(old) => {
+                    map.remove(&old);
+                }
+                None => break,
+            }
+        }
+    }
+
+    fn remove(&self, id: u64) {
+        let mut g = self.inner.lock();
+        if g.0.remove(&id).is_some() {
+            g.1.retain(|&x| x != id);
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.inner.lock().0.len()
+    }
+}
+
+/// The inode table.
+pub struct InodeStore {
+    inodes: DashMap<u64, Arc<Inode>>,
+    /// `(dev, ino)` -> id, for the ids that are not the backing inode number.
+    synthetic: DashMap<(u64, u64), u64>,
+    next_synthetic: AtomicU64,
+    root_dev: u64,
+    cache: FdCache,
+    use_handles: bool,
+}
+
+impl InodeStore {
+    /// A store rooted at `root` (an `O_PATH` descriptor of the backing
+    /// directory) that keeps at most `fd_cache` descriptors for inodes it can
+    /// reopen by handle.
+    pub fn new(root: OwnedFd, fd_cache: usize) -> io::Result<InodeStore> {
+        let st = sys::fstat(root.as_fd())?;
+        let use_handles = sys::name_to_handle(root.as_fd()).is_ok();
+        let store = InodeStore {
+            inodes: DashMap::new(),
+            synthetic: DashMap::new(),
+            next_synthetic: AtomicU64::new(SYNTHETIC_BASE),
+            root_dev: st.st_dev,
+            cache: FdCache {
+                cap: fd_cache.max(16),
+                inner: Mutex::new((HashMap::new(), VecDeque::new())),
+            },
+            use_handles,
+        };
+        store.inodes.insert(
+            ROOT_ID,
+            Arc::new(Inode {
+                id: ROOT_ID,
+                dev: st.st_dev,
+                ino: st.st_ino,
+                kind: libc::S_IFDIR,
+                handle: None,
+                pinned: Some(Arc::new(root)),
+                nlookup: AtomicU64::new(1),
+            }),
+        );
+        Ok(store)
+    }
+
+    pub fn root(&self) -> Arc<Inode> {
+        self.get(ROOT_ID).expect("root inode is never forgotten")
+    }
+
+    pub fn root_fd(&self) -> Arc<OwnedFd> {
+        self.root().pinned.clone().expect("root is pinned")
+    }
+
+    pub fn get(&self, id: u64) -> Option<Arc<Inode>> {
+        self.inodes.get(&id).map(|r| Arc::clone(&r))
+    }
+
+    /// The node id for a backing `(dev, ino)`.
+    fn id_for(&self, dev: u64, ino: u64) -> u64 {
+        if dev == self.root_dev && ino != ROOT_ID && ino < SYNTHETIC_BASE {
+            return ino;
+        }
+        *self
+            .synthetic
+            .entry((dev, ino))
+            .or_insert_with(|| self.next_synthetic.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// An `O_PATH` descriptor for the inode (from the pin, the cache, or by
+    /// reopening its handle). Must be called with the daemon's own credentials.
+    pub fn fd(&self, inode: &Inode) -> io::Result<Arc<OwnedFd>> {
+        if let Some(p) = &inode.pinned {
+            return Ok(Arc::clone(p));
+        }
+        if let Some(fd) = self.cache.get(inode.id) {
+            return Ok(fd);
+        }
+        let handle = inode
+            .handle
+            .as_ref()
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ESTALE))?;
+        let root = self.root_fd();
+        let fd = sys::open_by_handle(root.as_fd(), handle, libc::O_PATH | libc::O_NOFOLLOW)?;
+        let st = sys::fstat(fd.as_fd())?;
+        if st.st_ino != inode.ino || st.st_dev != inode.dev {
+            return Err(io::Error::from_raw_os_error(libc::ESTALE));
+        }
+        let fd = Arc::new(fd);
+        self.cache.insert(inode.id, Arc::clone(&fd));
+        Ok(fd)
+    }
+
+    /// Record one kernel lookup of the inode behind `fd` (an `O_PATH`
+    /// descriptor just opened by name) whose attributes are `st`.
+    pub fn lookup_fd(&self, fd: OwnedFd, st: &Stat) -> io::Result<Arc<Inode>> {
+        let id = self.id_for(st.st_dev, st.st_ino);
+        match self.inodes.entry(id) {
+            Entry::Occupied(e) => {
+                let inode = Arc::clone(e.get());
+                if inode.dev == st.st_dev && inode.ino == st.st_ino {
+                    inode.nlookup.fetch_add(1, Ordering::Relaxed);
+                    if inode.pinned.is_none() && self.cache.get(id).is_none() {
+                        self.cache.insert(id, Arc::new(fd));
+                    }
+                    return Ok(inode);
+                }
+                // Same number, other device: should not happen (id_for
+                // separates devices); refuse rather than confuse inodes.
+                Err(io::Error::from_raw_os_error(libc::EIO))
+            }
+            Entry::Vacant(v) => {
+                let handle = if self.use_handles && st.st_dev == self.root_dev {
+                    sys::name_to_handle(fd.as_fd()).ok().map(|(h, _)| h)
+                } else {
+                    None
+                };
+                let fd = Arc::new(fd);
+                let pinned = if handle.is_some() {
+                    self.cache.insert(id, Arc::clone(&fd));
+                    None
+                } else {
+                    Some(fd)
+                };
+                let inode = Arc::new(Inode {
+                    id,
+                    dev: st.st_dev,
+                    ino: st.st_ino,
+                    kind: st.st_mode & libc::S_IFMT,
+                    handle,
+                    pinned,
+                    nlookup: AtomicU64::new(1),
+                });
+                v.insert(Arc::clone(&inode));
+                Ok(inode)
+            }
+        }
+    }
+
+    /// Is this `(dev, ino)` already known? (Avoids opening a descriptor.)
+    pub fn known(&self, st: &Stat) -> Option<Arc<Inode>> {
+        let id = if st.st_dev == self.root_dev && st.st_ino != ROOT_ID && st.st_ino < SYNTHETIC_BASE
+        {
+            st.st_ino
+        } else {
+            *self.synthetic.get(&(st.st_dev, st.st_ino))?
+        };
+        // Count the lookup while holding the shard's read lock, so a
+        // concurrent `forget` (which takes the write lock) cannot drop it.
+        let r = self.inodes.get(&id)?;
+        if r.dev == st.st_dev && r.ino == st.st_ino {
+            r.nlookup.fetch_add(1, Ordering::Relaxed);
+            Some(Arc::clone(&r))
+        } else {
+            None
+        }
+    }
+
+    /// The kernel dropped `n` lookups of `id`.
+    pub fn forget(&self, id: u64, n: u64) {
+        if id == ROOT_ID {
+            return;
+        }
+        if let Entry::Occupied(e) = self.inodes.entry(id) {
+            let prev = e.get().nlookup.load(Ordering::Relaxed);
+            let left = prev.saturating_sub(n);
+            e.get().nlookup.store(left, Ordering::Relaxed);
+            if left == 0 {
+                let inode = e.remove();
+                self.cache.remove(id);
+                if inode.id >= SYNTHETIC_BASE {
+                    self.synthetic.remove(&(inode.dev, inode.ino));
+                }
+            }
+        }
+    }
+
+    /// Number of inodes known, and descriptors held (for stats).
+    pub fn counts(&self) -> (usize, usize) {
+        let pinned = self
+            .inodes
+            .iter()
+            .filter(|i| i.value().pinned.is_some())
+            .count();
+        (self.inodes.len(), pinned + self.cache.len())
+    }
+
+    pub fn root_fd_borrow<R>(&self, f: impl FnOnce(BorrowedFd<'_>) -> R) -> R {
+        let fd = self.root_fd();
+        f(fd.as_fd())
+    }
+}

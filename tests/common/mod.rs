@@ -1,0 +1,239 @@
+//! Shared test harness: real `baseguard mount` processes over temporary
+//! directories, unmounted and reaped on drop, even when a test fails.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_baseguard");
+
+/// A mounted baseguard daemon.
+pub struct Mount {
+    pub mountpoint: PathBuf,
+    pub backing: PathBuf,
+    pub stats: PathBuf,
+    child: Option<Child>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+pub fn is_mounted(mp: &Path) -> bool {
+    let want = mp.to_str().unwrap().to_string();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            f.len() > 4 && f[4] == want && l.contains(" - fuse.baseguard ")
+        })
+}
+
+impl Mount {
+    /// Mount `backing` on a fresh temporary mountpoint.
+    pub fn new(backing: &Path, args: &[&str]) -> Mount {
+        let dir = tempfile::tempdir().unwrap();
+        let mp = dir.path().join("mnt");
+        std::fs::create_dir(&mp).unwrap();
+        let mut m = Mount::at(backing, &mp, args);
+        m._dir = Some(dir);
+        m
+    }
+
+    /// Mount `backing` on `mp` (which may be the same path).
+    pub fn at(backing: &Path, mp: &Path, args: &[&str]) -> Mount {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let stats = std::env::temp_dir().join(format!(
+            "bg-stats-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let mut cmd = Command::new(BIN);
+        cmd.args(["mount", "--foreground"])
+            .args(args)
+            .arg("--stats-file")
+            .arg(&stats)
+            .arg(backing)
+            .arg(mp)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or("info".into()),
+            );
+        if std::env::var_os("BG_TEST_VERBOSE").is_none() {
+            cmd.stderr(Stdio::null());
+        }
+        let child = cmd.spawn().expect("spawn baseguard");
+        let mut m = Mount {
+            mountpoint: mp.to_path_buf(),
+            backing: backing.to_path_buf(),
+            stats,
+            child: Some(child),
+            _dir: None,
+        };
+        let start = Instant::now();
+        while !is_mounted(mp) {
+            if let Some(c) = m.child.as_mut() {
+                if let Ok(Some(st)) = c.try_wait() {
+                    panic!("baseguard mount exited early: {st}");
+                }
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(15),
+                "mount did not appear"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        m
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.mountpoint.join(rel)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// The daemon's request counters (asks for a fresh dump with SIGUSR1).
+    pub fn stats(&self) -> serde_json::Value {
+        let _ = std::fs::remove_file(&self.stats);
+        let _ = Command::new("kill")
+            .args(["-USR1", &self.pid().to_string()])
+            .status();
+        let start = Instant::now();
+        loop {
+            if let Ok(s) = std::fs::read_to_string(&self.stats) {
+                if let Ok(v) = serde_json::from_str(&s) {
+                    return v;
+                }
+            }
+            assert!(start.elapsed() < Duration::from_secs(10), "no stats file");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Unmount with umount(8) and wait for the daemon; returns its exit status.
+    pub fn unmount(mut self) -> std::process::ExitStatus {
+        let st = Command::new("umount")
+            .arg(&self.mountpoint)
+            .status()
+            .unwrap();
+        assert!(st.success(), "umount failed");
+        let mut c = self.child.take().unwrap();
+        wait_timeout(&mut c, Duration::from_secs(10)).expect("daemon did not exit after umount")
+    }
+
+    /// Signal the daemon and wait for it; returns its exit status.
+    pub fn signal(mut self, sig: &str) -> std::process::ExitStatus {
+        let mut c = self.child.take().unwrap();
+        Command::new("kill")
+            .args([&format!("-{sig}"), &c.id().to_string()])
+            .status()
+            .unwrap();
+        wait_timeout(&mut c, Duration::from_secs(10)).expect("daemon did not exit on signal")
+    }
+
+    /// Kill the daemon with SIGKILL (crash) and clean the dead mount.
+    pub fn crash(mut self) {
+        let mut c = self.child.take().unwrap();
+        let _ = c.kill();
+        let _ = c.wait();
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(&self.mountpoint)
+            .status();
+    }
+}
+
+pub fn wait_timeout(c: &mut Child, t: Duration) -> Option<std::process::ExitStatus> {
+    let start = Instant::now();
+    while start.elapsed() < t {
+        if let Ok(Some(st)) = c.try_wait() {
+            return Some(st);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            if is_mounted(&self.mountpoint) {
+                let ok = Command::new("umount")
+                    .arg(&self.mountpoint)
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success());
+                if !ok {
+                    let _ = Command::new("umount")
+                        .arg("-l")
+                        .arg(&self.mountpoint)
+                        .status();
+                }
+            }
+            if wait_timeout(&mut c, Duration::from_secs(5)).is_none() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        let _ = std::fs::remove_file(&self.stats);
+    }
+}
+
+/// Run a command, returning its output.
+pub fn run(cmd: &mut Command) -> Output {
+    cmd.output().expect("run command")
+}
+
+/// Run a shell snippet as an unprivileged user (uid/gid 65534).
+pub fn as_nobody(script: &str) -> Output {
+    run(Command::new("setpriv").args([
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--",
+        "sh",
+        "-c",
+        script,
+    ]))
+}
+
+/// The scenario script shared by transparency tests.
+pub fn scenario(root: &Path, user: Option<u32>) -> String {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/scenario.py");
+    let mut cmd = if let Some(uid) = user {
+        let mut c = Command::new("setpriv");
+        c.args([
+            &format!("--reuid={uid}"),
+            &format!("--regid={uid}"),
+            "--clear-groups",
+            "--",
+            "/usr/bin/python3",
+            script,
+        ]);
+        c
+    } else {
+        let mut c = Command::new("/usr/bin/python3");
+        c.arg(script);
+        c
+    };
+    let out = run(cmd.arg(root));
+    assert!(
+        out.status.success(),
+        "scenario failed in {}: {}",
+        root.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+pub fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
