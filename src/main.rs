@@ -3,6 +3,7 @@ use std::process::ExitCode;
 use clap::{CommandFactory, Parser, Subcommand};
 
 use baseguard::cmd::mount::MountArgs;
+use baseguard::cmd::quarantine::{ListArgs, PurgeArgs, RestoreArgs, ShowArgs, StatusArgs};
 
 /// baseguard stands guard over Nova's shared instances directory: every
 /// operation passes through to the real directory at native speed, but a
@@ -19,15 +20,27 @@ struct Cli {
 enum Cmd {
     /// Mount BACKING at MOUNTPOINT (detaches once it answers; -f to stay).
     Mount(MountArgs),
+    List(ListArgs),
+    Show(ShowArgs),
+    Restore(RestoreArgs),
+    Purge(PurgeArgs),
+    Status(StatusArgs),
     /// Write the man pages and shell completions into DIR.
     #[command(hide = true)]
-    GenDocs { dir: std::path::PathBuf },
+    GenDocs {
+        dir: std::path::PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Mount(a) => a.run(),
+        Cmd::List(a) => a.run(),
+        Cmd::Show(a) => a.run(),
+        Cmd::Restore(a) => a.run(),
+        Cmd::Purge(a) => a.run(),
+        Cmd::Status(a) => a.run(),
         Cmd::GenDocs { dir } => {
             match baseguard::docgen::write_completions_and_man(Cli::command(), &dir) {
                 Ok(_) => ExitCode::SUCCESS,

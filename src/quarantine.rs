@@ -196,6 +196,9 @@ pub struct Entry {
     pub ino: u64,
     /// Unix time (seconds) when it was quarantined.
     pub quarantined_at: u64,
+    /// Nanoseconds part of `quarantined_at` (orders entries of one second).
+    #[serde(default)]
+    pub quarantined_nsec: u32,
     pub why: Why,
     pub method: Method,
     pub who: Who,
@@ -211,6 +214,11 @@ impl Entry {
             Some(b) => PathBuf::from(OsStr::from_bytes(b)),
             None => PathBuf::from(&self.path),
         }
+    }
+
+    /// Orders entries by quarantine time (ids break ties).
+    pub fn sort_key(&self) -> (u64, u32, &str) {
+        (self.quarantined_at, self.quarantined_nsec, &self.id)
     }
 
     /// Time since it was quarantined (zero if the record is from the future,
@@ -413,6 +421,8 @@ pub struct Quarantine {
     host_tag: String,
     counter: AtomicU64,
     link_fallback: AtomicBool,
+    pending_grace: AtomicU64,
+    claim_grace: AtomicU64,
 }
 
 fn errno(e: &io::Error) -> i32 {
@@ -630,6 +640,8 @@ impl Quarantine {
             host_tag: host_tag(&sys::hostname()),
             counter: AtomicU64::new(0),
             link_fallback: AtomicBool::new(false),
+            pending_grace: AtomicU64::new(PENDING_GRACE.as_secs()),
+            claim_grace: AtomicU64::new(CLAIM_GRACE.as_secs()),
         })
     }
 
@@ -650,6 +662,19 @@ impl Quarantine {
     #[doc(hidden)]
     pub fn force_link_fallback(&self) {
         self.link_fallback.store(true, Ordering::Relaxed);
+    }
+
+    /// Override [`PENDING_GRACE`] and [`CLAIM_GRACE`] (tests simulate old
+    /// crash leftovers with zero).
+    #[doc(hidden)]
+    pub fn set_graces(&self, pending: Duration, claim: Duration) {
+        self.pending_grace
+            .store(pending.as_secs(), Ordering::Relaxed);
+        self.claim_grace.store(claim.as_secs(), Ordering::Relaxed);
+    }
+
+    fn grace(&self, g: &AtomicU64) -> Duration {
+        Duration::from_secs(g.load(Ordering::Relaxed))
     }
 
     fn new_id(&self) -> String {
@@ -716,6 +741,9 @@ impl Quarantine {
         why: Why,
         method: Method,
     ) -> Entry {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
         let kind = match st.st_mode & libc::S_IFMT {
             libc::S_IFREG => FileKind::File,
             libc::S_IFLNK => FileKind::Symlink,
@@ -737,7 +765,8 @@ impl Quarantine {
             mtime: st.st_mtime,
             mtime_nsec: st.st_mtime_nsec,
             ino: st.st_ino,
-            quarantined_at: unix_now(),
+            quarantined_at: now.as_secs(),
+            quarantined_nsec: now.subsec_nanos(),
             why,
             method,
             who: who.clone(),
@@ -1031,7 +1060,7 @@ impl Quarantine {
             };
             out.push(e);
         }
-        out.sort_by(|a, b| (a.quarantined_at, &a.id).cmp(&(b.quarantined_at, &b.id)));
+        out.sort_by(|a, b| a.sort_key().cmp(&b.sort_key()));
         Ok(out)
     }
 
@@ -1065,21 +1094,27 @@ impl Quarantine {
             .ok()?
             .into_iter()
             .filter(|e| e.orig_path() == want)
-            .max_by(|a, b| (a.quarantined_at, &a.id).cmp(&(b.quarantined_at, &b.id)))
+            .max_by(|a, b| a.sort_key().cmp(&b.sort_key()))
     }
 
     /// An id, or an original path relative to the backing root meaning its
     /// newest held entry.
     pub fn resolve(&self, id_or_path: &str) -> Result<Entry, QError> {
-        if valid_id(id_or_path) {
+        let id_like = valid_id(id_or_path);
+        if id_like {
             match self.get(id_or_path) {
                 Err(QError::UnknownId(_)) => {}
                 r => return r,
             }
         }
         let rel = clean_rel(Path::new(id_or_path))?;
-        self.latest_for(&rel)
-            .ok_or_else(|| QError::NoMatch(id_or_path.to_string()))
+        self.latest_for(&rel).ok_or_else(|| {
+            if id_like && !id_or_path.contains('/') {
+                QError::UnknownId(id_or_path.to_string())
+            } else {
+                QError::NoMatch(id_or_path.to_string())
+            }
+        })
     }
 
     /// Open the parent directory of `rel` by walking from the backing root
@@ -1337,7 +1372,7 @@ impl Quarantine {
                 EntryState::Held => {}
                 EntryState::Restoring => {
                     let claim = Self::claim_name(&e.id);
-                    if self.older_than(&claim, CLAIM_GRACE)
+                    if self.older_than(&claim, self.grace(&self.claim_grace))
                         && self
                             .place_noreplace(
                                 self.entries.as_fd(),
@@ -1353,7 +1388,8 @@ impl Quarantine {
                 }
                 EntryState::Pending => {
                     let rec = Self::record_name(&e.id);
-                    if self.older_than(&rec, PENDING_GRACE)
+                    if self.older_than(&rec, self.grace(&self.pending_grace))
+                        && e.age(now) >= self.grace(&self.pending_grace)
                         && self.state_of(&e.id) == EntryState::Pending
                     {
                         // No file contents here: the file never left its path.
@@ -1377,7 +1413,7 @@ impl Quarantine {
                 let Ok(c) = CString::new(n.clone()) else {
                     continue;
                 };
-                if self.older_than(&c, PENDING_GRACE)
+                if self.older_than(&c, self.grace(&self.pending_grace))
                     && sys::unlinkat(self.entries.as_fd(), &c, 0).is_ok()
                 {
                     let name = String::from_utf8_lossy(&n).into_owned();
@@ -1575,6 +1611,7 @@ mod tests {
             mtime_nsec: 2,
             ino: 7,
             quarantined_at: 9,
+            quarantined_nsec: 10,
             why: Why::RenameOver,
             method: Method::Link,
             who: w,
