@@ -3,6 +3,8 @@
 //! protected path misses (restore on access) and before expiry purges a
 //! quarantined file.
 
+use std::collections::HashSet;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -34,6 +36,23 @@ impl References {
     /// instances directory). Rescans (cheaply: unchanged headers are not
     /// re-read) when the last scan is older than a couple of seconds.
     pub fn disks_using(&self, rel: &Path) -> Vec<PathBuf> {
+        self.with_fresh(|index| index.references(rel))
+    }
+
+    /// Every file that some instance disk's backing chain names.
+    pub fn referenced(&self) -> HashSet<PathBuf> {
+        self.with_fresh(|index| index.referenced())
+    }
+
+    /// For the command line: the index over a backing directory descriptor.
+    pub fn for_backing(fd: BorrowedFd<'_>, prefixes: Vec<PathBuf>) -> References {
+        References::new(
+            PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd())),
+            prefixes,
+        )
+    }
+
+    fn with_fresh<R>(&self, f: impl FnOnce(&RefIndex) -> R) -> R {
         let mut g = self.inner.lock();
         let (index, at) = &mut *g;
         if at.is_none_or(|t| t.elapsed() > FRESH) {
@@ -42,7 +61,7 @@ impl References {
                 Err(e) => tracing::warn!(error = %e, "cannot scan instance disks"),
             }
         }
-        index.references(rel)
+        f(index)
     }
 
     /// Why a quarantined file must be kept, if an instance disk uses it.
