@@ -100,6 +100,9 @@ pub struct InodeStore {
     root_dev: u64,
     cache: FdCache,
     use_handles: bool,
+    /// A real (not `O_PATH`) descriptor of the root: `open_by_handle_at`
+    /// needs one to name the filesystem.
+    mount_fd: Option<OwnedFd>,
 }
 
 impl InodeStore {
@@ -108,7 +111,8 @@ impl InodeStore {
     /// reopen by handle.
     pub fn new(root: OwnedFd, fd_cache: usize) -> io::Result<InodeStore> {
         let st = sys::fstat(root.as_fd())?;
-        let use_handles = sys::name_to_handle(root.as_fd()).is_ok();
+        let mount_fd = sys::reopen(root.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY).ok();
+        let use_handles = mount_fd.is_some() && sys::name_to_handle(root.as_fd()).is_ok();
         let store = InodeStore {
             inodes: DashMap::new(),
             synthetic: DashMap::new(),
@@ -119,6 +123,7 @@ impl InodeStore {
                 inner: Mutex::new((HashMap::new(), VecDeque::new())),
             },
             use_handles,
+            mount_fd,
         };
         store.inodes.insert(
             ROOT_ID,
@@ -171,8 +176,11 @@ impl InodeStore {
             .handle
             .as_ref()
             .ok_or_else(|| io::Error::from_raw_os_error(libc::ESTALE))?;
-        let root = self.root_fd();
-        let fd = sys::open_by_handle(root.as_fd(), handle, libc::O_PATH | libc::O_NOFOLLOW)?;
+        let mount_fd = self
+            .mount_fd
+            .as_ref()
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ESTALE))?;
+        let fd = sys::open_by_handle(mount_fd.as_fd(), handle, libc::O_PATH | libc::O_NOFOLLOW)?;
         let st = sys::fstat(fd.as_fd())?;
         if st.st_ino != inode.ino || st.st_dev != inode.dev {
             return Err(io::Error::from_raw_os_error(libc::ESTALE));
