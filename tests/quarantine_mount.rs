@@ -130,7 +130,8 @@ fn mounted_over_its_own_backing_directory() {
     assert_eq!(l.len(), 1);
     assert_eq!(fs::read(b.join("_base/cafe")).unwrap(), b"base image");
     let s = ok(&bg(&["status", "--dir", b.to_str().unwrap()]));
-    assert!(s.contains(&format!("mounts:      {}", b.display())), "{s}");
+    let line = format!("{} (backing {})", b.display(), b.display());
+    assert!(s.contains(&line), "{s}");
     assert!(s.contains("entries:     1"), "{s}");
     m.unmount();
     // After unmounting, the same commands work on the plain directory.
