@@ -17,6 +17,7 @@ use parking_lot::Mutex;
 
 use crate::creds::{Caller, Credentials};
 use crate::guard::Guard;
+use crate::heal::References;
 use crate::inode::{Inode, InodeStore, ROOT_ID};
 use crate::quarantine::{Quarantine, Who, Why};
 use crate::stats::{Op, Stats};
@@ -112,6 +113,8 @@ pub struct Passthrough {
 pub struct Protection {
     pub guard: Guard,
     pub quarantine: Arc<Quarantine>,
+    /// Restore on access: quarantined files an instance disk still uses.
+    pub heal: Option<Arc<References>>,
 }
 
 fn cstr(name: &OsStr) -> Result<CString> {
@@ -176,10 +179,10 @@ impl Passthrough {
 
     /// Turn on the guard: deletions of protected files go to `quarantine`,
     /// which is hidden from the mount.
-    pub fn protect(&mut self, guard: Guard, quarantine: Arc<Quarantine>) {
-        let (dev, ino) = quarantine.dir_ino();
+    pub fn protect(&mut self, p: Protection) {
+        let (dev, ino) = p.quarantine.dir_ino();
         self.hide(Hidden { dev, ino });
-        self.protection = Some(Protection { guard, quarantine });
+        self.protection = Some(p);
     }
 
     pub fn protection(&self) -> Option<&Protection> {
@@ -303,7 +306,62 @@ impl Passthrough {
             return Ok((root, st));
         }
         self.creds.become_caller(caller);
-        self.lookup_at(&pfd, name)
+        match self.lookup_at(&pfd, name) {
+            Err(Errno(libc::ENOENT)) if self.heal(caller, parent, name) => {
+                self.creds.become_caller(caller);
+                self.lookup_at(&pfd, name)
+            }
+            r => r,
+        }
+    }
+
+    /// Restore on access: a lookup of a protected path missed; if the
+    /// quarantine holds that exact path and an instance disk's backing chain
+    /// names it, put the newest entry back. Returns whether it did.
+    fn heal(&self, caller: Caller, parent: u64, name: &OsStr) -> bool {
+        let Some(p) = &self.protection else {
+            return false;
+        };
+        let Some(refs) = &p.heal else {
+            return false;
+        };
+        self.creds.become_daemon();
+        let Some(rel) = self.rel_path(parent).map(|d| d.join(name)) else {
+            return false;
+        };
+        if !p.guard.protects(&rel) {
+            return false;
+        }
+        let Some(entry) = p.quarantine.latest_for(&rel) else {
+            return false;
+        };
+        let disks = refs.disks_using(&rel);
+        if disks.is_empty() {
+            return false;
+        }
+        let who = Who::from_pid(caller.pid, caller.uid, caller.gid);
+        match p.quarantine.restore(&entry.id, None, false, &who) {
+            Ok(_) => {
+                self.stats.count(Op::Healed);
+                tracing::info!(
+                    action = "heal",
+                    path = %rel.display(),
+                    id = %entry.id,
+                    size = entry.size,
+                    disk = %disks[0].display(),
+                    pid = caller.pid,
+                    comm = %who.comm,
+                    uid = caller.uid,
+                    "restored a quarantined base file that an instance disk uses"
+                );
+                true
+            }
+            Err(e) => {
+                // Another node may have restored it first: look again.
+                tracing::debug!(path = %rel.display(), error = %e, "heal did not restore");
+                true
+            }
+        }
     }
 
     fn lookup_at(&self, pfd: &OwnedFd, name: &OsStr) -> Result<(Arc<Inode>, Stat)> {

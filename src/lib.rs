@@ -10,6 +10,7 @@
 //! - [`guard`]: the policy deciding which paths are protected (globs, no I/O).
 //! - [`quarantine`]: the on-disk quarantine store (stash, list, restore, purge).
 //! - [`qcow2`]: defensive qcow2 header parsing (backing file name and format).
+//! - [`heal`]: the daemon's shared reference index (restore on access, keep on expiry).
 //! - [`refs`]: the reference index: which `_base` files instance disks' backing chains use.
 //! - [`cmd`]: the `baseguard` subcommands.
 //! - [`mountopts`]: fstab-style `-o` option parsing and `parse_duration`.
@@ -24,6 +25,7 @@ pub mod docgen;
 pub mod fs;
 pub mod fuse;
 pub mod guard;
+pub mod heal;
 pub mod inode;
 pub mod logging;
 pub mod mountopts;

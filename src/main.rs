@@ -2,6 +2,7 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
 
+use baseguard::cmd::check::CheckArgs;
 use baseguard::cmd::mount::MountArgs;
 use baseguard::cmd::quarantine::{ListArgs, PurgeArgs, RestoreArgs, ShowArgs, StatusArgs};
 
@@ -25,6 +26,7 @@ enum Cmd {
     Restore(RestoreArgs),
     Purge(PurgeArgs),
     Status(StatusArgs),
+    Check(CheckArgs),
     /// Write the man pages and shell completions into DIR.
     #[command(hide = true)]
     GenDocs {
@@ -41,6 +43,7 @@ fn main() -> ExitCode {
         Cmd::Restore(a) => a.run(),
         Cmd::Purge(a) => a.run(),
         Cmd::Status(a) => a.run(),
+        Cmd::Check(a) => a.run(),
         Cmd::GenDocs { dir } => {
             match baseguard::docgen::write_completions_and_man(Cli::command(), &dir) {
                 Ok(_) => ExitCode::SUCCESS,

@@ -1,3 +1,4 @@
 //! The `baseguard` subcommands.
+pub mod check;
 pub mod mount;
 pub mod quarantine;

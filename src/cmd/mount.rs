@@ -1,7 +1,7 @@
 //! `baseguard mount`: serve BACKING at MOUNTPOINT until unmounted or signalled.
 
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -11,9 +11,10 @@ use clap::Args;
 use fuser::{Config, MountOption, SessionACL};
 
 use crate::daemon;
-use crate::fs::{FsOptions, Passthrough};
+use crate::fs::{FsOptions, Passthrough, Protection};
 use crate::fuse::FuseAdapter;
 use crate::guard::Guard;
+use crate::heal::References;
 use crate::logging::{self, LogTarget};
 use crate::mountopts::{FstabOptions, parse_duration};
 use crate::quarantine::Quarantine;
@@ -294,8 +295,16 @@ impl MountArgs {
         };
         let mut fs = Passthrough::new(root, FsOptions { fd_cache })
             .map_err(|e| format!("cannot serve {}: {e}", backing.display()))?;
+        let refs = Arc::new(References::new(
+            PathBuf::from(format!("/proc/self/fd/{}", fs.root_fd().as_raw_fd())),
+            vec![mountpoint.clone(), backing.clone()],
+        ));
         if let Some(q) = &quarantine {
-            fs.protect(guard, Arc::clone(q));
+            fs.protect(Protection {
+                guard,
+                quarantine: Arc::clone(q),
+                heal: (!self.no_heal).then(|| Arc::clone(&refs)),
+            });
         }
         let fs = Arc::new(fs);
         let mut opts = vec![
@@ -364,7 +373,7 @@ impl MountArgs {
             })
             .map_err(|e| format!("cannot start the signal thread: {e}"))?;
         if let Some(q) = quarantine {
-            spawn_expiry(q, self.retain.unwrap_or(DEFAULT_RETAIN))?;
+            spawn_expiry(q, self.retain.unwrap_or(DEFAULT_RETAIN), refs)?;
         }
         let r = session.run();
         if let Some(p) = &self.stats_file {
@@ -378,13 +387,14 @@ impl MountArgs {
 
 /// Purge expired quarantine entries now and then: often enough that an
 /// entry outlives `retain` by at most a tenth of it (1 s to 1 h).
-fn spawn_expiry(q: Arc<Quarantine>, retain: Duration) -> Result<(), String> {
+/// Entries that an instance disk still references are kept (and logged).
+fn spawn_expiry(q: Arc<Quarantine>, retain: Duration, refs: Arc<References>) -> Result<(), String> {
     let every = (retain / 10).clamp(Duration::from_secs(1), Duration::from_secs(3600));
     std::thread::Builder::new()
         .name("expiry".into())
         .spawn(move || {
             loop {
-                q.purge_expired(retain, &|_| None);
+                q.purge_expired(retain, &|e| refs.keep_reason(&e.orig_path()));
                 std::thread::sleep(every);
             }
         })

@@ -13,6 +13,7 @@ use std::path::{Component, Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
+use crate::heal::References;
 use crate::quarantine::{
     self, Entry, EntryState, PurgeOutcome, QError, Quarantine, Status, Who, fmt_utc,
 };
@@ -630,13 +631,25 @@ pub struct PurgeArgs {
     /// Really delete.
     #[arg(long)]
     pub yes: bool,
+    /// Also delete files that an instance disk still references (without
+    /// it they are kept, and said why).
+    #[arg(long)]
+    pub force: bool,
 }
 
 impl PurgeArgs {
     pub fn run(&self) -> ExitCode {
-        let (_b, q) = match open(&self.loc) {
+        let (b, q) = match open(&self.loc) {
             Ok(x) => x,
             Err(e) => return fail(e),
+        };
+        let refs = References::for_backing(b.fd.as_fd(), vec![b.dir.clone(), b.path.clone()]);
+        let keep = |e: &Entry| {
+            if self.force {
+                None
+            } else {
+                refs.keep_reason(&e.orig_path())
+            }
         };
         let now = SystemTime::now();
         if let Some(id) = &self.id {
@@ -653,6 +666,13 @@ impl PurgeArgs {
                 Ok(e) => e,
                 Err(err) => return fail(err),
             };
+            if let Some(reason) = keep(&e) {
+                return fail(format!(
+                    "{} ({}) is {reason}: purging it would lose that instance's disk; \
+                     use --force to delete it anyway",
+                    e.id, e.path
+                ));
+            }
             if !self.yes {
                 eprintln!(
                     "baseguard: would delete {} ({}, {}, quarantined {} ago) for good; run again with --yes to do it",
@@ -708,7 +728,7 @@ impl PurgeArgs {
         }
         let mut failed = false;
         let mut n = 0;
-        for o in q.purge_expired(age, &|_| None) {
+        for o in q.purge_expired(age, &keep) {
             match o {
                 PurgeOutcome::Purged(e) => {
                     n += 1;
@@ -778,6 +798,23 @@ impl StatusArgs {
                 .unwrap_or(0),
             None => 0,
         };
+        // Near misses: quarantined files an instance disk still references,
+        // which Nova's deletion would have lost.
+        let refs = References::for_backing(b.fd.as_fd(), vec![b.dir.clone(), b.path.clone()]);
+        let referenced = refs.referenced();
+        let near: Vec<Entry> = match &q {
+            Some(q) => q
+                .list()
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|e| referenced.contains(&e.orig_path()))
+                .filter(|e| {
+                    let here = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&b.fd));
+                    std::fs::symlink_metadata(Path::new(&here).join(e.orig_path())).is_err()
+                })
+                .collect(),
+            None => Vec::new(),
+        };
         let qpath = match &self.loc.quarantine {
             Some(p) => p.display().to_string(),
             None => b
@@ -788,6 +825,8 @@ impl StatusArgs {
         };
         if self.json {
             let v = serde_json::json!({
+                "near_misses": near.iter().map(|e| entry_json(e, Some(self.retain), now)).collect::<Vec<_>>(),
+                "referenced_base_files": referenced.len(),
                 "mounts": mounts.iter().map(|m| serde_json::json!({
                     "mountpoint": m.mountpoint, "backing": m.source,
                 })).collect::<Vec<_>>(),
@@ -807,6 +846,16 @@ impl StatusArgs {
             println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
             return ExitCode::SUCCESS;
         }
+        for e in &near {
+            println!(
+                "NEAR MISS:   {} was deleted by {} {} ago but an instance disk uses it: \
+                 restore it with 'baseguard restore {}' (or 'baseguard check --restore')",
+                e.path,
+                who_str(e),
+                human_age(e.age(now)),
+                e.id
+            );
+        }
         if mounts.is_empty() {
             println!("mounts:      none (no fuse.baseguard mount on this host)");
         } else {
@@ -820,6 +869,11 @@ impl StatusArgs {
             }
         }
         println!("{:<13}{}", "backing:", b.path.display());
+        println!(
+            "{:<13}{} file(s) named by instance disks' backing chains",
+            "referenced:",
+            referenced.len()
+        );
         if q.is_none() {
             println!(
                 "{:<13}{qpath} (does not exist yet: nothing quarantined)",
