@@ -578,3 +578,41 @@ fn startup_errors_are_one_clear_sentence() {
     assert!(e.contains("must run as root"), "{e}");
     assert!(!is_mounted(&mp));
 }
+
+#[test]
+fn a_hundred_thousand_files_under_a_twenty_thousand_descriptor_limit() {
+    let t = scratch();
+    let backing = dir_in(&t, "backing", None);
+    let out = run(Command::new("python3").arg("-c").arg(
+        "import os,sys\nfor d in range(100):\n  p=os.path.join(sys.argv[1],f'd{d}'); os.mkdir(p)\n  for i in range(1000):\n    open(os.path.join(p,f'f{i}'),'w').write(f'{d}/{i}')",
+    ).arg(&backing));
+    assert!(out.status.success());
+    let dir = tempfile::tempdir().unwrap();
+    let mp = dir.path().join("mnt");
+    std::fs::create_dir(&mp).unwrap();
+    let m = Mount::wrapped(
+        &["prlimit", "--nofile=20000:20000", "--"],
+        &backing,
+        &mp,
+        &[],
+    );
+    // Stat and read every file through the mount.
+    let out = run(Command::new("python3").arg("-c").arg(
+        "import os,sys\nn=0\nfor r,ds,fs in os.walk(sys.argv[1]):\n  for f in fs:\n    p=os.path.join(r,f); os.stat(p)\n    d=os.path.basename(r)[1:]\n    assert open(p).read()==f'{d}/{f[1:]}', p\n    n+=1\nprint(n)",
+    ).arg(&m.mountpoint));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "100000");
+    let st = m.stats();
+    assert!(
+        st["inodes"].as_u64().unwrap() > 20_000,
+        "the kernel keeps many inodes: {st}"
+    );
+    assert!(
+        st["descriptors"].as_u64().unwrap() < 20_000,
+        "descriptors are bounded: {st}"
+    );
+}

@@ -42,13 +42,25 @@ impl Mount {
 
     /// Mount `backing` on `mp` (which may be the same path).
     pub fn at(backing: &Path, mp: &Path, args: &[&str]) -> Mount {
+        Mount::wrapped(&[], backing, mp, args)
+    }
+
+    /// Mount with the daemon started through `prefix` (e.g. `prlimit ...`).
+    pub fn wrapped(prefix: &[&str], backing: &Path, mp: &Path, args: &[&str]) -> Mount {
         static N: AtomicU64 = AtomicU64::new(0);
         let stats = std::env::temp_dir().join(format!(
             "bg-stats-{}-{}",
             std::process::id(),
             N.fetch_add(1, Ordering::Relaxed)
         ));
-        let mut cmd = Command::new(BIN);
+        let mut cmd = match prefix.split_first() {
+            Some((p, rest)) => {
+                let mut c = Command::new(p);
+                c.args(rest).arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        };
         cmd.args(["mount", "--foreground"])
             .args(args)
             .arg("--stats-file")
