@@ -409,8 +409,8 @@ fn fstab_example_baseguard_line_parses() {
     assert_eq!(fields[1], "/var/lib/nova/instances");
     assert!(!fields[3].split(',').any(|o| o == "nofail"));
     let o = FstabOptions::parse(fields[3]).unwrap();
-    assert!(o.allow_other);
-    assert_eq!(o.kernel, ["default_permissions"]);
+    assert_eq!(o.retain, Some(std::time::Duration::from_secs(14 * 86400)));
+    assert!(o.kernel.is_empty());
     assert!(
         o.dropped
             .contains(&"x-systemd.requires-mounts-for=/srv/nova-nfs".to_string())
