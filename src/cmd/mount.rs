@@ -88,7 +88,8 @@ pub struct MountArgs {
     #[arg(long, value_name = "GLOB")]
     pub ignore: Vec<String>,
     /// Keep quarantined files at least this long before the daemon purges
-    /// them: e.g. 30m, 12h, 14d.
+    /// them (files an instance disk references are kept regardless): e.g.
+    /// 30m, 12h, 14d [default: 14d].
     #[arg(long, value_name = "AGE", value_parser = parse_duration)]
     pub retain: Option<Duration>,
     /// Do not restore quarantined base files that an instance disk still
