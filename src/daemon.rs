@@ -18,10 +18,11 @@
 //! The parent is what mount(8) (and systemd's mount unit) waits on, so `mount -a` returns only
 //! once the filesystem answers, and fails with the child's own sentence when it can't start.
 
+use crate::mountinfo;
 use std::ffi::OsString;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
@@ -323,59 +324,6 @@ pub fn notify_error(msg: &str) {
     }
 }
 
-/// One line of `/proc/self/mountinfo`, the parts we use.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MountEntry {
-    /// Mount point, unescaped.
-    pub mount_point: PathBuf,
-    /// Filesystem type, e.g. `fuse.baseguard`.
-    pub fstype: String,
-    /// Mount source, unescaped.
-    pub source: String,
-}
-
-/// Decodes mountinfo's octal escapes (`\040` is a space).
-fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            let v = (b[i + 1] - b'0') as u32 * 64
-                + (b[i + 2] - b'0') as u32 * 8
-                + (b[i + 3] - b'0') as u32;
-            out.push(v as u8);
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// Parses mountinfo text; the last entry wins when mounts are stacked on one point.
-pub fn find_mount(mountinfo: &str, mount_point: &Path) -> Option<MountEntry> {
-    mountinfo.lines().rev().find_map(|line| {
-        let (left, right) = line.split_once(" - ")?;
-        let mp = PathBuf::from(unescape(left.split(' ').nth(4)?));
-        if mp != mount_point {
-            return None;
-        }
-        let mut r = right.split(' ');
-        let fstype = r.next()?.to_string();
-        let source = unescape(r.next()?);
-        Some(MountEntry {
-            mount_point: mp,
-            fstype,
-            source,
-        })
-    })
-}
-
 /// Waits until `mount_point` (absolute, as the kernel reports it) is a FUSE mount in
 /// `/proc/self/mountinfo` *and* a `stat` of it succeeds, which needs the FUSE loop to answer
 /// GETATTR. Call it from a thread other than the FUSE loop's, then [`notify_ready`].
@@ -383,9 +331,9 @@ pub fn wait_for_mount(mount_point: &Path, timeout: Duration) -> Result<(), Strin
     let deadline = Instant::now() + timeout;
     let mut last = String::from("it never appeared in /proc/self/mountinfo");
     loop {
-        let info = std::fs::read_to_string("/proc/self/mountinfo")
-            .map_err(|e| format!("cannot read /proc/self/mountinfo: {e}"))?;
-        match find_mount(&info, mount_point) {
+        let mounts =
+            mountinfo::read().map_err(|e| format!("cannot read /proc/self/mountinfo: {e}"))?;
+        match mountinfo::topmost(&mounts, mount_point) {
             Some(m) if m.fstype == "fuse" || m.fstype.starts_with("fuse.") => {
                 match std::fs::metadata(mount_point) {
                     Ok(_) => return Ok(()),
@@ -557,23 +505,6 @@ mod tests {
         let mut n = Notifier::stdout(false);
         assert!(!n.is_pending());
         n.ready().unwrap();
-    }
-
-    #[test]
-    fn mountinfo_parsing() {
-        let info = "\
-22 1 0:21 / / rw,relatime shared:1 - ext4 /dev/sda1 rw
-40 22 0:35 / /var/lib/nova/instances rw,nosuid shared:20 - nfs4 srv:/nova rw
-41 40 0:36 / /var/lib/nova/instances rw,nosuid,nodev shared:21 - fuse.baseguard /srv/nova-nfs rw,user_id=0
-42 22 0:37 / /mnt/with\\040space rw - fuse.baseguard /srv/a\\040b rw
-";
-        let m = find_mount(info, Path::new("/var/lib/nova/instances")).unwrap();
-        assert_eq!(m.fstype, "fuse.baseguard");
-        assert_eq!(m.source, "/srv/nova-nfs");
-        let m = find_mount(info, Path::new("/mnt/with space")).unwrap();
-        assert_eq!(m.source, "/srv/a b");
-        assert_eq!(find_mount(info, Path::new("/")).unwrap().fstype, "ext4");
-        assert!(find_mount(info, Path::new("/nope")).is_none());
     }
 
     #[test]

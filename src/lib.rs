@@ -14,6 +14,7 @@
 //! - [`refs`]: the reference index: which `_base` files instance disks' backing chains use.
 //! - [`cmd`]: the `baseguard` subcommands.
 //! - [`mountopts`]: fstab-style `-o` option parsing and `parse_duration`.
+//! - [`mountinfo`]: `/proc/self/mountinfo` parsing.
 //! - [`daemon`]: detaching `baseguard mount` with a READY/ERROR startup handshake.
 //! - [`logging`]: tracing to stderr, a log file or syslog, with `log` bridged.
 //! - [`docgen`]: shell completions and man pages from the clap command.
@@ -28,6 +29,7 @@ pub mod guard;
 pub mod heal;
 pub mod inode;
 pub mod logging;
+pub mod mountinfo;
 pub mod mountopts;
 pub mod qcow2;
 pub mod quarantine;

@@ -157,39 +157,9 @@ fn preflight(a: &MountArgs) -> Result<(OwnedFd, PathBuf, PathBuf), String> {
 }
 
 /// The filesystem type mounted exactly at `path`, if any (topmost).
-pub fn mounted_at(path: &Path) -> Option<String> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let want = path.to_str()?;
-    let mut found = None;
-    for line in info.lines() {
-        let f: Vec<&str> = line.split(' ').collect();
-        let Some(sep) = f.iter().position(|x| *x == "-") else {
-            continue;
-        };
-        if f.len() > 4 && unescape(f[4]) == want && sep + 1 < f.len() {
-            found = Some(f[sep + 1].to_string());
-        }
-    }
-    found
-}
-
-/// mountinfo escapes space, tab, newline and backslash as octal.
-pub fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 4 <= b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
-                out.push(v);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+fn mounted_at(path: &Path) -> Option<String> {
+    let mounts = crate::mountinfo::read().ok()?;
+    crate::mountinfo::topmost(&mounts, path).map(|m| m.fstype.clone())
 }
 
 fn write_stats(path: &Path, fs: &Passthrough) {

@@ -75,60 +75,8 @@ fn expires(e: &Entry, retain: Duration, now: SystemTime) -> String {
     }
 }
 
-/// One line of `/proc/self/mountinfo` that matters here.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct MountInfo {
-    pub mountpoint: PathBuf,
-    pub fstype: String,
-    /// The source field: for baseguard, the backing directory.
-    pub source: String,
-}
-
-fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// Parse mountinfo text (see proc(5)).
-pub fn parse_mountinfo(text: &str) -> Vec<MountInfo> {
-    let mut out = Vec::new();
-    for line in text.lines() {
-        let f: Vec<&str> = line.split(' ').collect();
-        let Some(sep) = f.iter().position(|x| *x == "-") else {
-            continue;
-        };
-        if f.len() < 5 || f.len() < sep + 3 {
-            continue;
-        }
-        out.push(MountInfo {
-            mountpoint: PathBuf::from(unescape(f[4])),
-            fstype: f[sep + 1].to_string(),
-            source: unescape(f[sep + 2]),
-        });
-    }
-    out
-}
-
-/// The mounts of this process's namespace.
-pub fn read_mountinfo() -> io::Result<Vec<MountInfo>> {
-    Ok(parse_mountinfo(&std::fs::read_to_string(
-        "/proc/self/mountinfo",
-    )?))
-}
+pub use crate::mountinfo::MountInfo;
+pub use crate::mountinfo::{parse as parse_mountinfo, read as read_mountinfo};
 
 /// The baseguard mounts of this namespace.
 pub fn baseguard_mounts() -> Vec<MountInfo> {
