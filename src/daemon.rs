@@ -8,7 +8,7 @@
 //!   spawn_detached(args, 30s) ───── spawn ─────────▶    parse args, set up logging (syslog/file)
 //!     stdin=/dev/null, stdout=pipe, stderr=pipe,        set_notify(true)
 //!     own process group                                 mount, start the FUSE loop
-//!   wait for one line on the child's stdout ◀────────   wait_for_mount(DIR) then notify_ready()
+//!   wait for one line on the child's stdout ◀────────   mount done (INIT answered), notify_ready()
 //!     "READY"            → exit 0                       ... or notify_error("one sentence") and exit 1
 //!     "ERROR <sentence>" → print it, exit 1
 //!     EOF / child exit   → report its stderr tail and exit status, exit 1
@@ -18,7 +18,6 @@
 //! The parent is what mount(8) (and systemd's mount unit) waits on, so `mount -a` returns only
 //! once the filesystem answers, and fails with the child's own sentence when it can't start.
 
-use crate::mountinfo;
 use std::ffi::OsString;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
@@ -324,36 +323,6 @@ pub fn notify_error(msg: &str) {
     }
 }
 
-/// Waits until `mount_point` (absolute, as the kernel reports it) is a FUSE mount in
-/// `/proc/self/mountinfo` *and* a `stat` of it succeeds, which needs the FUSE loop to answer
-/// GETATTR. Call it from a thread other than the FUSE loop's, then [`notify_ready`].
-pub fn wait_for_mount(mount_point: &Path, timeout: Duration) -> Result<(), String> {
-    let deadline = Instant::now() + timeout;
-    let mut last = String::from("it never appeared in /proc/self/mountinfo");
-    loop {
-        let mounts =
-            mountinfo::read().map_err(|e| format!("cannot read /proc/self/mountinfo: {e}"))?;
-        match mountinfo::topmost(&mounts, mount_point) {
-            Some(m) if m.fstype == "fuse" || m.fstype.starts_with("fuse.") => {
-                match std::fs::metadata(mount_point) {
-                    Ok(_) => return Ok(()),
-                    Err(e) => last = format!("it is mounted but does not answer: {e}"),
-                }
-            }
-            Some(m) => last = format!("the topmost mount there is {}, not FUSE", m.fstype),
-            None => {}
-        }
-        if Instant::now() >= deadline {
-            return Err(format!(
-                "{} did not come up within {}s: {last}",
-                mount_point.display(),
-                timeout.as_secs_f32()
-            ));
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -505,14 +474,5 @@ mod tests {
         let mut n = Notifier::stdout(false);
         assert!(!n.is_pending());
         n.ready().unwrap();
-    }
-
-    #[test]
-    fn wait_for_mount_times_out_with_a_reason() {
-        let d = tempfile::tempdir().unwrap();
-        let e = wait_for_mount(d.path(), Duration::from_millis(120)).unwrap_err();
-        assert!(e.contains("did not come up"), "{e}");
-        let e = wait_for_mount(Path::new("/"), Duration::from_millis(60)).unwrap_err();
-        assert!(e.contains("not FUSE"), "{e}");
     }
 }
