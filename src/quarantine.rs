@@ -857,27 +857,7 @@ impl Quarantine {
         who: &Who,
         why: Why,
     ) -> io::Result<Entry> {
-        let orig = Self::check_orig(orig_rel)?;
-        let st = sys::statat(parent, name)?;
-        if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
-            return Err(io::Error::from_raw_os_error(libc::EISDIR));
-        }
-        let mut e = self.make_entry(&st, &orig, who, why, Method::Rename);
-        self.write_record(&mut e)?;
-        if let Err(err) = sys::renameat2(
-            parent,
-            name,
-            self.entries.as_fd(),
-            &Self::data_name(&e.id),
-            0,
-        ) {
-            self.drop_record(&e.id);
-            return Err(err);
-        }
-        self.fsync_entries();
-        e.state = EntryState::Held;
-        self.log_stash(&e);
-        Ok(e)
+        self.stash_by_name(parent, name, orig_rel, who, why, Method::Rename)
     }
 
     /// Keep a hard link of `parent/name` in the quarantine (before a rename
@@ -891,14 +871,34 @@ impl Quarantine {
         who: &Who,
         why: Why,
     ) -> io::Result<Entry> {
+        self.stash_by_name(parent, name, orig_rel, who, why, Method::Link)
+    }
+
+    /// Record first, then move (`Rename`) or link (`Link`) `parent/name`
+    /// into the quarantine; if that fails, drop the record and return the
+    /// syscall's own error.
+    fn stash_by_name(
+        &self,
+        parent: BorrowedFd<'_>,
+        name: &CStr,
+        orig_rel: &Path,
+        who: &Who,
+        why: Why,
+        method: Method,
+    ) -> io::Result<Entry> {
         let orig = Self::check_orig(orig_rel)?;
         let st = sys::statat(parent, name)?;
         if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
             return Err(io::Error::from_raw_os_error(libc::EISDIR));
         }
-        let mut e = self.make_entry(&st, &orig, who, why, Method::Link);
+        let mut e = self.make_entry(&st, &orig, who, why, method);
         self.write_record(&mut e)?;
-        if let Err(err) = sys::linkat(parent, name, self.entries.as_fd(), &Self::data_name(&e.id)) {
+        let data = Self::data_name(&e.id);
+        let moved = match method {
+            Method::Link => sys::linkat(parent, name, self.entries.as_fd(), &data),
+            _ => sys::renameat2(parent, name, self.entries.as_fd(), &data, 0),
+        };
+        if let Err(err) = moved {
             self.drop_record(&e.id);
             return Err(err);
         }
