@@ -426,33 +426,24 @@ for n in names:
 fn check_crash_invariant(root: &Path, backing: &Path, inos: &[u64]) -> (usize, usize, usize) {
     let all = list(root, true);
     let mut held: HashMap<String, Vec<&Value>> = HashMap::new();
-    let mut pending = 0;
+    let mut pending = Vec::new();
     for e in &all {
+        let path = e["path"].as_str().unwrap().to_string();
         match e["state"].as_str().unwrap() {
-            "held" => held
-                .entry(e["path"].as_str().unwrap().to_string())
-                .or_default()
-                .push(e),
-            // A record whose data never arrived: the file never left.
-            "pending" => {
-                pending += 1;
-                let p = e["path"].as_str().unwrap();
-                let id = id_of(e);
-                assert!(
-                    fs::symlink_metadata(root.join(p)).is_ok(),
-                    "pending record without the file at its path: {e:#}\n\
-                     through {}: {:?}\nbacking: {:?}\nits quarantine files: {:?}",
-                    root.display(),
-                    fs::symlink_metadata(root.join(p)),
-                    fs::symlink_metadata(backing.join(p)),
-                    entry_files(backing)
-                        .into_iter()
-                        .filter(|f| f.contains(&id))
-                        .collect::<Vec<_>>()
-                );
-            }
+            "held" => held.entry(path).or_default().push(e),
+            "pending" => pending.push((path, e)),
             s => panic!("unexpected state {s}: {e:#}"),
         }
+    }
+    // A record whose data never arrived (the kill came between the two
+    // steps of a stash): the file never left its path, though a later
+    // deletion may have quarantined it since under a new id. The stale
+    // record is harmless (hidden from `list`, swept after an hour).
+    for (path, e) in &pending {
+        assert!(
+            fs::symlink_metadata(root.join(path)).is_ok() || held.contains_key(path),
+            "pending record, and the file neither at its path nor held: {e:#}"
+        );
     }
     let (mut at_path, mut quarantined) = (0, 0);
     for (i, &ino) in inos.iter().enumerate() {
@@ -478,7 +469,7 @@ fn check_crash_invariant(root: &Path, backing: &Path, inos: &[u64]) -> (usize, u
         }
     }
     assert!(held.is_empty(), "entries for unknown paths: {held:#?}");
-    (at_path, quarantined, pending)
+    (at_path, quarantined, pending.len())
 }
 
 #[test]
