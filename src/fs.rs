@@ -17,7 +17,7 @@ use parking_lot::Mutex;
 
 use crate::creds::{Caller, Credentials};
 use crate::guard::Guard;
-use crate::heal::References;
+use crate::heal::{QuarantinedPaths, References};
 use crate::inode::{Inode, InodeStore, ROOT_ID};
 use crate::quarantine::{Quarantine, Who, Why};
 use crate::stats::{Op, Stats};
@@ -115,6 +115,8 @@ pub struct Protection {
     pub quarantine: Arc<Quarantine>,
     /// Restore on access: quarantined files an instance disk still uses.
     pub heal: Option<Arc<References>>,
+    /// The quarantine's entries by path, for restore on access.
+    pub quarantined: QuarantinedPaths,
 }
 
 fn cstr(name: &OsStr) -> Result<CString> {
@@ -190,25 +192,30 @@ impl Passthrough {
     }
 
     /// If `parent/name` is a protected regular file or symlink, its path
-    /// relative to the backing root, the guard, and its attributes.
+    /// relative to the backing root, the guard, and its attributes. A
+    /// protected name that cannot be examined is an error, never a reason
+    /// to fall back to a real deletion (another node may be restoring it).
     fn protected_entry(
         &self,
         parent: u64,
         pfd: &OwnedFd,
         c: &CStr,
         name: &OsStr,
-    ) -> Option<(&Protection, PathBuf, Stat)> {
-        let p = self.protection.as_ref()?;
-        // The decision is made with the daemon's rights: a failed look here
-        // must never turn a protected deletion into a real one.
+    ) -> Result<Option<(&Protection, PathBuf, Stat)>> {
+        let Some(p) = self.protection.as_ref() else {
+            return Ok(None);
+        };
+        // The decision is made with the daemon's rights.
         self.creds.become_daemon();
-        let rel = self.rel_path(parent)?.join(name);
+        let Some(rel) = self.rel_path(parent).map(|d| d.join(name)) else {
+            return Ok(None);
+        };
         if !p.guard.protects(&rel) {
-            return None;
+            return Ok(None);
         }
-        let st = sys::statat(pfd.as_fd(), c).ok()?;
+        let st = sys::statat(pfd.as_fd(), c)?;
         let kind = st.st_mode & libc::S_IFMT;
-        (kind == libc::S_IFREG || kind == libc::S_IFLNK).then_some((p, rel, st))
+        Ok((kind == libc::S_IFREG || kind == libc::S_IFLNK).then_some((p, rel, st)))
     }
 
     /// Would the caller be allowed to remove or replace `name` in the
@@ -332,10 +339,12 @@ impl Passthrough {
         if !p.guard.protects(&rel) {
             return false;
         }
-        let Some(entry) = p.quarantine.latest_for(&rel) else {
+        // Is it quarantined? (A cached listing: one fstat when nothing
+        // changed.) Only then ask which disks use it.
+        let Some(entry) = p.quarantined.latest(&p.quarantine, &rel) else {
             return false;
         };
-        let disks = refs.disks_using(&rel);
+        let disks = refs.disks_using_now(&rel);
         if disks.is_empty() {
             return false;
         }
@@ -554,7 +563,7 @@ impl Passthrough {
         self.stats.count(Op::Unlink);
         let (_, pfd) = self.inode_fd(parent)?;
         let c = cstr(name)?;
-        if let Some((p, rel, st)) = self.protected_entry(parent, &pfd, &c, name) {
+        if let Some((p, rel, st)) = self.protected_entry(parent, &pfd, &c, name)? {
             self.may_remove(caller, &pfd, &st)?;
             self.creds.become_daemon();
             let who = Who::from_pid(caller.pid, caller.uid, caller.gid);
@@ -599,33 +608,64 @@ impl Passthrough {
         // quarantine first, so its data survives and the name never
         // disappears (the rename replaces it atomically).
         let replaces = flags & (libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE) == 0;
-        let kept = match self.protected_entry(newparent, &npfd, &nc, newname) {
-            Some((p, rel, st)) if replaces => {
-                let src = sys::statat(pfd.as_fd(), &c)?;
-                if (src.st_dev, src.st_ino) == (st.st_dev, st.st_ino) {
-                    None
-                } else {
-                    self.may_remove(caller, &npfd, &st)?;
-                    self.creds.become_daemon();
-                    let who = Who::from_pid(caller.pid, caller.uid, caller.gid);
-                    let e =
-                        p.quarantine
-                            .stash_link(npfd.as_fd(), &nc, &rel, &who, Why::RenameOver)?;
-                    self.stats.count(Op::Quarantined);
-                    Some((p, e.id))
+        for attempt in 0.. {
+            let (target, absent) = match self.protected_entry(newparent, &npfd, &nc, newname) {
+                // No target is the common case of a rename.
+                Err(Errno(libc::ENOENT)) => (None, true),
+                r => (r?, false),
+            };
+            let kept = match target {
+                Some((p, rel, st)) if replaces => {
+                    let src = sys::statat(pfd.as_fd(), &c)?;
+                    if (src.st_dev, src.st_ino) == (st.st_dev, st.st_ino) {
+                        None
+                    } else {
+                        self.may_remove(caller, &npfd, &st)?;
+                        self.creds.become_daemon();
+                        let who = Who::from_pid(caller.pid, caller.uid, caller.gid);
+                        let e = p.quarantine.stash_link(
+                            npfd.as_fd(),
+                            &nc,
+                            &rel,
+                            &who,
+                            Why::RenameOver,
+                        )?;
+                        self.stats.count(Op::Quarantined);
+                        Some((p, e.id))
+                    }
+                }
+                _ => None,
+            };
+            self.creds.become_caller(caller);
+            // A protected target that was absent must still be absent when
+            // the rename lands (another node may be restoring it): if it
+            // appeared, go round again and keep it first.
+            let guard_absent = absent && replaces && attempt < 3;
+            let extra = if guard_absent {
+                libc::RENAME_NOREPLACE
+            } else {
+                0
+            };
+            let mut r = sys::renameat2(pfd.as_fd(), &c, npfd.as_fd(), &nc, flags | extra);
+            if guard_absent {
+                match r.as_ref().map_err(|e| e.raw_os_error()) {
+                    Err(Some(libc::EEXIST)) => continue,
+                    // No RENAME_NOREPLACE here (NFS): a plain rename.
+                    Err(Some(libc::EINVAL)) => {
+                        r = sys::renameat2(pfd.as_fd(), &c, npfd.as_fd(), &nc, flags)
+                    }
+                    _ => {}
                 }
             }
-            _ => None,
-        };
-        self.creds.become_caller(caller);
-        let r = sys::renameat2(pfd.as_fd(), &c, npfd.as_fd(), &nc, flags);
-        if let (Err(_), Some((p, id))) = (&r, kept) {
-            // The rename did not happen: the file is still in place, so the
-            // extra link is not needed.
-            self.creds.become_daemon();
-            let _ = p.quarantine.purge(&id);
+            if let (Err(_), Some((p, id))) = (&r, kept) {
+                // The rename did not happen: the file is still in place, so
+                // the extra link is not needed.
+                self.creds.become_daemon();
+                let _ = p.quarantine.purge(&id);
+            }
+            r?;
+            break;
         }
-        r?;
         Ok(())
     }
 

@@ -3,17 +3,66 @@
 //! protected path misses (restore on access) and before expiry purges a
 //! quarantined file.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
+use crate::quarantine::{Entry, Quarantine};
 use crate::refs::RefIndex;
 
 /// How stale the reference index may be when asked.
 const FRESH: Duration = Duration::from_secs(2);
+/// How stale the reference index may be when a quarantined path is asked
+/// about (a restore on access depends on the answer).
+const FRESH_FOR_HEAL: Duration = Duration::from_millis(200);
+/// How long a listing of the quarantine is reused while its directory's
+/// stamp is unchanged (timestamps can be coarse: keep this short).
+const LIST_REUSE: Duration = Duration::from_secs(1);
+
+/// The quarantine's newest entry per original path, cached against the
+/// entries directory's stamp so that lookups that miss cost one `fstat`.
+pub struct QuarantinedPaths {
+    cache: Mutex<Option<Listing>>,
+}
+
+type Stamp = (i64, i64, i64, i64, u64);
+/// A listing: the stamp it was taken at, when, and the newest entry per path.
+type Listing = (Stamp, Instant, HashMap<PathBuf, Entry>);
+
+impl Default for QuarantinedPaths {
+    fn default() -> Self {
+        QuarantinedPaths {
+            cache: Mutex::new(None),
+        }
+    }
+}
+
+impl QuarantinedPaths {
+    /// The newest held entry for `rel`, if any.
+    pub fn latest(&self, q: &Quarantine, rel: &Path) -> Option<Entry> {
+        let stamp = q.stamp().ok()?;
+        let mut g = self.cache.lock();
+        let fresh = g
+            .as_ref()
+            .is_some_and(|(s, at, _)| *s == stamp && at.elapsed() < LIST_REUSE);
+        if !fresh {
+            let mut by_path: HashMap<PathBuf, Entry> = HashMap::new();
+            for e in q.list().ok()? {
+                let newer = by_path
+                    .get(&e.orig_path())
+                    .is_none_or(|o| e.sort_key() > o.sort_key());
+                if newer {
+                    by_path.insert(e.orig_path(), e);
+                }
+            }
+            *g = Some((stamp, Instant::now(), by_path));
+        }
+        g.as_ref()?.2.get(rel).cloned()
+    }
+}
 
 /// A reference index over one instances directory, shared by threads.
 pub struct References {
@@ -36,12 +85,18 @@ impl References {
     /// instances directory). Rescans (cheaply: unchanged headers are not
     /// re-read) when the last scan is older than a couple of seconds.
     pub fn disks_using(&self, rel: &Path) -> Vec<PathBuf> {
-        self.with_fresh(|index| index.references(rel))
+        self.with_fresh(FRESH, |index| index.references(rel))
+    }
+
+    /// As [`Self::disks_using`], with an index at most a fraction of a second
+    /// old (for restore on access, where a stale "unused" would be wrong).
+    pub fn disks_using_now(&self, rel: &Path) -> Vec<PathBuf> {
+        self.with_fresh(FRESH_FOR_HEAL, |index| index.references(rel))
     }
 
     /// Every file that some instance disk's backing chain names.
     pub fn referenced(&self) -> HashSet<PathBuf> {
-        self.with_fresh(|index| index.referenced())
+        self.with_fresh(FRESH, |index| index.referenced())
     }
 
     /// For the command line: the index over a backing directory descriptor.
@@ -52,10 +107,10 @@ impl References {
         )
     }
 
-    fn with_fresh<R>(&self, f: impl FnOnce(&RefIndex) -> R) -> R {
+    fn with_fresh<R>(&self, fresh: Duration, f: impl FnOnce(&RefIndex) -> R) -> R {
         let mut g = self.inner.lock();
         let (index, at) = &mut *g;
-        if at.is_none_or(|t| t.elapsed() > FRESH) {
+        if at.is_none_or(|t| t.elapsed() > fresh) {
             match index.scan(&self.root) {
                 Ok(_) => *at = Some(Instant::now()),
                 Err(e) => tracing::warn!(error = %e, "cannot scan instance disks"),

@@ -656,6 +656,19 @@ impl Quarantine {
         self.dir.as_fd()
     }
 
+    /// A stamp of the entries directory that changes whenever an entry is
+    /// added or removed (by any node): for callers that cache [`Self::list`].
+    pub fn stamp(&self) -> io::Result<(i64, i64, i64, i64, u64)> {
+        let st = sys::fstat(self.entries.as_fd())?;
+        Ok((
+            st.st_mtime,
+            st.st_mtime_nsec,
+            st.st_ctime,
+            st.st_ctime_nsec,
+            st.st_size as u64 ^ ((st.st_nlink as u64) << 48),
+        ))
+    }
+
     /// Use `link` + `unlink` instead of `renameat2(RENAME_NOREPLACE)` from now
     /// on (automatic on filesystems that reject the flag, such as NFS; tests
     /// call it to cover that path).

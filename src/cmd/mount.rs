@@ -275,6 +275,7 @@ impl MountArgs {
                 guard,
                 quarantine: Arc::clone(q),
                 heal: (!self.no_heal).then(|| Arc::clone(&refs)),
+                quarantined: Default::default(),
             });
         }
         let fs = Arc::new(fs);
