@@ -196,6 +196,13 @@ def fs_of(path: str) -> str:
     return fstype
 
 
+def cpu_ticks() -> tuple[int, int]:
+    """(steal, total) jiffies of all CPUs, from /proc/stat."""
+    with open("/proc/stat") as f:
+        vals = [int(x) for x in f.readline().split()[1:]]
+    return (vals[7] if len(vals) > 7 else 0), sum(vals[:8])
+
+
 def drop_caches() -> None:
     os.sync()
     with open("/proc/sys/vm/drop_caches", "w") as f:
@@ -836,6 +843,8 @@ class Bench:
         self.notes: list[str] = []
         self.workloads = [w(cfg) for w in WORKLOADS if not cfg.only or w.key in cfg.only]
         self.bg_caps: dict[str, bool] = {}
+        self.ticks0 = cpu_ticks()
+        self.load0 = os.getloadavg()[0]
         self.templates: dict[str, str] = {}
 
     # ---- setup
@@ -869,6 +878,8 @@ class Bench:
                 self.check_baseguard()
             bg_opts = []
             if uses_bg:
+                if self.bg_caps.get("foreground"):
+                    bg_opts += ["-f"]  # main's mount detaches by default; we need the daemon's PID
                 if cfg.threads:
                     bg_opts += ["--threads", str(cfg.threads)]
                 if cfg.no_passthrough and "--no-passthrough" not in tmpl:
@@ -930,6 +941,7 @@ class Bench:
             )
         self.bg_caps["mount"] = True
         self.bg_caps["stats"] = "--stats-file" in mount_help
+        self.bg_caps["foreground"] = "--foreground" in mount_help
         self.bg_caps["list"] = helps("list") is not None
         self.bg_caps["restore"] = helps("restore") is not None
         self.bg_version = tool_version([b, "--version"])
@@ -1093,11 +1105,10 @@ class Bench:
         except ValueError as e:
             ex["restore_skip"] = f"`baseguard list --json` output is not JSON: {e}"
             return
-        mine = [
-            e
-            for e in entries
-            if isinstance(e, dict) and "lat-prot/" in str(e.get("original_path", "")) and "id" in e
-        ]
+        def orig_path(e: dict) -> str:  # the brief says original_path; main's list prints path
+            return str(e.get("original_path", e.get("path", "")))
+
+        mine = [e for e in entries if isinstance(e, dict) and "lat-prot/" in orig_path(e) and "id" in e]
         ex["quarantined_found"] = len(mine)
         ex["quarantined_expected"] = n + 1
         if len(mine) < n + 1:
@@ -1112,7 +1123,7 @@ class Bench:
             t = time.perf_counter()
             cp = self.bg_cli("restore", str(e["id"]), "--dir", s.mnt)
             dt = time.perf_counter() - t
-            orig = str(e["original_path"])
+            orig = orig_path(e)
             rel = orig[orig.index("_base/") :] if "_base/" in orig else orig
             if cp.returncode != 0 or not os.path.exists(s.path(rel)):
                 bad += 1
@@ -1225,6 +1236,12 @@ def report(b: Bench, argv: list[str]) -> tuple[str, dict]:
         f"{fmt_size(cfg.qemu_virtual)} virtual / {fmt_size(cfg.qemu_data)} data, output "
         f"{cfg.convert_format}; {cfg.files:,} files in dirs of {cfg.files_per_dir}."
     )
+    st1, tot1 = cpu_ticks()
+    steal = (st1 - b.ticks0[0]) / max(1, tot1 - b.ticks0[1]) * 100
+    L.append(
+        f"Run: {(time.monotonic() - T0) / 60:.1f} min; CPU steal {steal:.1f}%; "
+        f"load average at start {b.load0:.2f} (anything else running skews the numbers)."
+    )
     L.append("")
     L.append(f"Command: `{shlex.join(argv)}`")
     L.append("")
@@ -1296,6 +1313,8 @@ def report(b: Bench, argv: list[str]) -> tuple[str, dict]:
         if s.native:
             return "—"
         a, bb = ex(s, "rss_hwm_before_kib"), ex(s, "rss_hwm_after_kib")
+        if ex(s, "lookup_error"):
+            return "error (see notes)"
         if a is None or bb is None:
             return "n/a"
         return f"{bb / 1024:.1f} MiB (fresh {a / 1024:.1f})"
@@ -1364,7 +1383,7 @@ def report(b: Bench, argv: list[str]) -> tuple[str, dict]:
                 moved = sum(e.get("io_bytes", 0) for e in runs)
                 other = sorted(
                     ((k, v) for k, v in tot.items() if k not in ("read", "write", "read_bytes", "write_bytes")),
-                    key=lambda kv: -kv[1],
+                    key=lambda kv: -abs(kv[1]),
                 )[:4]
                 L.append(
                     f"| {w.key} | {s.name} | {tot.get('read', 0):,.0f} | {fmt_size(tot.get('read_bytes', 0))} | "
@@ -1384,6 +1403,10 @@ def report(b: Bench, argv: list[str]) -> tuple[str, dict]:
             for e in runs:
                 if "error" in e:
                     notes.append(f"{w.key} on {sname}, round {e['round'] + 1}: {e['error'][:300]}")
+    for s in sides:
+        for key in ("lookup_error", "unlink_latency_error"):
+            if ex(s, key):
+                notes.append(f"{s.name}: {key.replace('_', ' ')}: {ex(s, key).strip().splitlines()[-1][:300]}")
     modes = {s.name: s.state.get("convert_cache") for s in sides if s.state.get("convert_cache")}
     if modes:
         notes.append(f"qemu-img convert destination cache mode (-t): {modes}")
