@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import random
+import resource
 import shlex
 import shutil
 import signal
@@ -305,6 +306,7 @@ class Side:
     log_path: str | None = None
     dead: str | None = None
     unmounted: bool = False
+    nofile: int | None = None  # RLIMIT_NOFILE for the daemon
     notes: list[str] = field(default_factory=list)
     state: dict = field(default_factory=dict)
 
@@ -350,8 +352,19 @@ class Side:
             argv.append(a)
         log(f"mount {self.name}: {shlex.join(argv)}")
         logf = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the daemon
+        nofile = self.nofile
+
+        def limits() -> None:
+            if nofile:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
         self.proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=logf,
+            stderr=logf,
+            start_new_session=True,
+            preexec_fn=limits if nofile else None,
         )
         logf.close()
         deadline = time.monotonic() + timeout
@@ -908,6 +921,7 @@ class Bench:
                 standin=standin,
                 expect_fstype="fuse.baseguard" if uses_bg else None,
                 log_path=os.path.join(cfg.out_dir, f"{cfg.stamp}-{name}.log"),
+                nofile=cfg.nofile,
             )
             if standin:
                 side.notes.append("STAND-IN for baseguard (no quarantine, no stats)")
@@ -1175,7 +1189,7 @@ class Bench:
                 s.mount(cfg.mount_timeout)
             except Exception as e:  # noqa: BLE001
                 s.dead = f"mount failed: {e}"
-                self.notes.append(f"{s.name}: mount failed: {str(e).splitlines()[0]}")
+                self.notes.append(f"{s.name}: mount failed: {one_line(str(e))}")
                 log(f"mount {s.name} FAILED: {e}")
         if not any(s.alive() for s in self.fuse_sides()):
             die("no FUSE filesystem could be mounted", 1)
@@ -1184,7 +1198,7 @@ class Bench:
         self.run_rounds()
         self.phase_unlink_latency()
         for s in self.fuse_sides():
-            if s.dead:
+            if s.dead and not s.dead.startswith("mount failed"):  # those are noted already
                 self.notes.append(f"{s.name}: {s.dead}")
         # final stats at exit: unmount now so the exit-time stats file is written
         for s in reversed(self.fuse_sides()):
@@ -1199,6 +1213,15 @@ class Bench:
 
 # --------------------------------------------------------------------------
 # reporting
+
+
+def one_line(err: str) -> str:
+    """The useful line of an error: a traceback's last line, plus what ran."""
+    lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
+    if not lines:
+        return "?"
+    head = lines[0].split(": rc=")[0] if len(lines) > 1 else ""
+    return ((head + ": ") if head else "") + lines[-1][:300]
 
 
 def med(xs: list[float]) -> float | None:
@@ -1234,7 +1257,8 @@ def report(b: Bench, argv: list[str]) -> tuple[str, dict]:
         f"{cfg.runtime}s; seq/randread file {fmt_size(cfg.seq_size)}, randwrite file "
         f"{fmt_size(cfg.rand_size)}, seqwrite {fmt_size(cfg.seqwrite_size)}; qemu base "
         f"{fmt_size(cfg.qemu_virtual)} virtual / {fmt_size(cfg.qemu_data)} data, output "
-        f"{cfg.convert_format}; {cfg.files:,} files in dirs of {cfg.files_per_dir}."
+        f"{cfg.convert_format}; {cfg.files:,} files in dirs of {cfg.files_per_dir}; daemons' "
+        f"RLIMIT_NOFILE {cfg.nofile or resource.getrlimit(resource.RLIMIT_NOFILE)[1]}."
     )
     st1, tot1 = cpu_ticks()
     steal = (st1 - b.ticks0[0]) / max(1, tot1 - b.ticks0[1]) * 100
@@ -1400,13 +1424,16 @@ def report(b: Bench, argv: list[str]) -> tuple[str, dict]:
     notes = list(b.notes)
     for w in b.workloads:
         for sname, runs in b.results.get(w.key, {}).items():
+            errs: dict[str, list[int]] = {}
             for e in runs:
                 if "error" in e:
-                    notes.append(f"{w.key} on {sname}, round {e['round'] + 1}: {e['error'][:300]}")
+                    errs.setdefault(one_line(e["error"]), []).append(e["round"] + 1)
+            for msg, rounds in errs.items():
+                notes.append(f"{w.key} on {sname}, round {', '.join(map(str, rounds))}: {msg}")
     for s in sides:
         for key in ("lookup_error", "unlink_latency_error"):
             if ex(s, key):
-                notes.append(f"{s.name}: {key.replace('_', ' ')}: {ex(s, key).strip().splitlines()[-1][:300]}")
+                notes.append(f"{s.name}: {key.replace('_', ' ')}: {one_line(ex(s, key))}")
     modes = {s.name: s.state.get("convert_cache") for s in sides if s.state.get("convert_cache")}
     if modes:
         notes.append(f"qemu-img convert destination cache mode (-t): {modes}")
@@ -1510,6 +1537,7 @@ type otherwise). Examples:
     p.add_argument("--json", help="also write the JSON results here")
     p.add_argument("--markdown", help="also write the Markdown report here")
     p.add_argument("--mount-timeout", type=float, default=20)
+    p.add_argument("--nofile", type=int, help="RLIMIT_NOFILE (soft=hard) for the daemons (default: inherited)")
     p.add_argument("--no-install", action="store_true", help="don't apt-get install missing tools; print the line")
     cfg = p.parse_args(argv)
     q = cfg.quick
