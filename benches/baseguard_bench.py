@@ -1576,6 +1576,18 @@ def main(argv: list[str]) -> int:
     cfg = parse_args(argv)
     if os.geteuid() != 0:
         die("must run as root (mounts, /proc/sys/vm/drop_caches)")
+    if cfg.nofile:
+        with open("/proc/sys/fs/nr_open") as f:
+            nr_open = int(f.read())
+        if cfg.nofile > nr_open:
+            log(f"--nofile {cfg.nofile} is above fs.nr_open; using {nr_open}")
+            cfg.nofile = nr_open
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if cfg.nofile > hard:
+            try:  # raising the hard limit needs CAP_SYS_RESOURCE; find out now, not in the child
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, cfg.nofile))
+            except (ValueError, OSError) as e:
+                die(f"--nofile {cfg.nofile}: cannot raise the hard limit {hard} here ({e}); use <= {hard}")
     tools = ["fio", "qemu-img", "qemu-io", "umount"]
     templates = [cfg.baseguard_cmd or ""] + [t.partition("=")[2] or PEER_SHORTCUTS.get(t, "") for t in cfg.peer]
     for t in templates:
