@@ -382,6 +382,13 @@ impl Passthrough {
         if let Some(inode) = self.inodes.known(&st) {
             return Ok((inode, st));
         }
+        // A new inode: keep its file handle only (no descriptor until one is
+        // needed; that one is checked against these (dev, ino)).
+        if self.inodes.handles_for(st.st_dev) {
+            if let Ok(h) = sys::name_to_handle_at(pfd.as_fd(), &c) {
+                return Ok((self.inodes.lookup_handle(h, &st)?, st));
+            }
+        }
         let fd = sys::openat(pfd.as_fd(), &c, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
         let st = sys::fstat(fd.as_fd())?;
         let inode = self.inodes.lookup_fd(fd, &st)?;

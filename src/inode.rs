@@ -49,45 +49,57 @@ impl Inode {
     }
 }
 
-/// Cached descriptors by node id, and their insertion order.
-type FdMap = (HashMap<u64, Arc<OwnedFd>>, VecDeque<u64>);
-
 /// A bounded FIFO cache of `O_PATH` descriptors for handle-backed inodes.
+/// Removal is O(1): the order queue may hold stale ids, skipped (by
+/// sequence number) on eviction and compacted when it grows.
 struct FdCache {
     cap: usize,
-    inner: Mutex<FdMap>,
+    inner: Mutex<FdCacheInner>,
+}
+
+#[derive(Default)]
+struct FdCacheInner {
+    map: HashMap<u64, (Arc<OwnedFd>, u64)>,
+    order: VecDeque<(u64, u64)>,
+    seq: u64,
 }
 
 impl FdCache {
     fn get(&self, id: u64) -> Option<Arc<OwnedFd>> {
-        self.inner.lock().0.get(&id).cloned()
+        self.inner.lock().map.get(&id).map(|(fd, _)| Arc::clone(fd))
     }
 
     fn insert(&self, id: u64, fd: Arc<OwnedFd>) {
         let mut g = self.inner.lock();
-        let (map, order) = &mut *g;
-        if map.insert(id, fd).is_none() {
-            order.push_back(id);
+        let g = &mut *g;
+        if let Some(slot) = g.map.get_mut(&id) {
+            slot.0 = fd;
+            return;
         }
-        while map.len() > self.cap {
-            match order.pop_front() {
-                Some(old) => {
-                    map.remove(&old);
-                }
-                None => break,
+        g.seq += 1;
+        g.map.insert(id, (fd, g.seq));
+        g.order.push_back((id, g.seq));
+        while g.map.len() > self.cap {
+            let Some((old, seq)) = g.order.pop_front() else {
+                break;
+            };
+            if g.map.get(&old).is_some_and(|(_, s)| *s == seq) {
+                g.map.remove(&old);
             }
+        }
+        if g.order.len() > 2 * self.cap + 64 {
+            let map = &g.map;
+            g.order
+                .retain(|(id, seq)| map.get(id).is_some_and(|(_, s)| s == seq));
         }
     }
 
     fn remove(&self, id: u64) {
-        let mut g = self.inner.lock();
-        if g.0.remove(&id).is_some() {
-            g.1.retain(|&x| x != id);
-        }
+        self.inner.lock().map.remove(&id);
     }
 
     fn len(&self) -> usize {
-        self.inner.lock().0.len()
+        self.inner.lock().map.len()
     }
 }
 
@@ -120,7 +132,7 @@ impl InodeStore {
             root_dev: st.st_dev,
             cache: FdCache {
                 cap: fd_cache.max(16),
-                inner: Mutex::new((HashMap::new(), VecDeque::new())),
+                inner: Mutex::new(FdCacheInner::default()),
             },
             use_handles,
             mount_fd,
@@ -234,6 +246,33 @@ impl InodeStore {
                 Ok(inode)
             }
         }
+    }
+
+    /// Can new inodes on this device be recorded by handle alone?
+    pub fn handles_for(&self, dev: u64) -> bool {
+        self.use_handles && dev == self.root_dev
+    }
+
+    /// Record one kernel lookup of a new inode known by its file handle only
+    /// (no descriptor is opened until one is needed).
+    pub fn lookup_handle(&self, handle: FileHandle, st: &Stat) -> io::Result<Arc<Inode>> {
+        let id = self.id_for(st.st_dev, st.st_ino);
+        let inode = self.inodes.entry(id).or_insert_with(|| {
+            Arc::new(Inode {
+                id,
+                dev: st.st_dev,
+                ino: st.st_ino,
+                kind: st.st_mode & libc::S_IFMT,
+                handle: Some(handle),
+                pinned: None,
+                nlookup: AtomicU64::new(0),
+            })
+        });
+        if inode.dev != st.st_dev || inode.ino != st.st_ino {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        inode.nlookup.fetch_add(1, Ordering::Relaxed);
+        Ok(Arc::clone(&inode))
     }
 
     /// Is this `(dev, ino)` already known? (Avoids opening a descriptor.)

@@ -579,6 +579,33 @@ pub fn name_to_handle(fd: BorrowedFd<'_>) -> io::Result<(FileHandle, i32)> {
     ))
 }
 
+/// `name_to_handle_at(dir, name, 0)`: the handle of `dir/name` itself
+/// (symlinks are not followed), without opening it.
+pub fn name_to_handle_at(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<FileHandle> {
+    let mut raw = RawHandle {
+        handle_bytes: MAX_HANDLE_SZ as u32,
+        handle_type: 0,
+        f_handle: [0; MAX_HANDLE_SZ],
+    };
+    let mut mount_id: libc::c_int = 0;
+    // SAFETY: `raw` is a file_handle with room for MAX_HANDLE_SZ bytes.
+    cvt_long(unsafe {
+        libc::syscall(
+            libc::SYS_name_to_handle_at,
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            &mut raw as *mut RawHandle,
+            &mut mount_id as *mut libc::c_int,
+            0,
+        )
+    })?;
+    let n = (raw.handle_bytes as usize).min(MAX_HANDLE_SZ);
+    Ok(FileHandle {
+        handle_type: raw.handle_type,
+        bytes: raw.f_handle[..n].into(),
+    })
+}
+
 /// `open_by_handle_at(mount_fd, handle, flags)`; needs CAP_DAC_READ_SEARCH.
 pub fn open_by_handle(mount_fd: BorrowedFd<'_>, h: &FileHandle, flags: i32) -> io::Result<OwnedFd> {
     let mut raw = RawHandle {
