@@ -973,6 +973,39 @@ impl Passthrough {
         Ok(Arc::clone(&state.1))
     }
 
+    /// For readdirplus: the directory's snapshot from `offset` on (as
+    /// [`Self::readdir`]) and its descriptor, so each entry can be looked up.
+    pub fn readdirplus(
+        &self,
+        caller: Caller,
+        fh: u64,
+        offset: u64,
+    ) -> Result<(Arc<Vec<DirEntry>>, Arc<OwnedFd>)> {
+        let entries = self.readdir(caller, fh, offset)?;
+        let d = self
+            .dirs
+            .get(&fh)
+            .map(|d| Arc::clone(&d))
+            .ok_or(Errno(libc::EBADF))?;
+        Ok((entries, Arc::clone(&d.fd)))
+    }
+
+    /// Look up one entry of a readdirplus reply. "." and ".." are only
+    /// stat'ed: the kernel takes no reference on them.
+    pub fn readdirplus_entry(
+        &self,
+        caller: Caller,
+        dir: &OwnedFd,
+        name: &OsStr,
+    ) -> Result<(Option<Arc<Inode>>, Stat)> {
+        self.creds.become_caller(caller);
+        if name == "." || name == ".." {
+            return Ok((None, sys::statat(dir.as_fd(), &cstr(name)?)?));
+        }
+        let (inode, st) = self.lookup_at(dir, name)?;
+        Ok((Some(inode), st))
+    }
+
     pub fn releasedir(&self, fh: u64) {
         self.stats.count(Op::Releasedir);
         self.dirs.remove(&fh);

@@ -14,9 +14,9 @@ use dashmap::mapref::one::RefMut;
 use fuser::{
     AccessFlags, BackingId, CopyFileRangeFlags, Errno as FErrno, FileAttr, FileHandle, FileType,
     FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags,
-    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyIoctl,
-    ReplyLock, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
-    WriteFlags,
+    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
+    ReplyIoctl, ReplyLock, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
+    TimeOrNow, WriteFlags,
 };
 
 use crate::creds::Caller;
@@ -191,7 +191,8 @@ impl fuser::Filesystem for FuseAdapter {
             | InitFlags::FUSE_HANDLE_KILLPRIV_V2
             | InitFlags::FUSE_PARALLEL_DIROPS
             | InitFlags::FUSE_ASYNC_DIO
-            | InitFlags::FUSE_CACHE_SYMLINKS;
+            | InitFlags::FUSE_CACHE_SYMLINKS
+            | InitFlags::FUSE_DO_READDIRPLUS;
         let _ = config.add_capabilities(want & caps);
         if self.passthrough {
             let ok = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
@@ -492,6 +493,43 @@ impl fuser::Filesystem for FuseAdapter {
             }
             Err(e) => reply.error(ferr(e)),
         }
+    }
+
+    fn readdirplus(
+        &self,
+        req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let c = caller(req);
+        let (entries, dir) = match self.fs.readdirplus(c, fh.0, offset) {
+            Ok(x) => x,
+            Err(e) => return reply.error(ferr(e)),
+        };
+        for (i, e) in entries.iter().enumerate().skip(offset as usize) {
+            // An entry that vanished since the snapshot is left out.
+            let Ok((inode, st)) = self.fs.readdirplus_entry(c, &dir, &e.name) else {
+                continue;
+            };
+            let id = inode.as_ref().map_or(st.st_ino, |i| i.id);
+            if reply.add(
+                INodeNo(id),
+                (i + 1) as u64,
+                &e.name,
+                &TTL,
+                &attr(&st, id),
+                Generation(0),
+            ) {
+                // Did not fit: the kernel never saw this lookup.
+                if let Some(inode) = inode {
+                    self.fs.forget(inode.id, 1);
+                }
+                break;
+            }
+        }
+        reply.ok()
     }
 
     fn releasedir(

@@ -144,6 +144,11 @@ def many():
     names = sorted(os.listdir("many"))
     return len(names), names[0], names[-1]
 attempt("listdir-300", many)
+def listing_with_attrs():
+    # readdir followed by stat of every entry (served from READDIRPLUS).
+    with os.scandir(".") as it:
+        return sorted((e.name, st(e.name)) for e in it)
+attempt("scandir-stat", listing_with_attrs)
 attempt("fsyncdir", lambda: os.fsync(os.open("d", os.O_RDONLY | os.O_DIRECTORY)))
 
 # --- links ---
