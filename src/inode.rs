@@ -222,7 +222,7 @@ impl InodeStore {
             }
             Entry::Vacant(v) => {
                 let handle = if self.use_handles && st.st_dev == self.root_dev {
-                    sys::name_to_handle(fd.as_fd()).ok().map(|(h, _)| h)
+                    sys::name_to_handle(fd.as_fd()).ok()
                 } else {
                     None
                 };

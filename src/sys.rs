@@ -550,45 +550,27 @@ struct RawHandle {
     f_handle: [u8; MAX_HANDLE_SZ],
 }
 
-/// `name_to_handle_at(fd, "", AT_EMPTY_PATH)`. Returns the handle and mount id.
-pub fn name_to_handle(fd: BorrowedFd<'_>) -> io::Result<(FileHandle, i32)> {
-    let mut raw = RawHandle {
-        handle_bytes: MAX_HANDLE_SZ as u32,
-        handle_type: 0,
-        f_handle: [0; MAX_HANDLE_SZ],
-    };
-    let mut mount_id: libc::c_int = 0;
-    // SAFETY: `raw` is a file_handle with room for MAX_HANDLE_SZ bytes.
-    cvt_long(unsafe {
-        libc::syscall(
-            libc::SYS_name_to_handle_at,
-            fd.as_raw_fd(),
-            EMPTY.as_ptr(),
-            &mut raw as *mut RawHandle,
-            &mut mount_id as *mut libc::c_int,
-            libc::AT_EMPTY_PATH,
-        )
-    })?;
-    let n = (raw.handle_bytes as usize).min(MAX_HANDLE_SZ);
-    Ok((
-        FileHandle {
-            handle_type: raw.handle_type,
-            bytes: raw.f_handle[..n].into(),
-        },
-        mount_id,
-    ))
+/// `name_to_handle_at(fd, "", AT_EMPTY_PATH)`: the handle of the inode
+/// behind a descriptor.
+pub fn name_to_handle(fd: BorrowedFd<'_>) -> io::Result<FileHandle> {
+    handle_of(fd, EMPTY, libc::AT_EMPTY_PATH)
 }
 
 /// `name_to_handle_at(dir, name, 0)`: the handle of `dir/name` itself
 /// (symlinks are not followed), without opening it.
 pub fn name_to_handle_at(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<FileHandle> {
+    handle_of(dir, name, 0)
+}
+
+fn handle_of(dir: BorrowedFd<'_>, name: &CStr, flags: i32) -> io::Result<FileHandle> {
     let mut raw = RawHandle {
         handle_bytes: MAX_HANDLE_SZ as u32,
         handle_type: 0,
         f_handle: [0; MAX_HANDLE_SZ],
     };
     let mut mount_id: libc::c_int = 0;
-    // SAFETY: `raw` is a file_handle with room for MAX_HANDLE_SZ bytes.
+    // SAFETY: `raw` is a file_handle with room for MAX_HANDLE_SZ bytes, and
+    // `mount_id` a writable int, as name_to_handle_at(2) requires.
     cvt_long(unsafe {
         libc::syscall(
             libc::SYS_name_to_handle_at,
@@ -596,7 +578,7 @@ pub fn name_to_handle_at(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<FileHan
             name.as_ptr(),
             &mut raw as *mut RawHandle,
             &mut mount_id as *mut libc::c_int,
-            0,
+            flags,
         )
     })?;
     let n = (raw.handle_bytes as usize).min(MAX_HANDLE_SZ);
