@@ -515,6 +515,22 @@ fn mounting_over_the_backing_path_itself() {
 }
 
 #[test]
+fn sighup_does_not_unmount() {
+    let t = scratch();
+    let backing = dir_in(&t, "backing", None);
+    let m = Mount::new(&backing, &[]);
+    let st = Command::new("kill")
+        .args(["-HUP", &m.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(is_mounted(&m.mountpoint));
+    std::fs::write(m.path("still"), "here").unwrap();
+    assert_eq!(m.unmount().code(), Some(0));
+}
+
+#[test]
 fn sigterm_sigint_and_umount_end_cleanly() {
     let t = scratch();
     let backing = dir_in(&t, "backing", None);

@@ -332,6 +332,11 @@ impl MountArgs {
                                 write_stats(p, &fs_sig);
                             }
                         }
+                        // A "reload" must never unmount the instances
+                        // directory under running VMs.
+                        Ok(libc::SIGHUP) => {
+                            tracing::info!("SIGHUP ignored (stop with SIGTERM or umount)");
+                        }
                         Ok(sig) => {
                             tracing::info!(signal = sig, "unmounting");
                             if let Err(e) = unmounter.unmount() {
