@@ -531,6 +531,15 @@ fn host_tag(host: &str) -> String {
     if t.is_empty() { "host".into() } else { t }
 }
 
+/// The backing directory's path, for messages.
+fn backing_name(root: BorrowedFd<'_>) -> String {
+    std::fs::read_link(Path::new(OsStr::from_bytes(
+        sys::proc_fd_path(root).as_bytes(),
+    )))
+    .map(|p| format!("'{}'", p.display()))
+    .unwrap_or_else(|_| "(the backing directory)".into())
+}
+
 impl Quarantine {
     /// Open the quarantine for the daemon, creating it (mode 0700, owned by
     /// root when running as root) if missing. `backing` is the backing root
@@ -583,11 +592,34 @@ impl Quarantine {
                 sys::openat(root.as_fd(), &name, dflags, 0).map_err(missing)?
             }
             Some(p) => {
+                // Never create a directory on the wrong filesystem: check
+                // where it would go first.
+                let parent_dev = p
+                    .parent()
+                    .and_then(|d| {
+                        std::fs::metadata(if d.as_os_str().is_empty() {
+                            Path::new(".")
+                        } else {
+                            d
+                        })
+                        .ok()
+                    })
+                    .map(|m| std::os::unix::fs::MetadataExt::dev(&m));
+                if create && !p.exists() && parent_dev.is_some_and(|d| d != root_st.st_dev) {
+                    let e = QError::OtherFilesystem {
+                        quarantine: PathBuf::from(&shown),
+                        backing: backing_name(root.as_fd()),
+                    };
+                    return Err(io::Error::new(io::ErrorKind::CrossesDevices, e));
+                }
                 if create {
                     use std::os::unix::fs::DirBuilderExt;
                     match std::fs::DirBuilder::new().mode(0o700).create(p) {
                         Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
-                            return Err(missing(e));
+                            return Err(io::Error::new(
+                                e.kind(),
+                                format!("cannot create quarantine directory {shown}: {e}"),
+                            ));
                         }
                         _ => {}
                     }
@@ -597,16 +629,13 @@ impl Quarantine {
         };
         let qst = sys::fstat(qdir.as_fd())?;
         if qst.st_dev != root_st.st_dev {
-            let backing = std::fs::read_link(Path::new(OsStr::from_bytes(
-                sys::proc_fd_path(root.as_fd()).as_bytes(),
-            )))
-            .map(|p| p.display().to_string())
-            .unwrap_or_else(|_| "(the backing directory)".into());
             let e = QError::OtherFilesystem {
                 quarantine: PathBuf::from(&shown),
                 backing: format!(
-                    "'{backing}' (device {:#x} vs {:#x})",
-                    root_st.st_dev, qst.st_dev
+                    "{} (device {:#x} vs {:#x})",
+                    backing_name(root.as_fd()),
+                    root_st.st_dev,
+                    qst.st_dev
                 ),
             };
             return Err(io::Error::new(io::ErrorKind::CrossesDevices, e));
