@@ -214,5 +214,7 @@ fn bad_options_and_bad_directories_fail_the_mount_with_the_daemons_message() {
     // /dev/shm is tmpfs: another filesystem than the backing directory.
     let q = format!("/dev/shm/bg-test-q-{}", std::process::id());
     mount_fails(&setup(&format!("quarantine={q}")), "different filesystem");
+    let created = Path::new(&q).exists();
     let _ = std::fs::remove_dir_all(&q);
+    assert!(!created, "no quarantine directory may be made on the wrong filesystem");
 }
