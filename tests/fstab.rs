@@ -216,5 +216,8 @@ fn bad_options_and_bad_directories_fail_the_mount_with_the_daemons_message() {
     mount_fails(&setup(&format!("quarantine={q}")), "different filesystem");
     let created = Path::new(&q).exists();
     let _ = std::fs::remove_dir_all(&q);
-    assert!(!created, "no quarantine directory may be made on the wrong filesystem");
+    assert!(
+        !created,
+        "no quarantine directory may be made on the wrong filesystem"
+    );
 }
