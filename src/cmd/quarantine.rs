@@ -409,20 +409,9 @@ pub struct ShowArgs {
 
 impl ShowArgs {
     pub fn run(&self) -> ExitCode {
-        let (b, q) = match open(&self.loc) {
+        let (_, _, e) = match open_entry(&self.loc, &self.target) {
             Ok(x) => x,
-            Err(e) => return fail(e),
-        };
-        let Some(q) = q else {
-            return fail(format!(
-                "nothing in the quarantine matches '{}': nothing has been quarantined under {} yet",
-                self.target,
-                b.dir.display()
-            ));
-        };
-        let e = match lookup(&q, &b, &self.target) {
-            Ok(e) => e,
-            Err(err) => return fail(err),
+            Err(msg) => return fail(msg),
         };
         let now = SystemTime::now();
         if self.json {
@@ -471,6 +460,19 @@ impl ShowArgs {
     }
 }
 
+/// Open the quarantine and find `target` in it (see [`lookup`]).
+fn open_entry(loc: &Location, target: &str) -> Result<(Backing, Quarantine, Entry), String> {
+    let (b, q) = open(loc)?;
+    let Some(q) = q else {
+        return Err(format!(
+            "nothing in the quarantine matches '{target}': nothing has been quarantined under {} yet",
+            b.dir.display()
+        ));
+    };
+    let e = lookup(&q, &b, target).map_err(|e| e.to_string())?;
+    Ok((b, q, e))
+}
+
 /// An id (any state) or a path (its newest held entry).
 fn lookup(q: &Quarantine, b: &Backing, target: &str) -> Result<Entry, QError> {
     if Path::new(target).is_absolute() {
@@ -508,20 +510,9 @@ pub struct RestoreArgs {
 
 impl RestoreArgs {
     pub fn run(&self) -> ExitCode {
-        let (b, q) = match open(&self.loc) {
+        let (b, q, e) = match open_entry(&self.loc, &self.target) {
             Ok(x) => x,
-            Err(e) => return fail(e),
-        };
-        let Some(q) = q else {
-            return fail(format!(
-                "nothing in the quarantine matches '{}': nothing has been quarantined under {} yet",
-                self.target,
-                b.dir.display()
-            ));
-        };
-        let e = match lookup(&q, &b, &self.target) {
-            Ok(e) => e,
-            Err(err) => return fail(err),
+            Err(msg) => return fail(msg),
         };
         let to = match &self.to {
             Some(t) => match b.relativize(t) {
