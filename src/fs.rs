@@ -79,10 +79,13 @@ pub struct SetAttr {
 }
 
 /// The quarantine directory, which the mount must never show or touch.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Hidden {
     pub dev: u64,
     pub ino: u64,
+    /// Its name in its parent directory (only names equal to it need a
+    /// check before they are created or replaced).
+    pub name: OsString,
 }
 
 /// Options of the passthrough core.
@@ -183,7 +186,14 @@ impl Passthrough {
     /// which is hidden from the mount.
     pub fn protect(&mut self, p: Protection) {
         let (dev, ino) = p.quarantine.dir_ino();
-        self.hide(Hidden { dev, ino });
+        let name = std::fs::read_link(format!(
+            "/proc/self/fd/{}",
+            p.quarantine.dir_fd().as_raw_fd()
+        ))
+        .ok()
+        .and_then(|path| path.file_name().map(OsString::from))
+        .unwrap_or_else(|| ".baseguard".into());
+        self.hide(Hidden { dev, ino, name });
         self.protection = Some(p);
     }
 
@@ -395,6 +405,26 @@ impl Passthrough {
         Ok((inode, st))
     }
 
+    /// The inode of a file just created through `file` (no walk by name
+    /// where the filesystem gives handles).
+    fn lookup_created(
+        &self,
+        pfd: &OwnedFd,
+        name: &OsStr,
+        file: &File,
+    ) -> Result<(Arc<Inode>, Stat)> {
+        let st = sys::fstat(file.as_fd())?;
+        if let Some(inode) = self.inodes.known(&st) {
+            return Ok((inode, st));
+        }
+        if self.inodes.handles_for(st.st_dev) {
+            if let Ok(h) = sys::name_to_handle(file.as_fd()) {
+                return Ok((self.inodes.lookup_handle(h, &st)?, st));
+            }
+        }
+        self.lookup_at(pfd, name)
+    }
+
     pub fn forget(&self, id: u64, n: u64) {
         self.stats.count(Op::Forget);
         self.inodes.forget(id, n);
@@ -402,7 +432,12 @@ impl Passthrough {
 
     /// Refuse to create or replace a name that is the hidden quarantine.
     fn check_not_hidden(&self, pfd: &OwnedFd, c: &CStr) -> Result<()> {
-        if self.hidden.lock().is_empty() {
+        let named = self
+            .hidden
+            .lock()
+            .iter()
+            .any(|h| h.name.as_bytes() == c.to_bytes());
+        if !named {
             return Ok(());
         }
         match sys::statat(pfd.as_fd(), c) {
@@ -723,7 +758,7 @@ impl Passthrough {
             mode,
         )?;
         let file = File::from(fd);
-        let (inode, st) = self.lookup_at(&pfd, name)?;
+        let (inode, st) = self.lookup_created(&pfd, name, &file)?;
         let st = if flags & libc::O_TRUNC != 0 && st.st_size > 0 {
             let ifd = self.fd(&inode)?;
             self.preserve_before_truncate(caller, inode.id, &ifd, 0)?;

@@ -71,6 +71,17 @@ fn delete_through_mount_then_list_and_restore_via_mountpoint() {
         .map(|d| d.unwrap().file_name())
         .collect();
     assert!(!names.iter().any(|n| n == ".baseguard"), "{names:?}");
+    // ... unreachable, and it cannot be replaced or shadowed through the mount.
+    let q = mp.join(".baseguard");
+    assert_eq!(
+        fs::metadata(&q).unwrap_err().raw_os_error(),
+        Some(libc::ENOENT)
+    );
+    assert!(fs::create_dir(&q).is_err());
+    assert!(fs::write(&q, "x").is_err());
+    fs::create_dir(mp.join("zz")).unwrap();
+    assert!(fs::rename(mp.join("zz"), &q).is_err());
+    assert!(b.join(".baseguard/entries").is_dir());
 
     // The CLI pointed at the mountpoint finds the backing directory.
     let l = list_json(&mp);
