@@ -104,11 +104,6 @@ impl Guard {
     pub fn protect_globs(&self) -> Vec<&str> {
         self.protect.iter().map(|g| g.src.as_str()).collect()
     }
-
-    /// The ignore globs as given.
-    pub fn ignore_globs(&self) -> Vec<&str> {
-        self.ignore.iter().map(|g| g.src.as_str()).collect()
-    }
 }
 
 #[derive(Clone, Debug)]

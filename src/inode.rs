@@ -16,7 +16,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -321,10 +321,5 @@ impl InodeStore {
             .filter(|i| i.value().pinned.is_some())
             .count();
         (self.inodes.len(), pinned + self.cache.len())
-    }
-
-    pub fn root_fd_borrow<R>(&self, f: impl FnOnce(BorrowedFd<'_>) -> R) -> R {
-        let fd = self.root_fd();
-        f(fd.as_fd())
     }
 }

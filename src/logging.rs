@@ -17,7 +17,7 @@
 //! - RFC 5424: `<30>1 2026-11-23T21:29:00.123456Z host baseguard 4242 - - INFO ... msg k=v`
 //!   with a UTC timestamp, for receivers configured to parse it.
 
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::io::{self, IsTerminal, Write};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
@@ -342,11 +342,6 @@ impl<'a> MakeWriter<'a> for SyslogWriter {
             buf: Vec::new(),
         }
     }
-}
-
-/// For callers that want a plain file handle with the same open flags as the file target.
-pub fn open_log_file(path: &Path) -> io::Result<File> {
-    OpenOptions::new().create(true).append(true).open(path)
 }
 
 #[cfg(test)]

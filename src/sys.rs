@@ -709,11 +709,6 @@ pub fn wait_signal(sigs: &[i32]) -> io::Result<i32> {
     }
 }
 
-/// Is `fd` an `fd` of this process at all (for diagnostics)?
-pub fn raw(fd: BorrowedFd<'_>) -> RawFd {
-    fd.as_raw_fd()
-}
-
 /// Point stdin, stdout and stderr at /dev/null (a detached daemon, once its
 /// parent has read the READY line and gone).
 pub fn redirect_stdio_to_devnull() -> io::Result<()> {
