@@ -222,15 +222,8 @@ fn wait_with_timeout(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
 }
 
 /// SIGTERM (so a half-started FUSE daemon can unmount), then SIGKILL after a grace period.
-/// std only offers SIGKILL, so SIGTERM goes through kill(1).
 fn terminate(child: &mut Child) {
-    let sent = Command::new("kill")
-        .args(["-s", "TERM", &child.id().to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
+    let sent = crate::sys::kill(child.id() as i32, libc::SIGTERM).is_ok();
     if sent && wait_with_timeout(child, EXIT_GRACE).is_some() {
         return;
     }
