@@ -267,17 +267,13 @@ impl Passthrough {
 
     /// The inode's `O_PATH` descriptor, obtained with the daemon's rights.
     fn fd(&self, inode: &Inode) -> Result<Arc<OwnedFd>> {
-        match self.inodes.fd(inode) {
-            Ok(fd) => Ok(fd),
-            Err(e)
-                if e.raw_os_error() == Some(libc::EPERM)
-                    || e.raw_os_error() == Some(libc::EACCES) =>
-            {
-                self.creds.become_daemon();
-                Ok(self.inodes.fd(inode)?)
-            }
-            Err(e) => Err(e.into()),
+        if let Some(fd) = self.inodes.cached_fd(inode) {
+            return Ok(fd);
         }
+        // Reopening by handle needs CAP_DAC_READ_SEARCH, which a caller's
+        // fsuid drops: do it as the daemon.
+        self.creds.become_daemon();
+        Ok(self.inodes.fd(inode)?)
     }
 
     fn inode_fd(&self, id: u64) -> Result<(Arc<Inode>, Arc<OwnedFd>)> {
@@ -343,17 +339,22 @@ impl Passthrough {
             return false;
         };
         self.creds.become_daemon();
-        let Some(rel) = self.rel_path(parent).map(|d| d.join(name)) else {
+        // Is a file of that name quarantined? (A cached listing: one fstat
+        // when nothing changed; the path is resolved only if so.) Then: is
+        // that path protected, and which disks use it?
+        let mut rel = None;
+        let Some(entry) = p.quarantined.latest(&p.quarantine, name, || {
+            rel = self.rel_path(parent).map(|d| d.join(name));
+            rel.clone()
+        }) else {
+            return false;
+        };
+        let Some(rel) = rel else {
             return false;
         };
         if !p.guard.protects(&rel) {
             return false;
         }
-        // Is it quarantined? (A cached listing: one fstat when nothing
-        // changed.) Only then ask which disks use it.
-        let Some(entry) = p.quarantined.latest(&p.quarantine, &rel) else {
-            return false;
-        };
         let disks = refs.disks_using_now(&rel);
         if disks.is_empty() {
             return false;

@@ -4,6 +4,7 @@
 //! quarantined file.
 
 use std::collections::{HashMap, HashSet};
+use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -24,30 +25,38 @@ const LIST_REUSE: Duration = Duration::from_secs(1);
 
 /// The quarantine's newest entry per original path, cached against the
 /// entries directory's stamp so that lookups that miss cost one `fstat`.
+#[derive(Default)]
 pub struct QuarantinedPaths {
     cache: Mutex<Option<Listing>>,
 }
 
 type Stamp = (i64, i64, i64, i64, u64);
-/// A listing: the stamp it was taken at, when, and the newest entry per path.
-type Listing = (Stamp, Instant, HashMap<PathBuf, Entry>);
 
-impl Default for QuarantinedPaths {
-    fn default() -> Self {
-        QuarantinedPaths {
-            cache: Mutex::new(None),
-        }
-    }
+/// A listing of the quarantine and when it was taken.
+struct Listing {
+    stamp: Stamp,
+    at: Instant,
+    /// The newest held entry per original path.
+    by_path: HashMap<PathBuf, Entry>,
+    /// The file names among those paths: a name not in here needs no path.
+    names: HashSet<OsString>,
 }
 
 impl QuarantinedPaths {
-    /// The newest held entry for `rel`, if any.
-    pub fn latest(&self, q: &Quarantine, rel: &Path) -> Option<Entry> {
+    /// The newest held entry for the file called `name` whose path
+    /// (relative to the backing root) `rel` gives; `rel` is only asked for
+    /// when the quarantine holds some file of that name.
+    pub fn latest(
+        &self,
+        q: &Quarantine,
+        name: &OsStr,
+        rel: impl FnOnce() -> Option<PathBuf>,
+    ) -> Option<Entry> {
         let stamp = q.stamp().ok()?;
         let mut g = self.cache.lock();
         let fresh = g
             .as_ref()
-            .is_some_and(|(s, at, _)| *s == stamp && at.elapsed() < LIST_REUSE);
+            .is_some_and(|l| l.stamp == stamp && l.at.elapsed() < LIST_REUSE);
         if !fresh {
             let mut by_path: HashMap<PathBuf, Entry> = HashMap::new();
             for e in q.list().ok()? {
@@ -58,9 +67,22 @@ impl QuarantinedPaths {
                     by_path.insert(e.orig_path(), e);
                 }
             }
-            *g = Some((stamp, Instant::now(), by_path));
+            let names = by_path
+                .keys()
+                .filter_map(|p| p.file_name().map(OsString::from))
+                .collect();
+            *g = Some(Listing {
+                stamp,
+                at: Instant::now(),
+                by_path,
+                names,
+            });
         }
-        g.as_ref()?.2.get(rel).cloned()
+        let listing = g.as_ref()?;
+        if !listing.names.contains(name) {
+            return None;
+        }
+        listing.by_path.get(&rel()?).cloned()
     }
 }
 

@@ -175,13 +175,18 @@ impl InodeStore {
             .or_insert_with(|| self.next_synthetic.fetch_add(1, Ordering::Relaxed))
     }
 
+    /// The inode's `O_PATH` descriptor if one is held (pinned or cached).
+    pub fn cached_fd(&self, inode: &Inode) -> Option<Arc<OwnedFd>> {
+        match &inode.pinned {
+            Some(p) => Some(Arc::clone(p)),
+            None => self.cache.get(inode.id),
+        }
+    }
+
     /// An `O_PATH` descriptor for the inode (from the pin, the cache, or by
     /// reopening its handle). Must be called with the daemon's own credentials.
     pub fn fd(&self, inode: &Inode) -> io::Result<Arc<OwnedFd>> {
-        if let Some(p) = &inode.pinned {
-            return Ok(Arc::clone(p));
-        }
-        if let Some(fd) = self.cache.get(inode.id) {
+        if let Some(fd) = self.cached_fd(inode) {
             return Ok(fd);
         }
         let handle = inode
