@@ -191,12 +191,27 @@ mod helper {
         p
     }
 
+    /// Runs the helper with `BASEGUARD_BIN=bin`, or with no `BASEGUARD_BIN`, an empty
+    /// PATH and no fallback directories, so that what is installed on this machine
+    /// (`/usr/local/bin/baseguard`, `/usr/bin/baseguard`) never plays a part.
     fn run(helper: &Path, args: &[&str], bin: Option<&Path>, out: &Path, rc: i32) -> Output {
+        run_with(helper, args, bin, "", out, rc)
+    }
+
+    fn run_with(
+        helper: &Path,
+        args: &[&str],
+        bin: Option<&Path>,
+        fallback_path: &str,
+        out: &Path,
+        rc: i32,
+    ) -> Output {
         let mut c = Command::new("/bin/sh");
         c.arg(helper)
             .args(args)
             .env("ARGS_OUT", out)
-            .env("FAKE_RC", rc.to_string());
+            .env("FAKE_RC", rc.to_string())
+            .env("BASEGUARD_FALLBACK_PATH", fallback_path);
         match bin {
             Some(b) => c.env("BASEGUARD_BIN", b),
             None => c.env_remove("BASEGUARD_BIN").env("PATH", "/nonexistent"),
@@ -316,6 +331,48 @@ mod helper {
         let o = run(&helper_path(), &["a", "b"], None, &out, 0);
         assert_eq!(o.status.code(), Some(2));
         assert!(String::from_utf8_lossy(&o.stderr).contains("cannot find the baseguard binary"));
+        // A BASEGUARD_BIN that is not there is "not found" (2), not a failed mount (32).
+        let missing = d.path().join("no such baseguard");
+        let o = run(&helper_path(), &["a", "b"], Some(&missing), &out, 0);
+        assert_eq!(o.status.code(), Some(2), "{o:?}");
+        assert!(String::from_utf8_lossy(&o.stderr).contains("BASEGUARD_BIN="));
+    }
+
+    /// The last resort is the directories of BASEGUARD_FALLBACK_PATH (by default
+    /// /usr/local/bin:/usr/bin), in order, skipping those without an executable baseguard.
+    #[test]
+    fn falls_back_to_the_fallback_directories_in_order() {
+        let d = tempfile::tempdir().unwrap();
+        let (empty, first, second) = (d.path().join("e"), d.path().join("1"), d.path().join("2"));
+        for p in [&empty, &first, &second] {
+            std::fs::create_dir(p).unwrap();
+        }
+        std::fs::write(empty.join("baseguard"), "not executable").unwrap();
+        fake_baseguard(&first, "baseguard");
+        std::fs::write(
+            second.join("baseguard"),
+            "#!/bin/sh\necho second > \"$ARGS_OUT\"\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(
+            second.join("baseguard"),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
+        let out = d.path().join("args");
+        let path = format!(
+            "/nonexistent:{}:{}:{}",
+            empty.display(),
+            first.display(),
+            second.display()
+        );
+        let o = run_with(&helper_path(), &["a", "b"], None, &path, &out, 0);
+        assert!(o.status.success(), "{o:?}");
+        assert_eq!(recorded(&out), ["mount", "--", "a", "b"]);
+        std::fs::remove_file(first.join("baseguard")).unwrap();
+        let o = run_with(&helper_path(), &["a", "b"], None, &path, &out, 0);
+        assert!(o.status.success(), "{o:?}");
+        assert_eq!(recorded(&out), ["second"]);
     }
 
     #[test]
