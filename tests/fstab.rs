@@ -10,43 +10,54 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-const HELPER: &str = "/sbin/mount.fuse.baseguard";
+/// The repository's helper. mount(8) looks for a `fuse.baseguard` helper only in /sbin (and
+/// /sbin/fs.d, /sbin/fs), with no way to point it elsewhere, so [`mount`] runs mount(8) in a
+/// private mount namespace in which a directory holding this helper is bind-mounted over
+/// /sbin: the tests run this repository's helper, never one installed on the machine, and
+/// put nothing into /sbin that another user's mount(8) could see.
+const HELPER_SRC: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/mount-helpers/mount.fuse.baseguard"
+);
 
-/// Puts the repository's helper where mount(8) looks for it, for the test's
-/// duration (unless one is installed already), and takes it away after.
-/// The tests of this file run one at a time (they share the helper).
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+/// Run by unshare(1) in the new mount namespace (which starts with the same propagation
+/// as the test's): the mount holding /sbin turns private, so the bind over /sbin stays in
+/// this namespace, while the test's directory stays a shared mount (see [`SharedDir`]), so
+/// the FUSE mount that mount(8) makes there shows up in the test's namespace too.
+const IN_NAMESPACE: &str = r#"set -e
+mount --make-private "$(findmnt -n -o TARGET --target /sbin/)"
+mount --bind "$SBIN" /sbin/
+exec mount "$@""#;
 
-struct Helper {
-    installed_here: bool,
-    _serial: std::sync::MutexGuard<'static, ()>,
-}
+/// The test's directory bind-mounted on itself as a shared mount with a peer group of its
+/// own, so that mounts made under it in [`mount`]'s namespace propagate back; unmounted
+/// when dropped.
+struct SharedDir(PathBuf);
 
-impl Helper {
-    fn install() -> Helper {
-        let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-        if Path::new(HELPER).exists() {
-            return Helper {
-                installed_here: false,
-                _serial: serial,
-            };
+impl SharedDir {
+    fn new(dir: &Path) -> SharedDir {
+        for args in [&["--bind"][..], &["--make-private"], &["--make-shared"]] {
+            let mut c = Command::new("mount");
+            c.args(args).arg(dir);
+            if args == ["--bind"] {
+                c.arg(dir);
+            }
+            let out = run(&mut c);
+            assert!(
+                out.status.success(),
+                "mount {args:?} {}: {out:?}",
+                dir.display()
+            );
         }
-        let src = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/mount-helpers/mount.fuse.baseguard"
-        );
-        std::os::unix::fs::symlink(src, HELPER).expect("install the mount helper in /sbin");
-        Helper {
-            installed_here: true,
-            _serial: serial,
-        }
+        SharedDir(dir.to_path_buf())
     }
 }
 
-impl Drop for Helper {
+impl Drop for SharedDir {
     fn drop(&mut self) {
-        if self.installed_here {
-            let _ = std::fs::remove_file(HELPER);
+        let st = Command::new("umount").arg(&self.0).status();
+        if !matches!(st, Ok(s) if s.success()) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
         }
     }
 }
@@ -62,9 +73,24 @@ impl Drop for Unmount {
     }
 }
 
+/// mount(8) with `args`, in a mount namespace where /sbin holds only this repository's
+/// helper (see [`HELPER_SRC`]); the mount point must be under a [`SharedDir`].
 fn mount(args: &[&str]) -> Output {
-    run(Command::new("mount")
+    let sbin = tempfile::tempdir().unwrap();
+    std::fs::copy(HELPER_SRC, sbin.path().join("mount.fuse.baseguard")).unwrap();
+    std::fs::set_permissions(sbin.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    run(Command::new("unshare")
+        .args([
+            "-m",
+            "--propagation",
+            "unchanged",
+            "sh",
+            "-c",
+            IN_NAMESPACE,
+            "sh",
+        ])
         .args(args)
+        .env("SBIN", sbin.path())
         .env("BASEGUARD_BIN", BIN)
         .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"))
 }
@@ -87,6 +113,8 @@ fn wait_no_daemon(mp: &Path) {
 }
 
 struct Setup {
+    // Unmounted before the directory is removed.
+    _shared: SharedDir,
     _t: tempfile::TempDir,
     backing: PathBuf,
     mp: PathBuf,
@@ -112,6 +140,7 @@ fn setup(opts: &str) -> Setup {
     )
     .unwrap();
     Setup {
+        _shared: SharedDir::new(t.path()),
         _t: t,
         backing,
         mp,
@@ -121,7 +150,6 @@ fn setup(opts: &str) -> Setup {
 
 #[test]
 fn an_fstab_line_mounts_detached_and_umount_ends_it() {
-    let _h = Helper::install();
     let s = setup("_netdev,x-systemd.requires-mounts-for=/srv,noatime,retain=2h,threads=4");
     let _u = Unmount(s.mp.clone());
     let out = mount(&["-T", s.fstab.to_str().unwrap(), s.mp.to_str().unwrap()]);
@@ -165,7 +193,6 @@ fn an_fstab_line_mounts_detached_and_umount_ends_it() {
 
 #[test]
 fn mount_all_from_an_fstab() {
-    let _h = Helper::install();
     let s = setup("retain=1d");
     let _u = Unmount(s.mp.clone());
     let out = mount(&[
@@ -204,7 +231,6 @@ fn mount_fails(s: &Setup, expect: &str) {
 
 #[test]
 fn bad_options_and_bad_directories_fail_the_mount_with_the_daemons_message() {
-    let _h = Helper::install();
     mount_fails(&setup("retain=5x"), "retain=5x");
     mount_fails(&setup("frobnicate"), "frobnicate");
     mount_fails(&setup("threads=abc"), "threads=abc");
