@@ -622,13 +622,16 @@ fn a_hundred_thousand_files_under_a_twenty_thousand_descriptor_limit() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "100000");
+    // What baseguard controls: every file was readable (above), and the descriptors it
+    // holds stay bounded. How many inodes the kernel still has cached (not forgotten) is
+    // the kernel's policy and shrinks under memory pressure, so it is not asserted.
     let st = m.stats();
-    assert!(
-        st["inodes"].as_u64().unwrap() > 20_000,
-        "the kernel keeps many inodes: {st}"
-    );
     assert!(
         st["descriptors"].as_u64().unwrap() < 20_000,
         "descriptors are bounded: {st}"
     );
+    let open = std::fs::read_dir(format!("/proc/{}/fd", m.pid()))
+        .unwrap()
+        .count();
+    assert!(open < 20_000, "the daemon holds {open} descriptors: {st}");
 }
