@@ -426,6 +426,19 @@ fn file_data_bypasses_the_daemon_with_passthrough() {
         String::from_utf8_lossy(&out.stderr)
     );
     let after = m.stats();
+    // FUSE passthrough came with Linux 6.9; before, the daemon serves the data (one
+    // warning in its log), and what is left to check is that the data is right.
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let mut v = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|n| n.parse::<u32>().unwrap_or(0));
+    if (v.next().unwrap_or(0), v.next().unwrap_or(0)) < (6, 9) {
+        eprintln!(
+            "kernel {} has no FUSE passthrough: checked the data only",
+            release.trim()
+        );
+        return;
+    }
     assert!(after["passthrough_opens"].as_u64().unwrap() >= 1);
     assert_eq!(
         after["read"], before["read"],
