@@ -493,3 +493,26 @@ fn systemd_dropins_require_the_mount() {
         );
     }
 }
+
+/// CI runs exactly the README's test command, which reports every failing test binary
+/// (`--no-fail-fast`), not only the first.
+#[test]
+fn ci_runs_the_readmes_test_command() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let ci = std::fs::read_to_string(root.join(".ci/run")).unwrap();
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let cmd = |text: &str| -> Vec<String> {
+        text.lines()
+            .filter(|l| l.trim_start().starts_with("cargo test"))
+            .map(|l| l.split('#').next().unwrap().trim().to_string())
+            .collect()
+    };
+    let ci = cmd(&ci);
+    assert_eq!(ci.len(), 1, "{ci:?}");
+    assert!(ci[0].contains("--no-fail-fast"), "{}", ci[0]);
+    assert_eq!(
+        cmd(&readme),
+        ci,
+        "the README's test command differs from .ci/run's"
+    );
+}
