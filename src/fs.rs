@@ -122,6 +122,9 @@ struct Name<'a> {
 pub struct FsOptions {
     /// Cap on cached `O_PATH` descriptors.
     pub fd_cache: usize,
+    /// The daemon's open-file limit: cached descriptors give way to open
+    /// files as it nears, and a warning is logged.
+    pub nofile: u64,
 }
 
 /// The passthrough filesystem over one backing directory.
@@ -137,6 +140,10 @@ pub struct Passthrough {
     locks: DashMap<(u64, u64), Arc<OwnedFd>>,
     hidden: Mutex<Vec<Hidden>>,
     protection: Option<Protection>,
+    nofile: u64,
+    /// When the descriptor warning was last logged (seconds since start).
+    fd_warned: AtomicU64,
+    started: std::time::Instant,
     pub stats: Stats,
 }
 
@@ -199,6 +206,9 @@ impl Passthrough {
             locks: DashMap::new(),
             hidden: Mutex::new(Vec::new()),
             protection: None,
+            nofile: opts.nofile,
+            fd_warned: AtomicU64::new(0),
+            started: std::time::Instant::now(),
             stats: Stats::default(),
         })
     }
@@ -616,7 +626,13 @@ impl Passthrough {
     /// that is no longer where the kernel found it: `ESTALE`.
     /// Returns whether the file is protected (then later writes through
     /// the same handle need no new copy).
-    fn preserve(&self, caller: Caller, inode: &Inode, fd: BorrowedFd<'_>, why: Why) -> Result<bool> {
+    fn preserve(
+        &self,
+        caller: Caller,
+        inode: &Inode,
+        fd: BorrowedFd<'_>,
+        why: Why,
+    ) -> Result<bool> {
         if self.protection.is_none() {
             return Ok(false);
         }
@@ -625,7 +641,9 @@ impl Passthrough {
         let Some((p, rel)) = self.guard_inode(inode, &st)? else {
             return Ok(false);
         };
-        if st.st_size == 0 && st.st_blocks == 0 {
+        // No allocated block, no byte to keep (an empty or all-hole file,
+        // such as one `qemu-img create` just made).
+        if st.st_blocks == 0 {
             return Ok(true);
         }
         // Only callers allowed to write the file may cause a copy.
@@ -790,7 +808,11 @@ impl Passthrough {
             return Ok(Some(hit));
         }
         let sticky = st.st_nlink <= 1 && self.known_inode(st).is_some_and(|i| i.was_protected());
-        match (sticky, self.protection.as_ref(), self.inodes.dir_path(parent)) {
+        match (
+            sticky,
+            self.protection.as_ref(),
+            self.inodes.dir_path(parent),
+        ) {
             (false, _, _) | (_, None, _) => Ok(None),
             (true, Some(p), Some(dir)) => Ok(Some((p, dir.join(name)))),
             (true, Some(_), None) => Err(Errno(libc::EIO)),
@@ -1091,13 +1113,7 @@ impl Passthrough {
 
     // ---- files -------------------------------------------------------------
 
-    fn register_file(
-        &self,
-        file: File,
-        inode: u64,
-        flags: i32,
-        guard: u8,
-    ) -> (u64, Arc<OpenFile>) {
+    fn register_file(&self, file: File, inode: u64, flags: i32, guard: u8) -> (u64, Arc<OpenFile>) {
         let fh = self.new_fh();
         let f = Arc::new(OpenFile {
             file,
@@ -1106,7 +1122,37 @@ impl Passthrough {
             guard: AtomicU8::new(guard),
         });
         self.files.insert(fh, Arc::clone(&f));
+        self.mind_descriptors();
         (fh, f)
+    }
+
+    /// Open files come first: past 3/4 of the open-file limit, cached
+    /// descriptors give way (one descriptor per open file), and past 9/10 a
+    /// warning is logged (at most once a minute).
+    fn mind_descriptors(&self) {
+        let open = (self.files.len() + self.locks.len() + self.dirs.len()) as u64;
+        let cached = self.inodes.cached() as u64;
+        let soft = self.nofile * 3 / 4;
+        if open + cached > soft {
+            self.inodes
+                .shrink_cache(soft.saturating_sub(open).max(16) as usize);
+        }
+        if open > self.nofile * 9 / 10 {
+            let now = self.started.elapsed().as_secs() + 60;
+            let last = self.fd_warned.load(Ordering::Relaxed);
+            if now >= last + 60
+                && self
+                    .fd_warned
+                    .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+            {
+                tracing::warn!(
+                    open_files = open,
+                    limit = self.nofile,
+                    "the daemon is near its open-file limit; new opens may fail with EMFILE (raise LimitNOFILE or the hard limit)"
+                );
+            }
+        }
     }
 
     /// Open flags for the daemon's own descriptor.

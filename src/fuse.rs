@@ -176,9 +176,7 @@ impl FuseAdapter {
     /// Should this open file bypass kernel passthrough? (A guarded handle
     /// of an inode the kernel does not pass through yet.)
     fn unpassed(&self, f: &OpenFile) -> bool {
-        f.guarded()
-            && self.passthrough
-            && !self.backing.contains_key(&f.inode)
+        f.guarded() && self.passthrough && !self.backing.contains_key(&f.inode)
     }
 
     fn release_backing(&self, inode: u64) {
@@ -724,7 +722,10 @@ impl fuser::Filesystem for FuseAdapter {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        empty(reply, self.fs.fallocate(caller(req), fh.0, offset, length, mode));
+        empty(
+            reply,
+            self.fs.fallocate(caller(req), fh.0, offset, length, mode),
+        );
     }
 
     fn lseek(

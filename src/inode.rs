@@ -17,8 +17,8 @@
 use std::collections::{HashMap, VecDeque};
 use std::ffi::{OsStr, OsString};
 use std::io;
-use std::path::PathBuf;
 use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -89,7 +89,10 @@ impl Inode {
         let mut p = self.place.lock();
         p.protected |= protected;
         if self.is_dir() {
-            if p.names.first().is_none_or(|(i, n, _)| *i != parent || n != name) {
+            if p.names
+                .first()
+                .is_none_or(|(i, n, _)| *i != parent || n != name)
+            {
                 p.names.clear();
                 p.names.push((parent, name.to_os_string(), protected));
             }
@@ -202,6 +205,20 @@ impl FdCache {
 
     fn remove(&self, id: u64) {
         self.inner.lock().map.remove(&id);
+    }
+
+    /// Drop the oldest descriptors until at most `keep` remain.
+    fn shrink(&self, keep: usize) {
+        let mut g = self.inner.lock();
+        let g = &mut *g;
+        while g.map.len() > keep {
+            let Some((old, seq)) = g.order.pop_front() else {
+                break;
+            };
+            if g.map.get(&old).is_some_and(|(_, s)| *s == seq) {
+                g.map.remove(&old);
+            }
+        }
     }
 
     fn len(&self) -> usize {
@@ -456,6 +473,16 @@ impl InodeStore {
             }
         }
         true
+    }
+
+    /// Keep at most `keep` cached descriptors (open files need them more).
+    pub fn shrink_cache(&self, keep: usize) {
+        self.cache.shrink(keep);
+    }
+
+    /// Descriptors held in the cache.
+    pub fn cached(&self) -> usize {
+        self.cache.len()
     }
 
     /// Number of inodes known, and descriptors held (for stats).

@@ -394,3 +394,57 @@ fn novas_download_flow_quarantines_nothing_new() {
         serde_json::from_value(m.stats()["ops"].clone()).unwrap_or_default();
     assert_eq!(counts.get("quarantined").copied().unwrap_or(0), 0);
 }
+
+// ---- 12. descriptors --------------------------------------------------------
+
+#[test]
+fn one_user_opening_thousands_of_files_does_not_starve_the_daemon() {
+    let (t, bk) = scratch();
+    let log = t.path().join("daemon.log");
+    let mp = t.path().join("mnt");
+    fs::create_dir(&mp).unwrap();
+    // A daemon that may not raise its hard limit (no CAP_SYS_RESOURCE).
+    let m = Mount::wrapped(
+        &[
+            "prlimit",
+            "--nofile=4096:4096",
+            "--",
+            "setpriv",
+            "--bounding-set=-sys_resource",
+            "--",
+        ],
+        &bk,
+        &mp,
+        &["--log-file", log.to_str().unwrap()],
+    );
+    let dir = m.path("many");
+    fs::create_dir(&dir).unwrap();
+    for i in 0..3800 {
+        fs::write(dir.join(format!("f{i}")), b"x").unwrap();
+    }
+    // Hold 3,800 files open through the mount, then ask for more as root.
+    let script = r#"
+import os, sys
+d = sys.argv[1]
+fds = [os.open(os.path.join(d, "f%d" % i), os.O_RDONLY) for i in range(3800)]
+with open(os.path.join(d, "late"), "w") as f:
+    f.write("late")
+print(open(os.path.join(d, "late")).read(), os.stat(os.path.join(d, "f0")).st_size)
+"#;
+    let o = Command::new("prlimit")
+        .args(["--nofile=10000:10000", "--", PY, "-c", script])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success() && out.trim() == "late 1",
+        "{out} {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let logged = fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        logged.contains("near its open-file limit"),
+        "the daemon says it is near its limit"
+    );
+}
