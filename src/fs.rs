@@ -5,12 +5,12 @@
 use std::ffi::{CStr, CString, OsStr, OsString};
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirEntryExt, FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
 use dashmap::DashMap;
 use parking_lot::Mutex;
@@ -44,6 +44,27 @@ pub struct OpenFile {
     pub file: File,
     pub inode: u64,
     pub flags: i32,
+    /// The guard's state for this handle: [`UNGUARDED`], [`GUARDED`] (a
+    /// protected file opened for writing: its contents are copied into the
+    /// quarantine before the first write that destroys bytes, and every
+    /// write checks that the file is still where the kernel found it) or
+    /// [`COPIED`] (the copy is made). A guarded handle must not use kernel
+    /// passthrough where avoidable, so that its writes are seen.
+    pub guard: AtomicU8,
+}
+
+/// A handle the guard does not watch.
+pub const UNGUARDED: u8 = 0;
+/// A handle of a protected file, opened for writing, not yet copied.
+pub const GUARDED: u8 = 1;
+/// A handle of a protected file whose contents are held in the quarantine.
+pub const COPIED: u8 = 2;
+
+impl OpenFile {
+    /// Does the guard watch this handle?
+    pub fn guarded(&self) -> bool {
+        self.guard.load(Ordering::Relaxed) != UNGUARDED
+    }
 }
 
 impl OpenFile {
@@ -88,11 +109,22 @@ pub struct Hidden {
     pub name: OsString,
 }
 
+/// One side of a rename: the directory's node id and descriptor, the name.
+struct Name<'a> {
+    parent: u64,
+    name: &'a OsStr,
+    fd: &'a OwnedFd,
+    c: &'a CStr,
+}
+
 /// Options of the passthrough core.
 #[derive(Clone, Debug)]
 pub struct FsOptions {
     /// Cap on cached `O_PATH` descriptors.
     pub fd_cache: usize,
+    /// The daemon's open-file limit: cached descriptors give way to open
+    /// files as it nears, and a warning is logged.
+    pub nofile: u64,
 }
 
 /// The passthrough filesystem over one backing directory.
@@ -107,8 +139,11 @@ pub struct Passthrough {
     /// backing filesystem as they would natively, across every mount of it.
     locks: DashMap<(u64, u64), Arc<OwnedFd>>,
     hidden: Mutex<Vec<Hidden>>,
-    root_path: PathBuf,
     protection: Option<Protection>,
+    nofile: u64,
+    /// When the descriptor warning was last logged (seconds since start).
+    fd_warned: AtomicU64,
+    started: std::time::Instant,
     pub stats: Stats,
 }
 
@@ -160,7 +195,6 @@ impl Passthrough {
     /// Serve the directory behind `root` (an `O_PATH|O_DIRECTORY` descriptor
     /// opened before mounting, so the mount may cover the same path).
     pub fn new(root: OwnedFd, opts: FsOptions) -> io::Result<Passthrough> {
-        let root_path = std::fs::read_link(format!("/proc/self/fd/{}", root.as_raw_fd()))?;
         // The daemon applies the umask the kernel already applied; never its own.
         sys::set_umask(0);
         Ok(Passthrough {
@@ -171,8 +205,10 @@ impl Passthrough {
             next_fh: AtomicU64::new(1),
             locks: DashMap::new(),
             hidden: Mutex::new(Vec::new()),
-            root_path,
             protection: None,
+            nofile: opts.nofile,
+            fd_warned: AtomicU64::new(0),
+            started: std::time::Instant::now(),
             stats: Stats::default(),
         })
     }
@@ -201,31 +237,100 @@ impl Passthrough {
         self.protection.as_ref()
     }
 
-    /// If `parent/name` is a protected regular file or symlink, its path
-    /// relative to the backing root, the guard, and its attributes. A
-    /// protected name that cannot be examined is an error, never a reason
-    /// to fall back to a real deletion (another node may be restoring it).
-    fn protected_entry(
-        &self,
-        parent: u64,
-        pfd: &OwnedFd,
-        c: &CStr,
-        name: &OsStr,
-    ) -> Result<Option<(&Protection, PathBuf, Stat)>> {
+    /// The guard's view of the name `parent/name`: its path below the root
+    /// as the kernel named it (the names the kernel used for `parent` and
+    /// its ancestors, never a path read back from the backing filesystem)
+    /// and whether it is protected. A name under a directory that was ever
+    /// reached through a protected name stays protected (sticky). When the
+    /// chain of names is broken the guard cannot decide: `EIO`, never a
+    /// silent pass.
+    fn guard_name(&self, parent: u64, name: &OsStr) -> Result<Option<(&Protection, PathBuf)>> {
         let Some(p) = self.protection.as_ref() else {
             return Ok(None);
         };
-        // The decision is made with the daemon's rights.
-        self.creds.become_daemon();
-        let Some(rel) = self.rel_path(parent).map(|d| d.join(name)) else {
+        let Some(dir) = self.inodes.dir_path(parent) else {
+            tracing::warn!(
+                parent,
+                name = ?name,
+                "the guard cannot tell where this directory is; refusing"
+            );
+            return Err(Errno(libc::EIO));
+        };
+        let rel = dir.join(name);
+        if p.guard.protects(&rel) || self.inodes.under_protected(parent) {
+            Ok(Some((p, rel)))
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// Is the name protected? (For recording lookups: a broken chain counts
+    /// as protected.)
+    fn name_protected(&self, parent: u64, name: &OsStr) -> bool {
+        !matches!(self.guard_name(parent, name), Ok(None))
+    }
+
+    /// The inode behind `st`, if the kernel knows it (no lookup counted).
+    fn known_inode(&self, st: &Stat) -> Option<Arc<Inode>> {
+        self.inodes.peek(st)
+    }
+
+    /// Would destroying the bytes of `inode` (truncate, overwrite, punch)
+    /// lose a protected file's contents? Its path for the quarantine record
+    /// if so. A file reached through a protected name must still be at one
+    /// of those names: if it is not (another node quarantined, replaced or
+    /// moved it), the caller holds a stale reference: `ESTALE`, as NFS
+    /// answers for a file another client removed. A file with other hard
+    /// links the guard has not seen is copied too (one of them may be
+    /// protected).
+    fn guard_inode(&self, inode: &Inode, st: &Stat) -> Result<Option<(&Protection, PathBuf)>> {
+        let Some(p) = self.protection.as_ref() else {
             return Ok(None);
         };
-        if !p.guard.protects(&rel) {
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG {
             return Ok(None);
         }
-        let st = sys::statat(pfd.as_fd(), c)?;
-        let kind = st.st_mode & libc::S_IFMT;
-        Ok((kind == libc::S_IFREG || kind == libc::S_IFLNK).then_some((p, rel, st)))
+        if inode.was_protected() {
+            return match self.protected_place(inode)? {
+                Some(rel) => Ok(Some((p, rel))),
+                None => Err(Errno(libc::ESTALE)),
+            };
+        }
+        if st.st_nlink > 1 {
+            if let Some((parent, name)) = inode.names().into_iter().next() {
+                if let Some(dir) = self.inodes.dir_path(parent) {
+                    return Ok(Some((p, dir.join(name))));
+                }
+            }
+            tracing::warn!(
+                ino = st.st_ino,
+                nlink = st.st_nlink,
+                "a multiply linked file the guard cannot place; refusing"
+            );
+            return Err(Errno(libc::EIO));
+        }
+        Ok(None)
+    }
+
+    /// One protected name at which `inode` still is (checked by identity
+    /// against the backing directory), as a path below the root.
+    fn protected_place(&self, inode: &Inode) -> Result<Option<PathBuf>> {
+        self.creds.become_daemon();
+        for (parent, name) in inode.protected_names() {
+            let Ok((_, pfd)) = self.inode_fd(parent) else {
+                continue;
+            };
+            let Ok(c) = cstr(&name) else { continue };
+            match sys::statat(pfd.as_fd(), &c) {
+                Ok(st) if st.st_dev == inode.dev && st.st_ino == inode.ino => {
+                    if let Some(dir) = self.inodes.dir_path(parent) {
+                        return Ok(Some(dir.join(name)));
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(None)
     }
 
     /// Would the caller be allowed to remove or replace `name` in the
@@ -282,19 +387,10 @@ impl Passthrough {
         Ok((inode, fd))
     }
 
-    /// The path of a directory inode relative to the backing root, as the
-    /// backing filesystem knows it now (used for the guard policy only).
+    /// The path of a directory below the root, from the names the kernel
+    /// used to reach it.
     pub fn rel_path(&self, id: u64) -> Option<PathBuf> {
-        if id == ROOT_ID {
-            return Some(PathBuf::new());
-        }
-        let (_, fd) = self.inode_fd(id).ok()?;
-        let p = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).ok()?;
-        let rel = p.strip_prefix(&self.root_path).ok()?;
-        if rel.as_os_str().as_bytes().ends_with(b" (deleted)") {
-            return None;
-        }
-        Some(rel.to_path_buf())
+        self.inodes.dir_path(id)
     }
 
     pub fn file(&self, fh: u64) -> Result<Arc<OpenFile>> {
@@ -319,10 +415,10 @@ impl Passthrough {
             return Ok((root, st));
         }
         self.creds.become_caller(caller);
-        match self.lookup_at(&pfd, name) {
+        match self.lookup_at(parent, &pfd, name) {
             Err(Errno(libc::ENOENT)) if self.heal(caller, parent, name) => {
                 self.creds.become_caller(caller);
-                self.lookup_at(&pfd, name)
+                self.lookup_at(parent, &pfd, name)
             }
             r => r,
         }
@@ -384,7 +480,24 @@ impl Passthrough {
         }
     }
 
-    fn lookup_at(&self, pfd: &OwnedFd, name: &OsStr) -> Result<(Arc<Inode>, Stat)> {
+    /// Look up `name` in directory `parent` (descriptor `pfd`) and record
+    /// where the kernel reached the inode (for the guard).
+    fn lookup_at(&self, parent: u64, pfd: &OwnedFd, name: &OsStr) -> Result<(Arc<Inode>, Stat)> {
+        let (inode, st) = self.lookup_name(pfd, name)?;
+        self.reached(&inode, &st, parent, name);
+        Ok((inode, st))
+    }
+
+    /// Record that the kernel reached `inode` as `parent/name`.
+    fn reached(&self, inode: &Inode, st: &Stat, parent: u64, name: &OsStr) {
+        if self.protection.is_none() {
+            return;
+        }
+        let protected = self.name_protected(parent, name);
+        inode.reached(parent, name, protected, st.st_nlink > 1);
+    }
+
+    fn lookup_name(&self, pfd: &OwnedFd, name: &OsStr) -> Result<(Arc<Inode>, Stat)> {
         let c = cstr(name)?;
         let st = sys::statat(pfd.as_fd(), &c)?;
         if self.is_hidden(&st) {
@@ -410,20 +523,26 @@ impl Passthrough {
     /// where the filesystem gives handles).
     fn lookup_created(
         &self,
+        parent: u64,
         pfd: &OwnedFd,
         name: &OsStr,
         file: &File,
     ) -> Result<(Arc<Inode>, Stat)> {
         let st = sys::fstat(file.as_fd())?;
-        if let Some(inode) = self.inodes.known(&st) {
-            return Ok((inode, st));
-        }
-        if self.inodes.handles_for(st.st_dev) {
-            if let Ok(h) = sys::name_to_handle(file.as_fd()) {
-                return Ok((self.inodes.lookup_handle(h, &st)?, st));
-            }
-        }
-        self.lookup_at(pfd, name)
+        let (inode, st) = if let Some(inode) = self.inodes.known(&st) {
+            (inode, st)
+        } else if let Some(h) = self
+            .inodes
+            .handles_for(st.st_dev)
+            .then(|| sys::name_to_handle(file.as_fd()).ok())
+            .flatten()
+        {
+            (self.inodes.lookup_handle(h, &st)?, st)
+        } else {
+            return self.lookup_at(parent, pfd, name);
+        };
+        self.reached(&inode, &st, parent, name);
+        Ok((inode, st))
     }
 
     pub fn forget(&self, id: u64, n: u64) {
@@ -475,7 +594,15 @@ impl Passthrough {
             )?;
         }
         if let Some(size) = a.size {
-            self.preserve_before_truncate(caller, id, &fd, size)?;
+            let st = sys::fstat(fd.as_fd())?;
+            if size < st.st_size as u64 {
+                match &open {
+                    Some(f) => self.preserve_handle(caller, f, Why::Truncate)?,
+                    None => {
+                        self.preserve(caller, &inode, fd.as_fd(), Why::Truncate)?;
+                    }
+                }
+            }
             self.creds.become_caller(caller);
             match &open {
                 Some(f) => sys::ftruncate(f.file.as_fd(), size)?,
@@ -492,36 +619,73 @@ impl Passthrough {
         Ok(sys::fstat(fd.as_fd())?)
     }
 
-    /// A truncate that would destroy data of a non-empty protected file:
-    /// copy it into the quarantine first (reflink where the filesystem can).
-    fn preserve_before_truncate(
+    /// Before something destroys bytes of `inode` (a truncation, an
+    /// overwrite, a punched hole): if it is a protected file, copy it into
+    /// the quarantine first (a reflink where the filesystem can). Empty
+    /// files hold nothing to keep. A stale reference to a protected file
+    /// that is no longer where the kernel found it: `ESTALE`.
+    /// Returns whether the file is protected (then later writes through
+    /// the same handle need no new copy).
+    fn preserve(
         &self,
         caller: Caller,
-        id: u64,
-        fd: &OwnedFd,
-        size: u64,
-    ) -> Result<()> {
-        let Some(p) = self.protection.as_ref() else {
-            return Ok(());
-        };
-        let st = sys::fstat(fd.as_fd())?;
-        if st.st_mode & libc::S_IFMT != libc::S_IFREG || size >= st.st_size as u64 {
-            return Ok(());
+        inode: &Inode,
+        fd: BorrowedFd<'_>,
+        why: Why,
+    ) -> Result<bool> {
+        if self.protection.is_none() {
+            return Ok(false);
         }
-        let Some(rel) = self.rel_path(id) else {
-            return Ok(());
+        self.creds.become_daemon();
+        let st = sys::fstat(fd)?;
+        let Some((p, rel)) = self.guard_inode(inode, &st)? else {
+            return Ok(false);
         };
-        if !p.guard.protects(&rel) {
-            return Ok(());
+        // No allocated block, no byte to keep (an empty or all-hole file,
+        // such as one `qemu-img create` just made).
+        if st.st_blocks == 0 {
+            return Ok(true);
         }
         // Only callers allowed to write the file may cause a copy.
         self.creds.become_caller(caller);
-        sys::access_fd(fd.as_fd(), libc::W_OK)?;
+        sys::access_fd(fd, libc::W_OK)?;
         self.creds.become_daemon();
         let who = Who::from_pid(caller.pid, caller.uid, caller.gid);
-        p.quarantine
-            .stash_copy(fd.as_fd(), &rel, &who, Why::Truncate)?;
+        p.quarantine.stash_copy(fd, &rel, &who, why)?;
         self.stats.count(Op::Quarantined);
+        Ok(true)
+    }
+
+    /// Before a destructive operation through an open handle: a handle of
+    /// a protected file that already made its copy only checks that the
+    /// file is still where the kernel found it; any other handle preserves
+    /// the file first (it may have become protected since it was opened).
+    fn preserve_handle(&self, caller: Caller, f: &OpenFile, why: Why) -> Result<()> {
+        if self.protection.is_none() {
+            return Ok(());
+        }
+        let inode = self.inode(f.inode)?;
+        if f.guard.load(Ordering::Relaxed) == COPIED {
+            self.creds.become_daemon();
+            return match self.protected_place(&inode)? {
+                Some(_) => Ok(()),
+                None if !inode.was_protected() => Ok(()),
+                None => Err(Errno(libc::ESTALE)),
+            };
+        }
+        if self.preserve(caller, &inode, f.file.as_fd(), why)? {
+            f.guard.store(COPIED, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// The kernel will pass this handle's writes straight to the backing
+    /// file (it passes the inode through already): a guarded handle copies
+    /// the file now, since no write will be seen here.
+    pub fn unseen_writes(&self, caller: Caller, f: &OpenFile) -> Result<()> {
+        if f.guard.load(Ordering::Relaxed) == GUARDED {
+            self.preserve_handle(caller, f, Why::Overwrite)?;
+        }
         Ok(())
     }
 
@@ -544,7 +708,7 @@ impl Passthrough {
         self.creds.become_caller(caller);
         self.check_not_hidden(&pfd, &c)?;
         make(&pfd, &c)?;
-        self.lookup_at(&pfd, name)
+        self.lookup_at(parent, &pfd, name)
     }
 
     pub fn mknod(
@@ -606,19 +770,60 @@ impl Passthrough {
         self.stats.count(Op::Unlink);
         let (_, pfd) = self.inode_fd(parent)?;
         let c = cstr(name)?;
-        if let Some((p, rel, st)) = self.protected_entry(parent, &pfd, &c, name)? {
-            self.may_remove(caller, &pfd, &st)?;
+        if self.protection.is_some() {
             self.creds.become_daemon();
-            let who = Who::from_pid(caller.pid, caller.uid, caller.gid);
-            p.quarantine
-                .stash_rename(pfd.as_fd(), &c, &rel, &who, Why::Unlink)?;
-            self.stats.count(Op::Quarantined);
-            return Ok(());
+            let st = sys::statat(pfd.as_fd(), &c)?;
+            if let Some((p, rel)) = self.guard_removal(parent, name, &st)? {
+                self.may_remove(caller, &pfd, &st)?;
+                self.creds.become_daemon();
+                let who = Who::from_pid(caller.pid, caller.uid, caller.gid);
+                p.quarantine
+                    .stash_rename(pfd.as_fd(), &c, &rel, &who, Why::Unlink)?;
+                self.stats.count(Op::Quarantined);
+                self.left(&st, parent, name);
+                return Ok(());
+            }
         }
         self.creds.become_caller(caller);
         self.check_not_hidden(&pfd, &c)?;
         sys::unlinkat(pfd.as_fd(), &c, 0)?;
         Ok(())
+    }
+
+    /// Would removing the name `parent/name` (whose attributes are `st`)
+    /// lose a protected file? Its path for the record if so: a protected
+    /// name, or the last name of a file that was ever reached through a
+    /// protected one. Directories and special files hold no bytes to keep.
+    fn guard_removal(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        st: &Stat,
+    ) -> Result<Option<(&Protection, PathBuf)>> {
+        let kind = st.st_mode & libc::S_IFMT;
+        if kind != libc::S_IFREG && kind != libc::S_IFLNK {
+            return Ok(None);
+        }
+        if let Some(hit) = self.guard_name(parent, name)? {
+            return Ok(Some(hit));
+        }
+        let sticky = st.st_nlink <= 1 && self.known_inode(st).is_some_and(|i| i.was_protected());
+        match (
+            sticky,
+            self.protection.as_ref(),
+            self.inodes.dir_path(parent),
+        ) {
+            (false, _, _) | (_, None, _) => Ok(None),
+            (true, Some(p), Some(dir)) => Ok(Some((p, dir.join(name)))),
+            (true, Some(_), None) => Err(Errno(libc::EIO)),
+        }
+    }
+
+    /// The name `parent/name` of the inode `st` is gone.
+    fn left(&self, st: &Stat, parent: u64, name: &OsStr) {
+        if let Some(inode) = self.known_inode(st) {
+            inode.left(parent, name);
+        }
     }
 
     pub fn rmdir(&self, caller: Caller, parent: u64, name: &OsStr) -> Result<()> {
@@ -647,78 +852,307 @@ impl Passthrough {
         self.creds.become_caller(caller);
         self.check_not_hidden(&pfd, &c)?;
         self.check_not_hidden(&npfd, &nc)?;
-        // Replacing a protected file: keep a hard link of it in the
-        // quarantine first, so its data survives and the name never
-        // disappears (the rename replaces it atomically).
-        let replaces = flags & (libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE) == 0;
-        for attempt in 0.. {
-            let (target, absent) = match self.protected_entry(newparent, &npfd, &nc, newname) {
-                // No target is the common case of a rename.
-                Err(Errno(libc::ENOENT)) => (None, true),
-                r => (r?, false),
-            };
-            let kept = match target {
-                Some((p, rel, st)) if replaces => {
-                    let src = sys::statat(pfd.as_fd(), &c)?;
-                    if (src.st_dev, src.st_ino) == (st.st_dev, st.st_ino) {
-                        None
-                    } else {
-                        self.may_remove(caller, &npfd, &st)?;
-                        self.creds.become_daemon();
-                        let who = Who::from_pid(caller.pid, caller.uid, caller.gid);
-                        let e = p.quarantine.stash_link(
-                            npfd.as_fd(),
-                            &nc,
-                            &rel,
-                            &who,
-                            Why::RenameOver,
-                        )?;
-                        self.stats.count(Op::Quarantined);
-                        Some((p, e.id))
+        if self.protection.is_none() {
+            sys::renameat2(pfd.as_fd(), &c, npfd.as_fd(), &nc, flags)?;
+            return Ok(());
+        }
+        let from = Name {
+            parent,
+            name,
+            fd: &pfd,
+            c: &c,
+        };
+        let to = Name {
+            parent: newparent,
+            name: newname,
+            fd: &npfd,
+            c: &nc,
+        };
+        self.creds.become_daemon();
+        let src = sys::statat(pfd.as_fd(), &c)?;
+        let dst = match sys::statat(npfd.as_fd(), &nc) {
+            Ok(st) => Some(st),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => None,
+            Err(e) => return Err(e.into()),
+        };
+        let exchange = flags & libc::RENAME_EXCHANGE != 0;
+        let noreplace = flags & libc::RENAME_NOREPLACE != 0;
+        let same = dst.is_some_and(|d| (d.st_dev, d.st_ino) == (src.st_dev, src.st_ino));
+        // What leaves protection keeps a link in the quarantine first (a
+        // directory that could hold protected files may not leave: EXDEV,
+        // so that mv(1) copies and then deletes file by file, each deletion
+        // guarded).
+        let mut kept = Vec::new();
+        if !same {
+            kept.extend(self.guard_move(caller, &from, &to, &src)?);
+            if let (true, Some(d)) = (exchange, &dst) {
+                match self.guard_move(caller, &to, &from, d) {
+                    Ok(k) => kept.extend(k),
+                    Err(e) => {
+                        self.drop_kept(&kept);
+                        return Err(e);
                     }
                 }
-                _ => None,
-            };
-            self.creds.become_caller(caller);
-            // A protected target that was absent must still be absent when
-            // the rename lands (another node may be restoring it): if it
-            // appeared, go round again and keep it first.
-            let guard_absent = absent && replaces && attempt < 3;
-            let extra = if guard_absent {
-                libc::RENAME_NOREPLACE
-            } else {
-                0
-            };
-            let mut r = sys::renameat2(pfd.as_fd(), &c, npfd.as_fd(), &nc, flags | extra);
-            if guard_absent {
-                match r.as_ref().map_err(|e| e.raw_os_error()) {
-                    Err(Some(libc::EEXIST)) => continue,
-                    // No RENAME_NOREPLACE here (NFS): a plain rename.
-                    Err(Some(libc::EINVAL)) => {
-                        r = sys::renameat2(pfd.as_fd(), &c, npfd.as_fd(), &nc, flags)
-                    }
-                    _ => {}
+            }
+        }
+        let src_dir = src.st_mode & libc::S_IFMT == libc::S_IFDIR;
+        let replaced = match (&dst, exchange || noreplace || same || src_dir) {
+            (Some(d), false) => self.guard_removal(newparent, newname, d)?,
+            _ => None,
+        };
+        let target_protected = self.guard_name(newparent, newname)?.is_some();
+        let r = match replaced {
+            Some((p, rel)) => self.replace_protected(caller, p, &rel, &from, &to),
+            // A protected name that is absent must still be absent when
+            // the rename lands (another node may be restoring it).
+            None if dst.is_none() && target_protected && !exchange && !noreplace => {
+                match self.guard_name(newparent, newname)? {
+                    Some((p, rel)) => self.replace_protected(caller, p, &rel, &from, &to),
+                    None => Err(Errno(libc::EIO)),
                 }
             }
-            if let (Err(_), Some((p, id))) = (&r, kept) {
-                // The rename did not happen: the file is still in place, so
-                // the extra link is not needed.
-                self.creds.become_daemon();
-                let _ = p.quarantine.purge(&id);
+            None => {
+                self.creds.become_caller(caller);
+                sys::renameat2(pfd.as_fd(), &c, npfd.as_fd(), &nc, flags).map_err(Errno::from)
             }
-            r?;
-            break;
+        };
+        if r.is_err() {
+            self.drop_kept(&kept);
+        }
+        r?;
+        // The names moved.
+        self.left(&src, parent, name);
+        if let Some(inode) = self.known_inode(&src) {
+            inode.reached(newparent, newname, target_protected, src.st_nlink > 1);
+        }
+        if let Some(d) = &dst {
+            self.left(d, newparent, newname);
+            if exchange && let Some(inode) = self.known_inode(d) {
+                let prot = self.name_protected(parent, name);
+                inode.reached(parent, name, prot, d.st_nlink > 1);
+            }
         }
         Ok(())
     }
 
+    /// The file `st` at `from` is about to be renamed to `to`. If that takes
+    /// a protected file out of protection, keep a link of it in the
+    /// quarantine first (returned, to drop if the rename fails); a
+    /// directory that may hold protected files cannot leave (`EXDEV`).
+    fn guard_move(
+        &self,
+        caller: Caller,
+        from: &Name<'_>,
+        to: &Name<'_>,
+        st: &Stat,
+    ) -> Result<Vec<(String, &Protection)>> {
+        let Some(p) = self.protection.as_ref() else {
+            return Ok(Vec::new());
+        };
+        if self.guard_name(to.parent, to.name)?.is_some() {
+            return Ok(Vec::new());
+        }
+        if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
+            let (Some(fdir), Some(tdir)) = (
+                self.inodes.dir_path(from.parent),
+                self.inodes.dir_path(to.parent),
+            ) else {
+                return Err(Errno(libc::EIO));
+            };
+            let sticky = self.inodes.under_protected(from.parent)
+                || self.known_inode(st).is_some_and(|i| i.was_protected());
+            let from_may = sticky || p.guard.may_protect_below(&fdir.join(from.name));
+            if from_may && !p.guard.may_protect_below(&tdir.join(to.name)) {
+                return Err(Errno(libc::EXDEV));
+            }
+            return Ok(Vec::new());
+        }
+        let Some((p, rel)) = self.guard_removal(from.parent, from.name, st)? else {
+            return Ok(Vec::new());
+        };
+        self.may_remove(caller, from.fd, st)?;
+        self.creds.become_daemon();
+        let who = Who::from_pid(caller.pid, caller.uid, caller.gid);
+        let e = p
+            .quarantine
+            .stash_link(from.fd.as_fd(), from.c, &rel, &who, Why::RenameOut)?;
+        self.stats.count(Op::Quarantined);
+        Ok(vec![(e.id, p)])
+    }
+
+    /// Links kept for a rename that did not happen are not needed.
+    fn drop_kept(&self, kept: &[(String, &Protection)]) {
+        self.creds.become_daemon();
+        for (id, p) in kept {
+            let _ = p.quarantine.purge(id);
+        }
+    }
+
+    /// Rename `from` over the protected name `to` (path `rel`) so that
+    /// whatever `to` holds when the rename lands is kept: atomically with
+    /// `RENAME_EXCHANGE` (the displaced file then moves from the source
+    /// name into the quarantine), else, where the filesystem has no
+    /// exchange (NFS, GlusterFS), under a lock every node takes.
+    fn replace_protected(
+        &self,
+        caller: Caller,
+        p: &Protection,
+        rel: &Path,
+        from: &Name<'_>,
+        to: &Name<'_>,
+    ) -> Result<()> {
+        let who = Who::from_pid(caller.pid, caller.uid, caller.gid);
+        for _ in 0..64 {
+            self.creds.become_daemon();
+            if let Ok(d) = sys::statat(to.fd.as_fd(), to.c) {
+                self.may_remove(caller, to.fd, &d)?;
+            }
+            self.creds.become_caller(caller);
+            let r = sys::renameat2(
+                from.fd.as_fd(),
+                from.c,
+                to.fd.as_fd(),
+                to.c,
+                libc::RENAME_EXCHANGE,
+            );
+            match r.map_err(|e| e.raw_os_error().unwrap_or(libc::EIO)) {
+                Ok(()) => {
+                    self.creds.become_daemon();
+                    return match p.quarantine.stash_rename(
+                        from.fd.as_fd(),
+                        from.c,
+                        rel,
+                        &who,
+                        Why::RenameOver,
+                    ) {
+                        Ok(_) => {
+                            self.stats.count(Op::Quarantined);
+                            Ok(())
+                        }
+                        Err(e) => {
+                            // Put both back; the rename fails as a whole.
+                            self.creds.become_caller(caller);
+                            let _ = sys::renameat2(
+                                from.fd.as_fd(),
+                                from.c,
+                                to.fd.as_fd(),
+                                to.c,
+                                libc::RENAME_EXCHANGE,
+                            );
+                            Err(e.into())
+                        }
+                    };
+                }
+                Err(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP) => {
+                    return self.replace_locked(caller, p, rel, from, to, &who);
+                }
+                Err(libc::ENOENT) => {
+                    // One side is gone. The source: what rename says. The
+                    // target: place the source unless a version arrives.
+                    self.creds.become_daemon();
+                    sys::statat(from.fd.as_fd(), from.c)?;
+                    self.creds.become_caller(caller);
+                    let r = sys::renameat2(
+                        from.fd.as_fd(),
+                        from.c,
+                        to.fd.as_fd(),
+                        to.c,
+                        libc::RENAME_NOREPLACE,
+                    );
+                    match r.map_err(|e| e.raw_os_error().unwrap_or(libc::EIO)) {
+                        Ok(()) => return Ok(()),
+                        Err(libc::EEXIST) => continue,
+                        Err(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP) => {
+                            return self.replace_locked(caller, p, rel, from, to, &who);
+                        }
+                        Err(e) => return Err(Errno(e)),
+                    }
+                }
+                Err(e) => return Err(Errno(e)),
+            }
+        }
+        tracing::warn!(path = %rel.display(), "the target kept changing under a rename; giving up");
+        Err(Errno(libc::EBUSY))
+    }
+
+    /// [`Self::replace_protected`] without `RENAME_EXCHANGE`: every node's
+    /// link-then-rename of this name runs under one lock in the shared
+    /// quarantine, so no version is replaced between the two steps.
+    fn replace_locked(
+        &self,
+        caller: Caller,
+        p: &Protection,
+        rel: &Path,
+        from: &Name<'_>,
+        to: &Name<'_>,
+        who: &Who,
+    ) -> Result<()> {
+        self.creds.become_daemon();
+        let _lock = p.quarantine.lock_name(rel)?;
+        let mut kept = None;
+        match sys::statat(to.fd.as_fd(), to.c) {
+            Ok(d) if d.st_mode & libc::S_IFMT != libc::S_IFDIR => {
+                self.may_remove(caller, to.fd, &d)?;
+                self.creds.become_daemon();
+                let e = p
+                    .quarantine
+                    .stash_link(to.fd.as_fd(), to.c, rel, who, Why::RenameOver)?;
+                self.stats.count(Op::Quarantined);
+                kept = Some(e.id);
+            }
+            _ => {}
+        }
+        self.creds.become_caller(caller);
+        let r = sys::renameat2(from.fd.as_fd(), from.c, to.fd.as_fd(), to.c, 0);
+        if let (Err(_), Some(id)) = (&r, kept) {
+            self.creds.become_daemon();
+            let _ = p.quarantine.purge(&id);
+        }
+        Ok(r?)
+    }
+
     // ---- files -------------------------------------------------------------
 
-    fn register_file(&self, file: File, inode: u64, flags: i32) -> (u64, Arc<OpenFile>) {
+    fn register_file(&self, file: File, inode: u64, flags: i32, guard: u8) -> (u64, Arc<OpenFile>) {
         let fh = self.new_fh();
-        let f = Arc::new(OpenFile { file, inode, flags });
+        let f = Arc::new(OpenFile {
+            file,
+            inode,
+            flags,
+            guard: AtomicU8::new(guard),
+        });
         self.files.insert(fh, Arc::clone(&f));
+        self.mind_descriptors();
         (fh, f)
+    }
+
+    /// Open files come first: past 3/4 of the open-file limit, cached
+    /// descriptors give way (one descriptor per open file), and past 9/10 a
+    /// warning is logged (at most once a minute).
+    fn mind_descriptors(&self) {
+        let open = (self.files.len() + self.locks.len() + self.dirs.len()) as u64;
+        let cached = self.inodes.cached() as u64;
+        let soft = self.nofile * 3 / 4;
+        if open + cached > soft {
+            self.inodes
+                .shrink_cache(soft.saturating_sub(open).max(16) as usize);
+        }
+        if open > self.nofile * 9 / 10 {
+            let now = self.started.elapsed().as_secs() + 60;
+            let last = self.fd_warned.load(Ordering::Relaxed);
+            if now >= last + 60
+                && self
+                    .fd_warned
+                    .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+            {
+                tracing::warn!(
+                    open_files = open,
+                    limit = self.nofile,
+                    "the daemon is near its open-file limit; new opens may fail with EMFILE (raise LimitNOFILE or the hard limit)"
+                );
+            }
+        }
     }
 
     /// Open flags for the daemon's own descriptor.
@@ -728,13 +1162,40 @@ impl Passthrough {
 
     pub fn open(&self, caller: Caller, id: u64, flags: i32) -> Result<(u64, Arc<OpenFile>)> {
         self.stats.count(Op::Open);
-        let (_, fd) = self.inode_fd(id)?;
+        let (inode, fd) = self.inode_fd(id)?;
+        let guard = self.guard_open(&inode, fd.as_fd(), flags)?;
         self.creds.become_caller(caller);
         let file = File::from(sys::reopen(
             fd.as_fd(),
             Self::open_flags(flags) | libc::O_NOFOLLOW,
         )?);
-        Ok(self.register_file(file, id, flags))
+        Ok(self.register_file(file, id, flags, guard))
+    }
+
+    /// Before opening a regular file: a reference to a protected file that
+    /// is no longer at a protected name the kernel used is stale (another
+    /// node quarantined, replaced or moved it): `ESTALE`, so the kernel looks
+    /// the name up again. A protected file opened for writing gets a
+    /// guarded handle (its first destructive write copies it first).
+    fn guard_open(&self, inode: &Inode, fd: BorrowedFd<'_>, flags: i32) -> Result<u8> {
+        if self.protection.is_none() || inode.kind != libc::S_IFREG {
+            return Ok(UNGUARDED);
+        }
+        if inode.was_protected() {
+            self.creds.become_daemon();
+            if self.protected_place(inode)?.is_none() {
+                return Err(Errno(libc::ESTALE));
+            }
+        }
+        if flags & libc::O_ACCMODE == libc::O_RDONLY {
+            return Ok(UNGUARDED);
+        }
+        self.creds.become_daemon();
+        let st = sys::fstat(fd)?;
+        Ok(match self.guard_inode(inode, &st)? {
+            Some(_) => GUARDED,
+            None => UNGUARDED,
+        })
     }
 
     pub fn create(
@@ -759,17 +1220,24 @@ impl Passthrough {
             mode,
         )?;
         let file = File::from(fd);
-        let (inode, st) = self.lookup_created(&pfd, name, &file)?;
+        let (inode, st) = self.lookup_created(parent, &pfd, name, &file)?;
+        // An existing file opened for writing: as `open`.
+        let mut guard = if st.st_size > 0 {
+            self.guard_open(&inode, file.as_fd(), flags)?
+        } else {
+            UNGUARDED
+        };
         let st = if flags & libc::O_TRUNC != 0 && st.st_size > 0 {
-            let ifd = self.fd(&inode)?;
-            self.preserve_before_truncate(caller, inode.id, &ifd, 0)?;
+            if self.preserve(caller, &inode, file.as_fd(), Why::Truncate)? {
+                guard = COPIED;
+            }
             self.creds.become_caller(caller);
             sys::ftruncate(file.as_fd(), 0)?;
             sys::fstat(file.as_fd())?
         } else {
             st
         };
-        let (fh, f) = self.register_file(file, inode.id, flags & !libc::O_CREAT);
+        let (fh, f) = self.register_file(file, inode.id, flags & !libc::O_CREAT, guard);
         Ok((inode, st, fh, f))
     }
 
@@ -801,9 +1269,23 @@ impl Passthrough {
         Ok(buf)
     }
 
-    pub fn write(&self, fh: u64, offset: u64, data: &[u8], kill_suid: bool) -> Result<u32> {
+    pub fn write(
+        &self,
+        caller: Caller,
+        fh: u64,
+        offset: u64,
+        data: &[u8],
+        kill_suid: bool,
+    ) -> Result<u32> {
         self.stats.count(Op::Write);
         let f = self.file(fh)?;
+        if f.guarded() {
+            // Appending destroys nothing; anything else copies first.
+            let st = sys::fstat(f.file.as_fd())?;
+            if offset < st.st_size as u64 || f.guard.load(Ordering::Relaxed) == COPIED {
+                self.preserve_handle(caller, &f, Why::Overwrite)?;
+            }
+        }
         let n = if f.direct() {
             let mut buf = ReadBuf::new(data.len(), true);
             buf.space().copy_from_slice(data);
@@ -850,9 +1332,23 @@ impl Passthrough {
         Ok(())
     }
 
-    pub fn fallocate(&self, fh: u64, offset: u64, length: u64, mode: i32) -> Result<()> {
+    pub fn fallocate(
+        &self,
+        caller: Caller,
+        fh: u64,
+        offset: u64,
+        length: u64,
+        mode: i32,
+    ) -> Result<()> {
         self.stats.count(Op::Fallocate);
         let f = self.file(fh)?;
+        let destroys = libc::FALLOC_FL_PUNCH_HOLE
+            | libc::FALLOC_FL_ZERO_RANGE
+            | libc::FALLOC_FL_COLLAPSE_RANGE
+            | libc::FALLOC_FL_INSERT_RANGE;
+        if mode & destroys != 0 {
+            self.preserve_handle(caller, &f, Why::Overwrite)?;
+        }
         sys::fallocate(f.file.as_fd(), mode, offset as i64, length as i64)?;
         Ok(())
     }
@@ -866,6 +1362,7 @@ impl Passthrough {
     #[allow(clippy::too_many_arguments)]
     pub fn copy_file_range(
         &self,
+        caller: Caller,
         fh_in: u64,
         off_in: u64,
         fh_out: u64,
@@ -875,6 +1372,9 @@ impl Passthrough {
     ) -> Result<u32> {
         self.stats.count(Op::CopyFileRange);
         let (fi, fo) = (self.file(fh_in)?, self.file(fh_out)?);
+        if fo.guarded() {
+            self.preserve_handle(caller, &fo, Why::Overwrite)?;
+        }
         let len = len.min(u32::MAX as u64 & !0xfff) as usize;
         let n = sys::copy_file_range(
             fi.file.as_fd(),
@@ -1031,6 +1531,7 @@ impl Passthrough {
     pub fn readdirplus_entry(
         &self,
         caller: Caller,
+        parent: u64,
         dir: &OwnedFd,
         name: &OsStr,
     ) -> Result<(Option<Arc<Inode>>, Stat)> {
@@ -1038,7 +1539,7 @@ impl Passthrough {
         if name == "." || name == ".." {
             return Ok((None, sys::statat(dir.as_fd(), &cstr(name)?)?));
         }
-        let (inode, st) = self.lookup_at(dir, name)?;
+        let (inode, st) = self.lookup_at(parent, dir, name)?;
         Ok((Some(inode), st))
     }
 

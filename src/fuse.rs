@@ -173,6 +173,12 @@ impl FuseAdapter {
         }
     }
 
+    /// Should this open file bypass kernel passthrough? (A guarded handle
+    /// of an inode the kernel does not pass through yet.)
+    fn unpassed(&self, f: &OpenFile) -> bool {
+        f.guarded() && self.passthrough && !self.backing.contains_key(&f.inode)
+    }
+
     fn release_backing(&self, inode: u64) {
         if let Entry::Occupied(mut o) = self.backing.entry(inode) {
             o.get_mut().1 -= 1;
@@ -356,6 +362,23 @@ impl fuser::Filesystem for FuseAdapter {
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         match self.fs.open(caller(req), ino.0, flags.0) {
+            // A protected file opened for writing: its writes come here, so
+            // that a write after another node quarantined the file is
+            // refused (unless the kernel already passes the inode through:
+            // it wants every open of it passed through then).
+            Ok((fh, f)) if self.unpassed(&f) => {
+                reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO)
+            }
+            Ok((fh, f)) if f.guarded() && self.passthrough => {
+                if let Err(e) = self.fs.unseen_writes(caller(req), &f) {
+                    let _ = self.fs.release(fh);
+                    return reply.error(ferr(e));
+                }
+                match self.backing(&f, |fd| reply.open_backing(fd)) {
+                    Some(b) => reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &b.0),
+                    None => reply.opened(FileHandle(fh), FopenFlags::empty()),
+                }
+            }
             Ok((fh, f)) => match self.backing(&f, |fd| reply.open_backing(fd)) {
                 Some(b) => reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &b.0),
                 None => reply.opened(FileHandle(fh), FopenFlags::empty()),
@@ -378,6 +401,15 @@ impl fuser::Filesystem for FuseAdapter {
             Ok((inode, st, fh, f)) => {
                 let (a, fh) = (attr(&st, inode.id), FileHandle(fh));
                 let flags = FopenFlags::empty();
+                if self.unpassed(&f) {
+                    return reply.created(&TTL, &a, Generation(0), fh, FopenFlags::FOPEN_DIRECT_IO);
+                }
+                if f.guarded() && self.passthrough {
+                    if let Err(e) = self.fs.unseen_writes(caller(req), &f) {
+                        let _ = self.fs.release(fh.0);
+                        return reply.error(ferr(e));
+                    }
+                }
                 match self.backing(&f, |fd| reply.open_backing(fd)) {
                     Some(b) => reply.created_passthrough(&TTL, &a, Generation(0), fh, flags, &b.0),
                     None => reply.created(&TTL, &a, Generation(0), fh, flags),
@@ -406,7 +438,7 @@ impl fuser::Filesystem for FuseAdapter {
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -417,7 +449,7 @@ impl fuser::Filesystem for FuseAdapter {
         reply: ReplyWrite,
     ) {
         let kill = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
-        match self.fs.write(fh.0, offset, data, kill) {
+        match self.fs.write(caller(req), fh.0, offset, data, kill) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(ferr(e)),
         }
@@ -498,7 +530,7 @@ impl fuser::Filesystem for FuseAdapter {
     fn readdirplus(
         &self,
         req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectoryPlus,
@@ -510,7 +542,7 @@ impl fuser::Filesystem for FuseAdapter {
         };
         for (i, e) in entries.iter().enumerate().skip(offset as usize) {
             // An entry that vanished since the snapshot is left out.
-            let Ok((inode, st)) = self.fs.readdirplus_entry(c, &dir, &e.name) else {
+            let Ok((inode, st)) = self.fs.readdirplus_entry(c, ino.0, &dir, &e.name) else {
                 continue;
             };
             let id = inode.as_ref().map_or(st.st_ino, |i| i.id);
@@ -682,7 +714,7 @@ impl fuser::Filesystem for FuseAdapter {
 
     fn fallocate(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -690,7 +722,10 @@ impl fuser::Filesystem for FuseAdapter {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        empty(reply, self.fs.fallocate(fh.0, offset, length, mode));
+        empty(
+            reply,
+            self.fs.fallocate(caller(req), fh.0, offset, length, mode),
+        );
     }
 
     fn lseek(
@@ -710,7 +745,7 @@ impl fuser::Filesystem for FuseAdapter {
 
     fn copy_file_range(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino_in: INodeNo,
         fh_in: FileHandle,
         offset_in: u64,
@@ -722,6 +757,7 @@ impl fuser::Filesystem for FuseAdapter {
         reply: ReplyWrite,
     ) {
         match self.fs.copy_file_range(
+            caller(req),
             fh_in.0,
             offset_in,
             fh_out.0,

@@ -100,6 +100,21 @@ impl Guard {
         self.protect.iter().any(|g| g.matches(path)) && !self.ignore.iter().any(|g| g.matches(path))
     }
 
+    /// Could some path strictly below the directory `rel` be protected?
+    /// (Ignore globs are not consulted: the answer errs towards "yes".) Used
+    /// to refuse moving a directory out of protection as a whole.
+    pub fn may_protect_below(&self, rel: &Path) -> bool {
+        let mut comps: Vec<&[u8]> = Vec::new();
+        for c in rel.components() {
+            match c {
+                Component::Normal(s) => comps.push(s.as_bytes()),
+                Component::CurDir | Component::RootDir | Component::Prefix(_) => {}
+                Component::ParentDir => return false,
+            }
+        }
+        self.protect.iter().any(|g| match_prefix(&g.segs, &comps))
+    }
+
     /// The protect globs as given.
     pub fn protect_globs(&self) -> Vec<&str> {
         self.protect.iter().map(|g| g.src.as_str()).collect()
@@ -273,6 +288,16 @@ fn match_segs(segs: &[Seg], path: &[&[u8]]) -> bool {
     }
 }
 
+/// Can `segs` match `path` followed by one or more further components?
+fn match_prefix(segs: &[Seg], path: &[&[u8]]) -> bool {
+    match (segs.split_first(), path.split_first()) {
+        (None, _) => false,
+        (Some(_), None) => true,
+        (Some((Seg::Any, _)), Some(_)) => true,
+        (Some((seg, rest)), Some((c, prest))) => match_seg(seg, c) && match_prefix(rest, prest),
+    }
+}
+
 fn match_seg(seg: &Seg, name: &[u8]) -> bool {
     match seg {
         Seg::Any => true,
@@ -344,6 +369,27 @@ mod tests {
 
     fn err(p: &str) -> String {
         Guard::new(&[p.to_string()], &[]).unwrap_err()
+    }
+
+    #[test]
+    fn may_protect_below() {
+        let d = Guard::default();
+        for (rel, want) in [
+            ("", true),
+            ("_base", true),
+            ("_base/sub", true),
+            ("_base/sub/deeper", true),
+            ("inst", false),
+            ("_base2", false),
+            ("inst/_base", false),
+        ] {
+            assert_eq!(d.may_protect_below(Path::new(rel)), want, "{rel}");
+        }
+        let s = g(&["snap*/x/*.img"], &[]);
+        assert!(s.may_protect_below(Path::new("snapA")));
+        assert!(s.may_protect_below(Path::new("snapA/x")));
+        assert!(!s.may_protect_below(Path::new("snapA/y")));
+        assert!(!s.may_protect_below(Path::new("snapA/x/a.img")));
     }
 
     #[test]

@@ -15,8 +15,10 @@
 //! pinned per inode.
 
 use std::collections::{HashMap, VecDeque};
+use std::ffi::{OsStr, OsString};
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -41,11 +43,118 @@ pub struct Inode {
     /// Pinned descriptor: the root, and inodes on filesystems without handles.
     pinned: Option<Arc<OwnedFd>>,
     nlookup: AtomicU64,
+    /// Where the kernel reached this inode: the guard decides from this,
+    /// never from a path read back from the backing filesystem.
+    place: Mutex<Place>,
+}
+
+/// How many names of one file the guard remembers (hard links).
+const MAX_NAMES: usize = 8;
+
+/// The names through which the kernel reached an inode.
+#[derive(Debug, Default)]
+struct Place {
+    /// Directories: the one (parent id, name) the kernel used last (a
+    /// directory has one name). Files: the protected names the kernel used,
+    /// and every name of a file with several hard links (the flag says
+    /// whether that name is protected).
+    names: Vec<(u64, OsString, bool)>,
+    /// Ever reached through a protected name (sticky: the guard errs
+    /// towards keeping).
+    protected: bool,
 }
 
 impl Inode {
     pub fn is_dir(&self) -> bool {
         self.kind == libc::S_IFDIR
+    }
+
+    fn new(id: u64, st: &Stat, handle: Option<FileHandle>, pinned: Option<Arc<OwnedFd>>) -> Inode {
+        Inode {
+            id,
+            dev: st.st_dev,
+            ino: st.st_ino,
+            kind: st.st_mode & libc::S_IFMT,
+            handle,
+            pinned,
+            nlookup: AtomicU64::new(0),
+            place: Mutex::new(Place::default()),
+        }
+    }
+
+    /// The kernel reached this inode as `parent/name`; `protected` says
+    /// whether the guard protects that name.
+    /// `linked`: the file has other hard links.
+    pub fn reached(&self, parent: u64, name: &OsStr, protected: bool, linked: bool) {
+        let mut p = self.place.lock();
+        p.protected |= protected;
+        if self.is_dir() {
+            if p.names
+                .first()
+                .is_none_or(|(i, n, _)| *i != parent || n != name)
+            {
+                p.names.clear();
+                p.names.push((parent, name.to_os_string(), protected));
+            }
+            return;
+        }
+        if !(protected || linked) {
+            return;
+        }
+        let names = &mut p.names;
+        if let Some(slot) = names.iter_mut().find(|(i, n, _)| *i == parent && n == name) {
+            slot.2 |= protected;
+        } else if names.len() < MAX_NAMES {
+            names.push((parent, name.to_os_string(), protected));
+        } else if protected {
+            // Keep protected names over unprotected ones.
+            if let Some(slot) = names.iter_mut().find(|(_, _, prot)| !prot) {
+                *slot = (parent, name.to_os_string(), true);
+            }
+        }
+    }
+
+    /// The name `parent/name` of this inode is gone (unlinked, or renamed
+    /// away through the mount).
+    pub fn left(&self, parent: u64, name: &OsStr) {
+        let mut p = self.place.lock();
+        if !self.is_dir() {
+            p.names.retain(|(i, n, _)| *i != parent || n != name);
+        }
+    }
+
+    /// Was this inode ever reached through a protected name?
+    pub fn was_protected(&self) -> bool {
+        self.place.lock().protected
+    }
+
+    /// The protected names the kernel used for this file (empty for
+    /// directories).
+    pub fn protected_names(&self) -> Vec<(u64, OsString)> {
+        self.names_where(|prot| prot)
+    }
+
+    /// Every name the guard recorded for this file.
+    pub fn names(&self) -> Vec<(u64, OsString)> {
+        self.names_where(|_| true)
+    }
+
+    fn names_where(&self, keep: impl Fn(bool) -> bool) -> Vec<(u64, OsString)> {
+        if self.is_dir() {
+            return Vec::new();
+        }
+        let p = self.place.lock();
+        p.names
+            .iter()
+            .filter(|(_, _, prot)| keep(*prot))
+            .map(|(i, n, _)| (*i, n.clone()))
+            .collect()
+    }
+
+    /// A directory's (parent id, name), as the kernel last reached it.
+    fn dir_name(&self) -> Option<(u64, OsString)> {
+        let p = self.place.lock();
+        p.names.first().map(|(i, n, _)| (*i, n.clone()))
     }
 }
 
@@ -98,6 +207,20 @@ impl FdCache {
         self.inner.lock().map.remove(&id);
     }
 
+    /// Drop the oldest descriptors until at most `keep` remain.
+    fn shrink(&self, keep: usize) {
+        let mut g = self.inner.lock();
+        let g = &mut *g;
+        while g.map.len() > keep {
+            let Some((old, seq)) = g.order.pop_front() else {
+                break;
+            };
+            if g.map.get(&old).is_some_and(|(_, s)| *s == seq) {
+                g.map.remove(&old);
+            }
+        }
+    }
+
     fn len(&self) -> usize {
         self.inner.lock().map.len()
     }
@@ -137,18 +260,9 @@ impl InodeStore {
             use_handles,
             mount_fd,
         };
-        store.inodes.insert(
-            ROOT_ID,
-            Arc::new(Inode {
-                id: ROOT_ID,
-                dev: st.st_dev,
-                ino: st.st_ino,
-                kind: libc::S_IFDIR,
-                handle: None,
-                pinned: Some(Arc::new(root)),
-                nlookup: AtomicU64::new(1),
-            }),
-        );
+        let root = Inode::new(ROOT_ID, &st, None, Some(Arc::new(root)));
+        root.nlookup.store(1, Ordering::Relaxed);
+        store.inodes.insert(ROOT_ID, Arc::new(root));
         Ok(store)
     }
 
@@ -238,15 +352,8 @@ impl InodeStore {
                 } else {
                     Some(fd)
                 };
-                let inode = Arc::new(Inode {
-                    id,
-                    dev: st.st_dev,
-                    ino: st.st_ino,
-                    kind: st.st_mode & libc::S_IFMT,
-                    handle,
-                    pinned,
-                    nlookup: AtomicU64::new(1),
-                });
+                let inode = Arc::new(Inode::new(id, st, handle, pinned));
+                inode.nlookup.store(1, Ordering::Relaxed);
                 v.insert(Arc::clone(&inode));
                 Ok(inode)
             }
@@ -262,22 +369,28 @@ impl InodeStore {
     /// (no descriptor is opened until one is needed).
     pub fn lookup_handle(&self, handle: FileHandle, st: &Stat) -> io::Result<Arc<Inode>> {
         let id = self.id_for(st.st_dev, st.st_ino);
-        let inode = self.inodes.entry(id).or_insert_with(|| {
-            Arc::new(Inode {
-                id,
-                dev: st.st_dev,
-                ino: st.st_ino,
-                kind: st.st_mode & libc::S_IFMT,
-                handle: Some(handle),
-                pinned: None,
-                nlookup: AtomicU64::new(0),
-            })
-        });
+        let inode = self
+            .inodes
+            .entry(id)
+            .or_insert_with(|| Arc::new(Inode::new(id, st, Some(handle), None)));
         if inode.dev != st.st_dev || inode.ino != st.st_ino {
             return Err(io::Error::from_raw_os_error(libc::EIO));
         }
         inode.nlookup.fetch_add(1, Ordering::Relaxed);
         Ok(Arc::clone(&inode))
+    }
+
+    /// The inode with these `(dev, ino)`, if known, without counting a
+    /// lookup (for decisions, not replies).
+    pub fn peek(&self, st: &Stat) -> Option<Arc<Inode>> {
+        let id = if st.st_dev == self.root_dev && st.st_ino != ROOT_ID && st.st_ino < SYNTHETIC_BASE
+        {
+            st.st_ino
+        } else {
+            *self.synthetic.get(&(st.st_dev, st.st_ino))?
+        };
+        let r = self.inodes.get(&id)?;
+        (r.dev == st.st_dev && r.ino == st.st_ino).then(|| Arc::clone(&r))
     }
 
     /// Is this `(dev, ino)` already known? (Avoids opening a descriptor.)
@@ -316,6 +429,60 @@ impl InodeStore {
                 }
             }
         }
+    }
+
+    /// The path of directory `id` below the root, from the names the kernel
+    /// used to reach it and its ancestors (never read back from the backing
+    /// filesystem, so it cannot be fooled by a moved or over-long backing
+    /// path). `None` when the chain is broken (the guard then refuses).
+    pub fn dir_path(&self, id: u64) -> Option<PathBuf> {
+        let mut names: Vec<OsString> = Vec::new();
+        let mut at = id;
+        while at != ROOT_ID {
+            if names.len() > 4096 {
+                return None;
+            }
+            let inode = self.get(at)?;
+            if !inode.is_dir() {
+                return None;
+            }
+            let (parent, name) = inode.dir_name()?;
+            names.push(name);
+            at = parent;
+        }
+        Some(names.iter().rev().collect())
+    }
+
+    /// Was directory `id` or one of its ancestors ever reached through a
+    /// protected name?
+    pub fn under_protected(&self, id: u64) -> bool {
+        let mut at = id;
+        for _ in 0..4096 {
+            if at == ROOT_ID {
+                return false;
+            }
+            let Some(inode) = self.get(at) else {
+                return true;
+            };
+            if inode.was_protected() {
+                return true;
+            }
+            match inode.dir_name() {
+                Some((parent, _)) => at = parent,
+                None => return true,
+            }
+        }
+        true
+    }
+
+    /// Keep at most `keep` cached descriptors (open files need them more).
+    pub fn shrink_cache(&self, keep: usize) {
+        self.cache.shrink(keep);
+    }
+
+    /// Descriptors held in the cache.
+    pub fn cached(&self) -> usize {
+        self.cache.len()
     }
 
     /// Number of inodes known, and descriptors held (for stats).

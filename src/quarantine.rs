@@ -123,6 +123,11 @@ pub enum Why {
     Truncate,
     /// `baseguard restore --force` displaced the file at the destination.
     RestoreForce,
+    /// A protected file renamed to an unprotected name (a link is kept).
+    RenameOut,
+    /// A protected file opened for writing, or about to have a hole
+    /// punched or a range zeroed (contents copied first).
+    Overwrite,
 }
 
 impl fmt::Display for Why {
@@ -133,6 +138,8 @@ impl fmt::Display for Why {
             Why::LinkOver => "link-over",
             Why::Truncate => "truncate",
             Why::RestoreForce => "restore-force",
+            Why::RenameOut => "rename-out",
+            Why::Overwrite => "overwrite",
         })
     }
 }
@@ -408,6 +415,12 @@ pub struct Status {
     pub restoring: usize,
     /// `<id>.data` files without a record (never deleted by baseguard).
     pub orphans: usize,
+}
+
+/// A held [`Quarantine::lock_name`] lock; dropping it releases the lock.
+#[derive(Debug)]
+pub struct NameLock {
+    _fd: OwnedFd,
 }
 
 /// The quarantine store. Holds its own descriptors; `Send + Sync`.
@@ -696,6 +709,38 @@ impl Quarantine {
             st.st_ctime_nsec,
             st.st_size as u64 ^ ((st.st_nlink as u64) << 48),
         ))
+    }
+
+    /// Serialize replacing the protected name `rel` across every node that
+    /// shares this quarantine (a blocking OFD lock on one byte of
+    /// `<q>/rename.lock`, chosen by the name), for filesystems without
+    /// `RENAME_EXCHANGE`. Held until the returned guard is dropped.
+    pub fn lock_name(&self, rel: &Path) -> io::Result<NameLock> {
+        let fd = sys::openat(
+            self.dir.as_fd(),
+            c"rename.lock",
+            libc::O_RDWR | libc::O_CREAT | libc::O_NOFOLLOW,
+            0o600,
+        )?;
+        // FNV-1a: stable across nodes and versions.
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in rel.as_os_str().as_bytes() {
+            h = (h ^ *b as u64).wrapping_mul(0x100_0000_01b3);
+        }
+        let at = h % (1 << 30);
+        let lock = sys::LockRange {
+            typ: libc::F_WRLCK,
+            start: at,
+            end: at,
+            pid: 0,
+        };
+        loop {
+            match sys::ofd_setlk(fd.as_fd(), &lock, true) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                r => r?,
+            }
+            return Ok(NameLock { _fd: fd });
+        }
     }
 
     /// Use `link` + `unlink` instead of `renameat2(RENAME_NOREPLACE)` from now

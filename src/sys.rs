@@ -608,7 +608,10 @@ pub fn open_by_handle(mount_fd: BorrowedFd<'_>, h: &FileHandle, flags: i32) -> i
     Ok(owned(fd as RawFd))
 }
 
-/// Raise the soft open-file limit to the hard limit; returns the new limit.
+/// Raise the open-file limit as far as allowed: both limits to the
+/// kernel's maximum (`fs.nr_open`, capped at 2^20) where the process may
+/// raise its hard limit (root), else the soft limit to the hard one.
+/// Returns the new soft limit.
 pub fn raise_nofile_limit() -> io::Result<u64> {
     let mut rl = libc::rlimit {
         rlim_cur: 0,
@@ -616,6 +619,21 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
     };
     // SAFETY: valid out-pointer.
     cvt(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) })?;
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(0)
+        .min(1 << 20);
+    if nr_open > rl.rlim_max {
+        let up = libc::rlimit {
+            rlim_cur: nr_open,
+            rlim_max: nr_open,
+        };
+        // SAFETY: valid in-pointer.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &up) } == 0 {
+            return Ok(nr_open);
+        }
+    }
     rl.rlim_cur = rl.rlim_max;
     // SAFETY: valid in-pointer.
     cvt(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &rl) })?;

@@ -164,19 +164,22 @@ fn the_incident_with_a_restore_command() {
     let a = Mount::new(&backing, &["--no-heal"]);
     let b = Mount::new(&backing, &["--no-heal"]);
 
-    // Node B downloads the base image and boots an instance on it.
+    // Node B downloads the base image (as Nova does: to `.part`, then a
+    // rename into place) and boots an instance on it.
     let base_b = b.path(&format!("_base/{SHA}"));
+    let part = b.path(&format!("_base/{SHA}.part"));
     cmd_ok(
         Command::new("qemu-img")
             .args(["create", "-q", "-f", "raw"])
-            .arg(&base_b)
+            .arg(&part)
             .arg("4M"),
     );
     cmd_ok(
         Command::new("qemu-io")
             .args(["-f", "raw", "-c", "write -P 0x42 0 1M"])
-            .arg(&base_b),
+            .arg(&part),
     );
+    fs::rename(&part, &base_b).unwrap();
     fs::create_dir(b.path(UUID)).unwrap();
     let disk = b.path(&format!("{UUID}/disk"));
     cmd_ok(
@@ -865,7 +868,14 @@ fn truncation_preserves_the_old_contents() {
     assert_eq!(paths_of(&l), ["_base/a", "_base/b"], "{l:#?}");
     for e in &l {
         assert_eq!(e["state"], "held");
-        assert_eq!(e["why"], "truncate");
+        // truncate(1) opens for writing first: if the kernel still passes
+        // the inode through for the writer before it (its RELEASE is
+        // asynchronous), the copy is made at that open, as an overwrite.
+        let why = e["why"].as_str().unwrap();
+        assert!(
+            why == "truncate" || (why == "overwrite" && e["path"] == "_base/a"),
+            "{e:#}"
+        );
         let (want, comm) = if e["path"] == "_base/a" {
             (&old_a, "truncate")
         } else {

@@ -30,14 +30,19 @@ fn ok(cmd: &mut Command) -> String {
 }
 
 /// A raw base image with a known pattern in its first MiB.
+/// A base image made the way Nova makes one: written as `<name>.part`, then
+/// renamed into place (writing into a protected file in place would, by
+/// design, keep a copy of what it overwrites).
 fn make_base(path: &Path, pattern: &str) {
+    let part = path.with_extension("part");
     ok(Command::new("qemu-img")
         .args(["create", "-q", "-f", "raw"])
-        .arg(path)
+        .arg(&part)
         .arg("16M"));
     ok(Command::new("qemu-io")
         .args(["-f", "raw", "-c", &format!("write -P {pattern} 0 1M")])
-        .arg(path));
+        .arg(&part));
+    std::fs::rename(&part, path).unwrap();
 }
 
 fn overlay(base: &str, fmt: &str, disk: &Path) {

@@ -264,8 +264,14 @@ impl MountArgs {
                 .map_err(|e| e.to_string())?;
             Some(Arc::new(q))
         };
-        let mut fs = Passthrough::new(root, FsOptions { fd_cache })
-            .map_err(|e| format!("cannot serve {}: {e}", backing.display()))?;
+        let mut fs = Passthrough::new(
+            root,
+            FsOptions {
+                fd_cache,
+                nofile: limit,
+            },
+        )
+        .map_err(|e| format!("cannot serve {}: {e}", backing.display()))?;
         let refs = Arc::new(References::new(
             PathBuf::from(format!("/proc/self/fd/{}", fs.root_fd().as_raw_fd())),
             vec![mountpoint.clone(), backing.clone()],

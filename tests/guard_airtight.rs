@@ -1,0 +1,450 @@
+//! The guard is airtight: the hostile review's ways to destroy a protected
+//! file's bytes through a mount, each replayed through real mounts (two
+//! mounts of one backing directory stand for two compute nodes).
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+
+const PY: &str = "/usr/bin/python3";
+
+/// A scratch directory holding the backing directory `instances/_base`.
+fn scratch() -> (tempfile::TempDir, PathBuf) {
+    let t = tempfile::tempdir().unwrap();
+    let b = t.path().join("instances");
+    fs::create_dir_all(b.join("_base")).unwrap();
+    fs::create_dir_all(b.join("inst")).unwrap();
+    (t, b)
+}
+
+/// Every held quarantine entry under `backing/.baseguard`: (id, recorded
+/// path, why, bytes of its data).
+fn held(backing: &Path) -> Vec<(String, String, String, Vec<u8>)> {
+    let dir = backing.join(".baseguard/entries");
+    let mut out = Vec::new();
+    let Ok(rd) = fs::read_dir(&dir) else {
+        return out;
+    };
+    for e in rd {
+        let name = e.unwrap().file_name().into_string().unwrap();
+        let Some(id) = name.strip_suffix(".data") else {
+            continue;
+        };
+        let rec: serde_json::Value =
+            serde_json::from_slice(&fs::read(dir.join(format!("{id}.json"))).unwrap()).unwrap();
+        out.push((
+            id.to_string(),
+            rec["path"].as_str().unwrap().to_string(),
+            rec["why"].as_str().unwrap().to_string(),
+            fs::read(dir.join(&name)).unwrap(),
+        ));
+    }
+    out.sort();
+    out
+}
+
+/// The contents held for `path`.
+fn held_for(backing: &Path, path: &str) -> Vec<Vec<u8>> {
+    held(backing)
+        .into_iter()
+        .filter(|h| h.1 == path)
+        .map(|h| h.3)
+        .collect()
+}
+
+fn py(script: &str, args: &[&Path]) -> (bool, String) {
+    let o = Command::new(PY)
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        o.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
+    )
+}
+
+fn sh(script: &str) -> (bool, String) {
+    let o = Command::new("sh").arg("-c").arg(script).output().unwrap();
+    (
+        o.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
+    )
+}
+
+// ---- 1. stale entries and open descriptors ----------------------------------
+
+#[test]
+fn a_stale_entry_never_writes_into_a_file_another_node_quarantined() {
+    let (_t, bk) = scratch();
+    let a = Mount::new(&bk, &[]);
+    let b = Mount::new(&bk, &[]);
+    let (ai, bi) = (a.path("_base/img"), b.path("_base/img"));
+    // All within the kernel's entry timeout, so node A's entry is cached.
+    let (ok, out) = sh(&format!(
+        "printf ORIGINAL > '{ai}' && cat '{ai}' >/dev/null && rm '{bi}' && printf NEW > '{ai}'",
+        ai = ai.display(),
+        bi = bi.display()
+    ));
+    assert!(ok, "{out}");
+    assert_eq!(fs::read(&ai).unwrap(), b"NEW", "the new file is a new file");
+    let kept = held_for(&bk, "_base/img");
+    assert!(
+        kept.iter().any(|d| d == b"ORIGINAL"),
+        "the quarantined original keeps its bytes: {kept:?}"
+    );
+    assert!(
+        kept.iter().all(|d| d.as_slice() != b"NEW"),
+        "nothing was written into the quarantine: {kept:?}"
+    );
+}
+
+#[test]
+fn an_open_descriptor_never_changes_a_file_another_node_quarantined() {
+    let (_t, bk) = scratch();
+    let a = Mount::new(&bk, &[]);
+    let b = Mount::new(&bk, &[]);
+    fs::write(bk.join("_base/img"), b"ORIGINAL-CONTENTS").unwrap();
+    // Node A holds the file open for writing; node B deletes it; node A
+    // then truncates and writes through its descriptor.
+    let script = r#"
+import os, sys, errno
+a, b = sys.argv[1], sys.argv[2]
+fd = os.open(a, os.O_RDWR)
+os.unlink(b)
+res = []
+for what, fn in (("ftruncate", lambda: os.ftruncate(fd, 0)),
+                 ("pwrite", lambda: os.pwrite(fd, b"XXXX", 0))):
+    try:
+        fn()
+        res.append(what + "=ok")
+    except OSError as e:
+        res.append(what + "=" + errno.errorcode[e.errno])
+print(" ".join(res))
+"#;
+    let (ok, out) = py(script, &[&a.path("_base/img"), &b.path("_base/img")]);
+    assert!(ok, "{out}");
+    let kept = held_for(&bk, "_base/img");
+    assert!(!kept.is_empty(), "the deletion was quarantined");
+    for d in &kept {
+        assert_eq!(
+            d.as_slice(),
+            b"ORIGINAL-CONTENTS",
+            "every held copy keeps the original bytes ({out})"
+        );
+    }
+    assert!(
+        out.contains("ftruncate=ESTALE"),
+        "a stale descriptor is refused as NFS would: {out}"
+    );
+}
+
+// ---- 2. rename-over races ---------------------------------------------------
+
+#[test]
+fn two_nodes_renaming_over_one_name_lose_no_version() {
+    let (_t, bk) = scratch();
+    let a = Mount::new(&bk, &[]);
+    let b = Mount::new(&bk, &[]);
+    fs::write(bk.join("_base/img"), b"version-initial").unwrap();
+    const N: usize = 150;
+    let script = r#"
+import os, sys, errno
+base, tag, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+errs = []
+for i in range(n):
+    part = os.path.join(base, "img.%s.%d.part" % (tag, i))
+    with open(part, "wb") as f:
+        f.write(("version-%s-%d" % (tag, i)).encode())
+    try:
+        os.rename(part, os.path.join(base, "img"))
+    except OSError as e:
+        errs.append(errno.errorcode[e.errno])
+print("errors:", len(errs), sorted(set(errs)))
+"#;
+    let spawn = |m: &Mount, tag: &str| {
+        Command::new(PY)
+            .arg("-c")
+            .arg(script)
+            .arg(m.path("_base"))
+            .arg(tag)
+            .arg(N.to_string())
+            .output()
+            .unwrap()
+    };
+    let (oa, ob) = std::thread::scope(|s| {
+        let ha = s.spawn(|| spawn(&a, "A"));
+        let hb = s.spawn(|| spawn(&b, "B"));
+        (ha.join().unwrap(), hb.join().unwrap())
+    });
+    for o in [&oa, &ob] {
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            o.status.success() && out.contains("errors: 0"),
+            "a rename returned what a native rename would not: {out} {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    let mut seen: BTreeSet<Vec<u8>> = held_for(&bk, "_base/img").into_iter().collect();
+    seen.insert(fs::read(bk.join("_base/img")).unwrap());
+    let mut missing = Vec::new();
+    for v in std::iter::once("version-initial".to_string())
+        .chain((0..N).map(|i| format!("version-A-{i}")))
+        .chain((0..N).map(|i| format!("version-B-{i}")))
+    {
+        if !seen.contains(v.as_bytes()) {
+            missing.push(v);
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "{} of {} versions were lost: {:?}",
+        missing.len(),
+        2 * N + 1,
+        &missing[..missing.len().min(10)]
+    );
+    // No stray temporaries: every .part was renamed.
+    let left: Vec<_> = fs::read_dir(bk.join("_base"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n.to_string_lossy().ends_with(".part"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+// ---- 4. hard links ----------------------------------------------------------
+
+#[test]
+fn a_hard_link_elsewhere_does_not_switch_the_guard_off() {
+    let (_t, bk) = scratch();
+    let m = Mount::new(&bk, &[]);
+    fs::write(bk.join("_base/hl"), b"X-CONTENTS").unwrap();
+    fs::hard_link(bk.join("_base/hl"), bk.join("inst/hl")).unwrap();
+    let (ok, out) = sh(&format!("truncate -s0 '{}'", m.path("_base/hl").display()));
+    assert!(ok, "{out}");
+    assert_eq!(held_for(&bk, "_base/hl"), vec![b"X-CONTENTS".to_vec()]);
+
+    // Through the other, unprotected name of a linked file: the guard
+    // cannot see every name, so it keeps a copy rather than guess.
+    fs::write(bk.join("_base/hl2"), b"Y-CONTENTS").unwrap();
+    fs::hard_link(bk.join("_base/hl2"), bk.join("inst/hl2")).unwrap();
+    let (ok, out) = sh(&format!("truncate -s0 '{}'", m.path("inst/hl2").display()));
+    assert!(ok, "{out}");
+    let all: Vec<Vec<u8>> = held(&bk).into_iter().map(|h| h.3).collect();
+    assert!(all.contains(&b"Y-CONTENTS".to_vec()), "{all:?}");
+}
+
+// ---- 5. moved and over-long backing paths -----------------------------------
+
+#[test]
+fn the_guard_holds_when_the_backing_path_moves() {
+    let t = tempfile::tempdir().unwrap();
+    let bk = t.path().join("bk");
+    fs::create_dir_all(bk.join("_base")).unwrap();
+    let mp = t.path().join("mnt");
+    fs::create_dir(&mp).unwrap();
+    let m = Mount::at(&bk, &mp, &[]);
+    fs::write(m.path("_base/one"), b"ONE").unwrap();
+    fs::write(m.path("_base/two"), b"TWO").unwrap();
+    fs::remove_file(m.path("_base/one")).unwrap();
+    let moved = t.path().join("bk.renamed");
+    fs::rename(&bk, &moved).unwrap();
+    fs::remove_file(m.path("_base/two")).unwrap();
+    assert_eq!(held_for(&moved, "_base/one"), vec![b"ONE".to_vec()]);
+    assert_eq!(held_for(&moved, "_base/two"), vec![b"TWO".to_vec()]);
+    drop(m);
+}
+
+#[test]
+fn the_guard_holds_below_paths_longer_than_path_max() {
+    let (_t, bk) = scratch();
+    let m = Mount::new(&bk, &[]);
+    // 20 levels of 250-byte names: about 5,000 bytes below _base.
+    let script = r#"
+import os, sys
+os.chdir(sys.argv[1])
+for i in range(20):
+    name = ("d%02d" % i) + "x" * 247
+    os.mkdir(name)
+    os.chdir(name)
+with open("deep", "wb") as f:
+    f.write(b"DEEP-CONTENTS")
+os.unlink("deep")
+print(len(os.getcwd()))
+"#;
+    let (ok, out) = py(script, &[&m.path("_base")]);
+    assert!(ok, "{out}");
+    let deep: Vec<_> = held(&bk)
+        .into_iter()
+        .filter(|h| h.1.ends_with("/deep"))
+        .collect();
+    assert_eq!(deep.len(), 1, "the deep deletion was quarantined");
+    assert!(deep[0].1.starts_with("_base/d00"), "{}", deep[0].1);
+    assert!(deep[0].1.len() > 4300, "recorded with its full path");
+    assert_eq!(deep[0].3, b"DEEP-CONTENTS");
+}
+
+// ---- 6. other ways to destroy the bytes --------------------------------------
+
+#[test]
+fn punching_zeroing_and_overwriting_in_place_copy_first() {
+    let (_t, bk) = scratch();
+    let m = Mount::new(&bk, &[]);
+    let orig: Vec<u8> = (0..256 * 1024u32).map(|i| (i % 251) as u8 + 1).collect();
+    for name in ["punch", "zero", "dd", "py"] {
+        fs::write(bk.join("_base").join(name), &orig).unwrap();
+    }
+    let p = |n: &str| m.path(&format!("_base/{n}")).display().to_string();
+    for cmd in [
+        format!("fallocate -p -o 4096 -l 65536 '{}'", p("punch")),
+        format!("fallocate -z -o 4096 -l 65536 '{}'", p("zero")),
+        format!(
+            "dd if=/dev/zero of='{}' bs=4096 count=2 conv=notrunc status=none",
+            p("dd")
+        ),
+    ] {
+        let (ok, out) = sh(&cmd);
+        assert!(ok, "{cmd}: {out}");
+    }
+    let (ok, out) = py(
+        "import os,sys\nfd=os.open(sys.argv[1], os.O_WRONLY)\nos.pwrite(fd, b'Z'*100, 10)\nos.close(fd)",
+        &[Path::new(&p("py"))],
+    );
+    assert!(ok, "{out}");
+    for name in ["punch", "zero", "dd", "py"] {
+        let now = fs::read(bk.join("_base").join(name)).unwrap();
+        assert_ne!(now, orig, "{name} was changed as asked");
+        assert!(
+            held_for(&bk, &format!("_base/{name}")).contains(&orig),
+            "{name}: the original bytes are held"
+        );
+    }
+}
+
+#[test]
+fn renaming_out_of_base_and_deleting_there_keeps_the_file() {
+    let (_t, bk) = scratch();
+    let m = Mount::new(&bk, &[]);
+    fs::write(bk.join("_base/moved"), b"MOVED").unwrap();
+    fs::rename(m.path("_base/moved"), m.path("inst/moved")).unwrap();
+    fs::remove_file(m.path("inst/moved")).unwrap();
+    assert!(
+        held(&bk).iter().any(|h| h.3 == b"MOVED"),
+        "the file that left _base is held"
+    );
+
+    // A directory of protected files cannot leave as a whole: mv(1) falls
+    // back to copying and deleting, and every deletion is guarded.
+    fs::create_dir(bk.join("_base/sub")).unwrap();
+    fs::write(bk.join("_base/sub/a"), b"SUB-A").unwrap();
+    let e = fs::rename(m.path("_base/sub"), m.path("inst/sub")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EXDEV));
+    let (ok, out) = sh(&format!(
+        "mv '{}' '{}' && rm -r '{}'",
+        m.path("_base/sub").display(),
+        m.path("inst/sub").display(),
+        m.path("inst/sub").display()
+    ));
+    assert!(ok, "{out}");
+    assert_eq!(held_for(&bk, "_base/sub/a"), vec![b"SUB-A".to_vec()]);
+
+    // Within _base, renames stay cheap: no copy.
+    let before = held(&bk).len();
+    fs::write(bk.join("_base/x"), b"X").unwrap();
+    fs::rename(m.path("_base/x"), m.path("_base/y")).unwrap();
+    assert_eq!(held(&bk).len(), before);
+}
+
+#[test]
+fn novas_download_flow_quarantines_nothing_new() {
+    let (_t, bk) = scratch();
+    let m = Mount::new(&bk, &[]);
+    // Download to .part, convert to .converted, rename over the final name
+    // (absent), remove the .part: nothing is held.
+    let base = m.path("_base");
+    fs::write(base.join("abc.part"), vec![7u8; 100_000]).unwrap();
+    fs::copy(base.join("abc.part"), base.join("abc.converted")).unwrap();
+    fs::rename(base.join("abc.converted"), base.join("abc")).unwrap();
+    fs::remove_file(base.join("abc.part")).unwrap();
+    // libvirt relabels, Nova touches in-use images.
+    let (ok, out) = sh(&format!(
+        "chmod 0644 '{p}' && touch '{p}' && cat '{p}' >/dev/null",
+        p = base.join("abc").display()
+    ));
+    assert!(ok, "{out}");
+    let kept: Vec<_> = held(&bk).into_iter().map(|h| (h.1, h.2)).collect();
+    assert!(kept.is_empty(), "{kept:?}");
+    assert_eq!(fs::metadata(bk.join("_base/abc")).unwrap().size(), 100_000);
+    let counts: BTreeMap<String, u64> =
+        serde_json::from_value(m.stats()["ops"].clone()).unwrap_or_default();
+    assert_eq!(counts.get("quarantined").copied().unwrap_or(0), 0);
+}
+
+// ---- 12. descriptors --------------------------------------------------------
+
+#[test]
+fn one_user_opening_thousands_of_files_does_not_starve_the_daemon() {
+    let (t, bk) = scratch();
+    let log = t.path().join("daemon.log");
+    let mp = t.path().join("mnt");
+    fs::create_dir(&mp).unwrap();
+    // A daemon that may not raise its hard limit (no CAP_SYS_RESOURCE).
+    let m = Mount::wrapped(
+        &[
+            "prlimit",
+            "--nofile=4096:4096",
+            "--",
+            "setpriv",
+            "--bounding-set=-sys_resource",
+            "--",
+        ],
+        &bk,
+        &mp,
+        &["--log-file", log.to_str().unwrap()],
+    );
+    let dir = m.path("many");
+    fs::create_dir(&dir).unwrap();
+    for i in 0..3800 {
+        fs::write(dir.join(format!("f{i}")), b"x").unwrap();
+    }
+    // Hold 3,800 files open through the mount, then ask for more as root.
+    let script = r#"
+import os, sys
+d = sys.argv[1]
+fds = [os.open(os.path.join(d, "f%d" % i), os.O_RDONLY) for i in range(3800)]
+with open(os.path.join(d, "late"), "w") as f:
+    f.write("late")
+print(open(os.path.join(d, "late")).read(), os.stat(os.path.join(d, "f0")).st_size)
+"#;
+    let o = Command::new("prlimit")
+        .args(["--nofile=10000:10000", "--", PY, "-c", script])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success() && out.trim() == "late 1",
+        "{out} {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let logged = fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        logged.contains("near its open-file limit"),
+        "the daemon says it is near its limit"
+    );
+}
