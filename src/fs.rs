@@ -125,6 +125,8 @@ pub struct FsOptions {
     /// The daemon's open-file limit: cached descriptors give way to open
     /// files as it nears, and a warning is logged.
     pub nofile: u64,
+    /// Never use `RENAME_EXCHANGE`/`RENAME_NOREPLACE` (as over NFS).
+    pub no_exchange: bool,
 }
 
 /// The passthrough filesystem over one backing directory.
@@ -141,6 +143,7 @@ pub struct Passthrough {
     hidden: Mutex<Vec<Hidden>>,
     protection: Option<Protection>,
     nofile: u64,
+    no_exchange: bool,
     /// When the descriptor warning was last logged (seconds since start).
     fd_warned: AtomicU64,
     started: std::time::Instant,
@@ -207,6 +210,7 @@ impl Passthrough {
             hidden: Mutex::new(Vec::new()),
             protection: None,
             nofile: opts.nofile,
+            no_exchange: opts.no_exchange,
             fd_warned: AtomicU64::new(0),
             started: std::time::Instant::now(),
             stats: Stats::default(),
@@ -1002,6 +1006,9 @@ impl Passthrough {
         to: &Name<'_>,
     ) -> Result<()> {
         let who = Who::from_pid(caller.pid, caller.uid, caller.gid);
+        if self.no_exchange {
+            return self.replace_locked(caller, p, rel, from, to, &who);
+        }
         for _ in 0..64 {
             self.creds.become_daemon();
             if let Ok(d) = sys::statat(to.fd.as_fd(), to.c) {

@@ -158,9 +158,20 @@ print(" ".join(res))
 
 #[test]
 fn two_nodes_renaming_over_one_name_lose_no_version() {
+    rename_race(&[]);
+}
+
+/// The same without RENAME_EXCHANGE or RENAME_NOREPLACE, as over NFS: the
+/// nodes serialize through the lock in the shared quarantine.
+#[test]
+fn two_nodes_renaming_over_one_name_lose_no_version_without_exchange() {
+    rename_race(&["--emulate-nfs"]);
+}
+
+fn rename_race(args: &[&str]) {
     let (_t, bk) = scratch();
-    let a = Mount::new(&bk, &[]);
-    let b = Mount::new(&bk, &[]);
+    let a = Mount::new(&bk, args);
+    let b = Mount::new(&bk, args);
     fs::write(bk.join("_base/img"), b"version-initial").unwrap();
     const N: usize = 150;
     let script = r#"

@@ -100,6 +100,10 @@ pub struct MountArgs {
     /// benchmarking the bare passthrough only.
     #[arg(long, hide = true)]
     pub unguarded: bool,
+    /// Behave as over NFS: no RENAME_EXCHANGE, no RENAME_NOREPLACE (tests
+    /// cover the serialized fallbacks with it).
+    #[arg(long, hide = true)]
+    pub emulate_nfs: bool,
 }
 
 /// Errors before the filesystem is up, each one sentence for the operator.
@@ -262,6 +266,9 @@ impl MountArgs {
         } else {
             let q = Quarantine::open(root.as_fd(), self.quarantine.as_deref())
                 .map_err(|e| e.to_string())?;
+            if self.emulate_nfs {
+                q.force_link_fallback();
+            }
             Some(Arc::new(q))
         };
         let mut fs = Passthrough::new(
@@ -269,6 +276,7 @@ impl MountArgs {
             FsOptions {
                 fd_cache,
                 nofile: limit,
+                no_exchange: self.emulate_nfs,
             },
         )
         .map_err(|e| format!("cannot serve {}: {e}", backing.display()))?;
