@@ -53,6 +53,12 @@ pub const PENDING_GRACE: Duration = Duration::from_secs(3600);
 /// and is put back as `<id>.data` by the sweep.
 pub const CLAIM_GRACE: Duration = Duration::from_secs(15 * 60);
 const RECORD_VERSION: u32 = 1;
+/// Largest record read. A real one is a few hundred bytes; the worst case
+/// (a 4 KiB non-UTF-8 path, kept twice, the bytes as a pretty-printed JSON
+/// array, and a command line cut at [`MAX_CMDLINE`]) stays under 64 KiB.
+pub const MAX_RECORD: u64 = 256 << 10;
+/// Command lines are cut to this many bytes in records.
+pub const MAX_CMDLINE: usize = 4096;
 
 /// Who caused a quarantine (or a restore).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,7 +82,11 @@ impl Who {
             .unwrap_or_else(|_| "?".to_string());
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
             .map(|b| {
-                let s: Vec<u8> = b.iter().map(|&c| if c == 0 { b' ' } else { c }).collect();
+                let s: Vec<u8> = b
+                    .iter()
+                    .take(MAX_CMDLINE)
+                    .map(|&c| if c == 0 { b' ' } else { c })
+                    .collect();
                 String::from_utf8_lossy(&s).trim_end().to_string()
             })
             .unwrap_or_default();
@@ -1027,15 +1037,49 @@ impl Quarantine {
         out.sync_all()
     }
 
+    /// Read and parse `<id>.json`. Never blocks and never reads much: the
+    /// record is opened non-blocking without following a symlink, and
+    /// anything but a regular file of at most [`MAX_RECORD`] bytes is
+    /// `InvalidData` (a FIFO or a huge file named like a record, put there
+    /// by mistake or malice, is skipped, not waited on or read whole).
     fn read_record(&self, id: &str) -> io::Result<Entry> {
         let fd = sys::openat(
             self.entries.as_fd(),
             &Self::record_name(id),
-            libc::O_RDONLY | libc::O_NOFOLLOW,
+            libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY,
             0,
-        )?;
+        )
+        .map_err(|e| {
+            if errno(&e) == libc::ELOOP {
+                io::Error::new(io::ErrorKind::InvalidData, "the record is a symbolic link")
+            } else {
+                e
+            }
+        })?;
+        let st = sys::fstat(fd.as_fd())?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "the record is not a regular file",
+            ));
+        }
+        if st.st_size as u64 > MAX_RECORD {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "the record is {} bytes, more than a record can be ({MAX_RECORD})",
+                    st.st_size
+                ),
+            ));
+        }
         let mut s = String::new();
-        File::from(fd).read_to_string(&mut s)?;
+        File::from(fd).take(MAX_RECORD + 1).read_to_string(&mut s)?;
+        if s.len() as u64 > MAX_RECORD {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "the record grew past the size a record can be",
+            ));
+        }
         let mut e: Entry = serde_json::from_str(&s)
             .map_err(|err| io::Error::new(io::ErrorKind::InvalidData, err))?;
         if e.id != id {
