@@ -1022,6 +1022,19 @@ impl Quarantine {
             tracing::warn!(error = %e, "could not preserve the owner of a quarantined copy");
         }
         out.set_permissions(std::fs::Permissions::from_mode(st.st_mode & 0o7777))?;
+        // After chown (which drops security.capability) and chmod: every
+        // extended attribute (libvirt's trusted.libvirt.security.*, SELinux
+        // and other security.* labels, user.*, ACLs), as a rename keeps them.
+        // A failure is logged and does not fail the stash: the bytes matter
+        // most, and refusing would make the truncation itself fail.
+        let failed = copy_xattrs(rd.as_fd(), out.as_fd());
+        if !failed.is_empty() {
+            let names: Vec<String> = failed.iter().map(|(n, e)| format!("{n}: {e}")).collect();
+            tracing::error!(
+                failed = %names.join(", "),
+                "could not copy some extended attributes to a quarantined copy"
+            );
+        }
         let t = |s: i64, ns: i64| {
             if s >= 0 {
                 UNIX_EPOCH + Duration::new(s as u64, ns.clamp(0, 999_999_999) as u32)
@@ -1567,6 +1580,52 @@ fn tighten(fd: BorrowedFd<'_>, shown: &str) {
         // NFS with root_squash: root cannot chown; mode 0700 still applies.
         tracing::warn!(dir = shown, error = %e, "cannot make the quarantine directory root-owned");
     }
+}
+
+/// One xattr call that sizes its buffer: ask for the size, then the data,
+/// again if it grew meanwhile (`ERANGE`).
+fn xattr_bytes(call: impl Fn(usize) -> io::Result<sys::XattrReply>) -> io::Result<Vec<u8>> {
+    for _ in 0..8 {
+        let size = match call(0)? {
+            sys::XattrReply::Size(0) => return Ok(Vec::new()),
+            sys::XattrReply::Size(n) => n,
+            sys::XattrReply::Data(d) => return Ok(d),
+        };
+        match call(size) {
+            Ok(sys::XattrReply::Data(d)) => return Ok(d),
+            Ok(sys::XattrReply::Size(_)) => return Ok(Vec::new()),
+            Err(e) if errno(&e) == libc::ERANGE => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(io::Error::from_raw_os_error(libc::ERANGE))
+}
+
+/// Copy every extended attribute of `from` to `to`; returns the ones that
+/// could not be copied (name, error), or `("*", error)` if they could not
+/// even be listed. A filesystem without xattrs is not a failure.
+fn copy_xattrs(from: BorrowedFd<'_>, to: BorrowedFd<'_>) -> Vec<(String, io::Error)> {
+    let list = match xattr_bytes(|n| sys::listxattr_fd(from, n)) {
+        Ok(l) => l,
+        Err(e) if matches!(errno(&e), libc::ENOTSUP | libc::ENOSYS) => return Vec::new(),
+        Err(e) => return vec![("*".into(), e)],
+    };
+    let mut failed = Vec::new();
+    for name in list.split(|&b| b == 0).filter(|n| !n.is_empty()) {
+        let shown = String::from_utf8_lossy(name).into_owned();
+        let Ok(cname) = CString::new(name) else {
+            continue;
+        };
+        let copied = xattr_bytes(|n| sys::getxattr_fd(from, &cname, n))
+            .and_then(|v| sys::setxattr_fd(to, &cname, &v, 0));
+        match copied {
+            Ok(()) => {}
+            // Removed between list and get: nothing to keep.
+            Err(e) if errno(&e) == libc::ENODATA => {}
+            Err(e) => failed.push((shown, e)),
+        }
+    }
+    failed
 }
 
 fn is_copy_unsupported(e: &io::Error) -> bool {

@@ -1010,3 +1010,55 @@ fn a_fifo_or_a_huge_file_named_like_a_record_is_skipped() {
     assert!(o.status.success(), "{}", err(&o));
     assert!(out(&o).contains(&real.id));
 }
+
+fn xattr_of(p: &Path, name: &str) -> Option<Vec<u8>> {
+    let o = Command::new("getfattr")
+        .args(["--absolute-names", "--only-values", "-n", name])
+        .arg(p)
+        .output()
+        .unwrap();
+    o.status.success().then_some(o.stdout)
+}
+
+#[test]
+fn stash_copy_keeps_extended_attributes() {
+    let f = fx();
+    f.write("_base/labelled", &content(100_000, 9));
+    let p = f.root.join("_base/labelled");
+    let attrs: &[(&str, &[u8])] = &[
+        ("user.baseguard.test", b"user value"),
+        (
+            "trusted.libvirt.security.dac",
+            b"+107:+107\0with a NUL and \xff bytes",
+        ),
+        ("trusted.libvirt.security.ref_dac", b"1"),
+        ("security.baseguard", b"label"),
+        ("user.empty", b""),
+    ];
+    let src = sys::open_path(&p, libc::O_RDONLY).unwrap();
+    for (n, v) in attrs {
+        sys::setxattr_fd(src.as_fd(), &c(n), v, 0).unwrap();
+    }
+    let big = content(1500, 4);
+    sys::setxattr_fd(src.as_fd(), &c("user.big"), &big, 0).unwrap();
+    let e =
+        f.q.stash_copy(
+            src.as_fd(),
+            Path::new("_base/labelled"),
+            &who(),
+            Why::Truncate,
+        )
+        .unwrap();
+    let data = f.entries_dir().join(format!("{}.data", e.id));
+    for (n, v) in attrs {
+        assert_eq!(xattr_of(&data, n).as_deref(), Some(*v), "{n} on the copy");
+    }
+    assert_eq!(xattr_of(&data, "user.big"), Some(big.clone()));
+    // And they come back with a restore.
+    f.q.restore(&e.id, Some(Path::new("_base/labelled.back")), false, &who())
+        .unwrap();
+    let back = f.root.join("_base/labelled.back");
+    for (n, v) in attrs {
+        assert_eq!(xattr_of(&back, n).as_deref(), Some(*v), "{n} restored");
+    }
+}
