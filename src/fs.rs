@@ -19,7 +19,7 @@ use crate::creds::{Caller, Credentials};
 use crate::guard::Guard;
 use crate::heal::{QuarantinedPaths, References};
 use crate::inode::{Inode, InodeStore, ROOT_ID};
-use crate::quarantine::{Quarantine, Who, Why};
+use crate::quarantine::{Quarantine, VersionChoice, Who, Why};
 use crate::stats::{Op, Stats};
 use crate::sys::{self, LockRange, Stat, TimeSpec, XattrReply};
 
@@ -443,12 +443,15 @@ impl Passthrough {
         // when nothing changed; the path is resolved only if so.) Then: is
         // that path protected, and which disks use it?
         let mut rel = None;
-        let Some(entry) = p.quarantined.latest(&p.quarantine, name, || {
-            rel = self.rel_path(parent).map(|d| d.join(name));
-            rel.clone()
-        }) else {
+        if p.quarantined
+            .latest(&p.quarantine, name, || {
+                rel = self.rel_path(parent).map(|d| d.join(name));
+                rel.clone()
+            })
+            .is_none()
+        {
             return false;
-        };
+        }
         let Some(rel) = rel else {
             return false;
         };
@@ -459,6 +462,26 @@ impl Passthrough {
         if disks.is_empty() {
             return false;
         }
+        // Not simply the newest entry: the version the disks were made on
+        // (never the empty file a truncation left when the copy is held).
+        let entry = match p.quarantine.version_for(&rel, &disks) {
+            Ok(VersionChoice::One(e)) => e,
+            Ok(VersionChoice::Nothing) => return false,
+            Ok(VersionChoice::Ambiguous(v)) => {
+                let ids: Vec<&str> = v.iter().map(|e| e.id.as_str()).collect();
+                tracing::warn!(
+                    path = %rel.display(),
+                    disk = %disks[0].display(),
+                    ids = %ids.join(" "),
+                    "not restored: the quarantine holds several versions and which one the disk was created on cannot be told; restore one with 'baseguard restore ID'"
+                );
+                return false;
+            }
+            Err(e) => {
+                tracing::warn!(path = %rel.display(), error = %e, "cannot read the quarantine");
+                return false;
+            }
+        };
         let who = Who::from_pid(caller.pid, caller.uid, caller.gid);
         match p.quarantine.restore(&entry.id, None, false, &who) {
             Ok(_) => {

@@ -7,6 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -87,9 +88,21 @@ impl QuarantinedPaths {
 }
 
 /// A reference index over one instances directory, shared by threads.
+///
+/// The lock only guards swapping the published index: a scan (I/O on files
+/// that users control) runs on a private copy with no lock held, and its
+/// result is swapped in when done. So a scan that is slow (a hung NFS server)
+/// never holds up the lookups that only read the index, and two threads that
+/// both find it stale scan side by side rather than one waiting on the other.
 pub struct References {
     root: PathBuf,
-    inner: Mutex<(RefIndex, Option<Instant>)>,
+    published: Mutex<Published>,
+}
+
+/// The index readers see, and when the scan that built it started.
+struct Published {
+    index: Arc<RefIndex>,
+    at: Option<Instant>,
 }
 
 impl References {
@@ -99,7 +112,10 @@ impl References {
     pub fn new(root: PathBuf, prefixes: Vec<PathBuf>) -> References {
         References {
             root,
-            inner: Mutex::new((RefIndex::new(prefixes), None)),
+            published: Mutex::new(Published {
+                index: Arc::new(RefIndex::new(prefixes)),
+                at: None,
+            }),
         }
     }
 
@@ -107,18 +123,18 @@ impl References {
     /// instances directory). Rescans (cheaply: unchanged headers are not
     /// re-read) when the last scan is older than a couple of seconds.
     pub fn disks_using(&self, rel: &Path) -> Vec<PathBuf> {
-        self.with_fresh(FRESH, |index| index.references(rel))
+        self.fresh(FRESH).references(rel)
     }
 
     /// As [`Self::disks_using`], with an index at most a fraction of a second
     /// old (for restore on access, where a stale "unused" would be wrong).
     pub fn disks_using_now(&self, rel: &Path) -> Vec<PathBuf> {
-        self.with_fresh(FRESH_FOR_HEAL, |index| index.references(rel))
+        self.fresh(FRESH_FOR_HEAL).references(rel)
     }
 
     /// Every file that some instance disk's backing chain names.
     pub fn referenced(&self) -> HashSet<PathBuf> {
-        self.with_fresh(FRESH, |index| index.referenced())
+        self.fresh(FRESH).referenced()
     }
 
     /// For the command line: the index over a backing directory descriptor.
@@ -129,16 +145,30 @@ impl References {
         )
     }
 
-    fn with_fresh<R>(&self, fresh: Duration, f: impl FnOnce(&RefIndex) -> R) -> R {
-        let mut g = self.inner.lock();
-        let (index, at) = &mut *g;
-        if at.is_none_or(|t| t.elapsed() > fresh) {
-            match index.scan(&self.root) {
-                Ok(_) => *at = Some(Instant::now()),
-                Err(e) => tracing::warn!(error = %e, "cannot scan instance disks"),
-            }
+    /// An index no older than `fresh`: the published one, or a new scan of a
+    /// copy of it (its header cache included) made without the lock.
+    fn fresh(&self, fresh: Duration) -> Arc<RefIndex> {
+        let (current, stale) = {
+            let g = self.published.lock();
+            (g.index.clone(), g.at.is_none_or(|t| t.elapsed() > fresh))
+        };
+        if !stale {
+            return current;
         }
-        f(index)
+        let started = Instant::now();
+        let mut next = RefIndex::clone(&current);
+        if let Err(e) = next.scan(&self.root) {
+            tracing::warn!(error = %e, "cannot scan instance disks");
+            return current;
+        }
+        let next = Arc::new(next);
+        let mut g = self.published.lock();
+        // Another thread may have published a scan that started later.
+        if g.at.is_none_or(|t| t < started) {
+            g.index = next.clone();
+            g.at = Some(started);
+        }
+        next
     }
 
     /// Why a quarantined file must be kept, if an instance disk uses it.

@@ -53,6 +53,12 @@ pub const PENDING_GRACE: Duration = Duration::from_secs(3600);
 /// and is put back as `<id>.data` by the sweep.
 pub const CLAIM_GRACE: Duration = Duration::from_secs(15 * 60);
 const RECORD_VERSION: u32 = 1;
+/// Largest record read. A real one is a few hundred bytes; the worst case
+/// (a 4 KiB non-UTF-8 path, kept twice, the bytes as a pretty-printed JSON
+/// array, and a command line cut at [`MAX_CMDLINE`]) stays under 64 KiB.
+pub const MAX_RECORD: u64 = 256 << 10;
+/// Command lines are cut to this many bytes in records.
+pub const MAX_CMDLINE: usize = 4096;
 
 /// Who caused a quarantine (or a restore).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,7 +82,11 @@ impl Who {
             .unwrap_or_else(|_| "?".to_string());
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
             .map(|b| {
-                let s: Vec<u8> = b.iter().map(|&c| if c == 0 { b' ' } else { c }).collect();
+                let s: Vec<u8> = b
+                    .iter()
+                    .take(MAX_CMDLINE)
+                    .map(|&c| if c == 0 { b' ' } else { c })
+                    .collect();
                 String::from_utf8_lossy(&s).trim_end().to_string()
             })
             .unwrap_or_default();
@@ -1057,6 +1067,19 @@ impl Quarantine {
             tracing::warn!(error = %e, "could not preserve the owner of a quarantined copy");
         }
         out.set_permissions(std::fs::Permissions::from_mode(st.st_mode & 0o7777))?;
+        // After chown (which drops security.capability) and chmod: every
+        // extended attribute (libvirt's trusted.libvirt.security.*, SELinux
+        // and other security.* labels, user.*, ACLs), as a rename keeps them.
+        // A failure is logged and does not fail the stash: the bytes matter
+        // most, and refusing would make the truncation itself fail.
+        let failed = copy_xattrs(rd.as_fd(), out.as_fd());
+        if !failed.is_empty() {
+            let names: Vec<String> = failed.iter().map(|(n, e)| format!("{n}: {e}")).collect();
+            tracing::error!(
+                failed = %names.join(", "),
+                "could not copy some extended attributes to a quarantined copy"
+            );
+        }
         let t = |s: i64, ns: i64| {
             if s >= 0 {
                 UNIX_EPOCH + Duration::new(s as u64, ns.clamp(0, 999_999_999) as u32)
@@ -1072,15 +1095,49 @@ impl Quarantine {
         out.sync_all()
     }
 
+    /// Read and parse `<id>.json`. Never blocks and never reads much: the
+    /// record is opened non-blocking without following a symlink, and
+    /// anything but a regular file of at most [`MAX_RECORD`] bytes is
+    /// `InvalidData` (a FIFO or a huge file named like a record, put there
+    /// by mistake or malice, is skipped, not waited on or read whole).
     fn read_record(&self, id: &str) -> io::Result<Entry> {
         let fd = sys::openat(
             self.entries.as_fd(),
             &Self::record_name(id),
-            libc::O_RDONLY | libc::O_NOFOLLOW,
+            libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY,
             0,
-        )?;
+        )
+        .map_err(|e| {
+            if errno(&e) == libc::ELOOP {
+                io::Error::new(io::ErrorKind::InvalidData, "the record is a symbolic link")
+            } else {
+                e
+            }
+        })?;
+        let st = sys::fstat(fd.as_fd())?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "the record is not a regular file",
+            ));
+        }
+        if st.st_size as u64 > MAX_RECORD {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "the record is {} bytes, more than a record can be ({MAX_RECORD})",
+                    st.st_size
+                ),
+            ));
+        }
         let mut s = String::new();
-        File::from(fd).read_to_string(&mut s)?;
+        File::from(fd).take(MAX_RECORD + 1).read_to_string(&mut s)?;
+        if s.len() as u64 > MAX_RECORD {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "the record grew past the size a record can be",
+            ));
+        }
         let mut e: Entry = serde_json::from_str(&s)
             .map_err(|err| io::Error::new(io::ErrorKind::InvalidData, err))?;
         if e.id != id {
@@ -1172,6 +1229,50 @@ impl Quarantine {
         };
         e.state = self.state_of(id);
         Ok(e)
+    }
+
+    /// Every held entry whose original path is exactly `orig_rel`, oldest
+    /// first.
+    pub fn held_for(&self, orig_rel: &Path) -> io::Result<Vec<Entry>> {
+        let want = clean_rel(orig_rel).map_err(io::Error::from)?;
+        let mut v = self.list()?;
+        v.retain(|e| e.orig_path() == want);
+        Ok(v)
+    }
+
+    /// When the instance disk at `disk` (relative to the backing root) was
+    /// made, as [`pick_version`] needs it: its birth time where the
+    /// filesystem keeps one, else its change time (an upper bound). `None`
+    /// if it cannot be stat'ed.
+    pub fn disk_time(&self, disk: &Path) -> Option<DiskTime> {
+        let base = sys::proc_fd_path(self.root.as_fd());
+        let p = Path::new(OsStr::from_bytes(base.as_bytes())).join(clean_rel(disk).ok()?);
+        let m = std::fs::metadata(p).ok()?;
+        let (t, exact) = match m.created() {
+            Ok(t) => (t, true),
+            Err(_) => (
+                UNIX_EPOCH
+                    + Duration::new(
+                        m.ctime().max(0) as u64,
+                        m.ctime_nsec().clamp(0, 999_999_999) as u32,
+                    ),
+                false,
+            ),
+        };
+        let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+        Some(DiskTime {
+            secs: d.as_secs() as i64,
+            nsec: d.subsec_nanos(),
+            exact,
+        })
+    }
+
+    /// Which of the held entries for `orig_rel` the instance disks `disks`
+    /// (relative to the backing root) were created on; see [`pick_version`].
+    pub fn version_for(&self, orig_rel: &Path, disks: &[PathBuf]) -> io::Result<VersionChoice> {
+        let held = self.held_for(orig_rel)?;
+        let times: Vec<DiskTime> = disks.iter().filter_map(|d| self.disk_time(d)).collect();
+        Ok(pick_version(&held, &times))
     }
 
     /// The newest held entry whose original path is exactly `orig_rel`.
@@ -1553,6 +1654,130 @@ impl Quarantine {
     }
 }
 
+/// When an instance disk was created, for [`pick_version`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DiskTime {
+    pub secs: i64,
+    pub nsec: u32,
+    /// A birth time (the filesystem keeps one: ext4, XFS, btrfs, tmpfs);
+    /// `false`: the change time, only an upper bound on the creation.
+    pub exact: bool,
+}
+
+/// What [`pick_version`] decided.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VersionChoice {
+    /// Nothing held for that path.
+    Nothing,
+    /// This entry holds the version the disks were created on.
+    One(Entry),
+    /// Several different versions could be it: restore none, report these
+    /// (oldest first) so a person can choose.
+    Ambiguous(Vec<Entry>),
+}
+
+/// A version's identity: entries with equal keys hold the same bytes as far
+/// as can be told without reading them (a file stashed twice, by link and
+/// by rename, or copied).
+fn version_key(e: &Entry) -> (u64, i64, i64) {
+    (e.size, e.mtime, e.mtime_nsec)
+}
+
+/// Allowance between the clock that stamps `quarantined_at` (the daemon's)
+/// and the one that stamps file times (the file server's).
+const CLOCK_SLACK: i64 = 2;
+
+/// Choose, among the held entries of one path, the version that instance
+/// disks created at `disks` were created on, for restore on access and
+/// `check --restore`. The rule:
+///
+/// 1. A version existed at the path when a disk was created at time T if
+///    its contents were last modified no later than T (`mtime <= T`) and it
+///    left the path no earlier than T (`quarantined_at >= T`, less a couple
+///    of seconds of clock slack). The second condition needs T to be the
+///    disk's birth time; when the filesystem has none (NFS), T is the disk's
+///    change time, only an upper bound, and only the first condition is
+///    applied.
+/// 2. Among the versions that qualify, empty ones are dropped when a
+///    non-empty one qualifies (a truncation leaves an empty file that is
+///    newer, and must never win over the copy the truncation kept).
+/// 3. If what is left is one version (entries with equal size and mtime are
+///    one version; the newest such entry is taken), that is the answer.
+///    If nothing qualifies (clocks too far apart), the same is applied to
+///    every held entry. If several different versions are left, or the
+///    disks disagree, nothing is chosen ([`VersionChoice::Ambiguous`]):
+///    restoring the wrong base file would corrupt the disk silently, and
+///    the entries stay in the quarantine for a person to choose.
+///
+/// Example: `: > golden; rm golden` after a disk was created on a 1 MiB
+/// `golden` leaves a truncate copy (1 MiB, old mtime, quarantined after the
+/// disk was made) and an unlink entry (empty, mtime of the truncation, after
+/// the disk): rule 1 keeps only the copy. Without birth times rule 2 drops
+/// the empty one.
+pub fn pick_version(held: &[Entry], disks: &[DiskTime]) -> VersionChoice {
+    let files: Vec<&Entry> = held.iter().collect();
+    if files.is_empty() {
+        return VersionChoice::Nothing;
+    }
+    let decide = |cands: Vec<&Entry>| -> Result<Entry, Vec<Entry>> {
+        let nonempty: Vec<&Entry> = cands.iter().copied().filter(|e| e.size > 0).collect();
+        let cands = if nonempty.is_empty() { cands } else { nonempty };
+        let first = version_key(cands[0]);
+        if cands.iter().all(|e| version_key(e) == first) {
+            let newest = cands
+                .iter()
+                .max_by(|a, b| a.sort_key().cmp(&b.sort_key()))
+                .copied()
+                .cloned();
+            Ok(newest.unwrap_or_else(|| cands[0].clone()))
+        } else {
+            let mut v: Vec<Entry> = cands.into_iter().cloned().collect();
+            v.sort_by(|a, b| a.sort_key().cmp(&b.sort_key()));
+            Err(v)
+        }
+    };
+    let mut chosen: Vec<Entry> = Vec::new();
+    let per_disk: Vec<Result<Entry, Vec<Entry>>> = if disks.is_empty() {
+        vec![decide(files.clone())]
+    } else {
+        disks
+            .iter()
+            .map(|t| {
+                let at = (t.secs, i64::from(t.nsec));
+                let cands: Vec<&Entry> = files
+                    .iter()
+                    .copied()
+                    .filter(|e| (e.mtime, e.mtime_nsec) <= at)
+                    .filter(|e| !t.exact || e.quarantined_at as i64 + CLOCK_SLACK >= t.secs)
+                    .collect();
+                if cands.is_empty() {
+                    decide(files.clone())
+                } else {
+                    decide(cands)
+                }
+            })
+            .collect()
+    };
+    for r in per_disk {
+        match r {
+            Ok(e) => chosen.push(e),
+            Err(v) => return VersionChoice::Ambiguous(v),
+        }
+    }
+    let first = version_key(&chosen[0]);
+    if chosen.iter().all(|e| version_key(e) == first) {
+        let best = chosen
+            .into_iter()
+            .max_by(|a, b| a.sort_key().cmp(&b.sort_key()));
+        best.map_or(VersionChoice::Nothing, VersionChoice::One)
+    } else {
+        let mut ids = HashSet::new();
+        chosen.retain(|e| ids.insert(e.id.clone()));
+        chosen.sort_by(|a, b| a.sort_key().cmp(&b.sort_key()));
+        VersionChoice::Ambiguous(chosen)
+    }
+}
+
 /// Tighten a quarantine directory to 0700, owned by root when we are root.
 fn tighten(fd: BorrowedFd<'_>, shown: &str) {
     let Ok(st) = sys::fstat(fd) else { return };
@@ -1568,6 +1793,52 @@ fn tighten(fd: BorrowedFd<'_>, shown: &str) {
         // NFS with root_squash: root cannot chown; mode 0700 still applies.
         tracing::warn!(dir = shown, error = %e, "cannot make the quarantine directory root-owned");
     }
+}
+
+/// One xattr call that sizes its buffer: ask for the size, then the data,
+/// again if it grew meanwhile (`ERANGE`).
+fn xattr_bytes(call: impl Fn(usize) -> io::Result<sys::XattrReply>) -> io::Result<Vec<u8>> {
+    for _ in 0..8 {
+        let size = match call(0)? {
+            sys::XattrReply::Size(0) => return Ok(Vec::new()),
+            sys::XattrReply::Size(n) => n,
+            sys::XattrReply::Data(d) => return Ok(d),
+        };
+        match call(size) {
+            Ok(sys::XattrReply::Data(d)) => return Ok(d),
+            Ok(sys::XattrReply::Size(_)) => return Ok(Vec::new()),
+            Err(e) if errno(&e) == libc::ERANGE => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(io::Error::from_raw_os_error(libc::ERANGE))
+}
+
+/// Copy every extended attribute of `from` to `to`; returns the ones that
+/// could not be copied (name, error), or `("*", error)` if they could not
+/// even be listed. A filesystem without xattrs is not a failure.
+fn copy_xattrs(from: BorrowedFd<'_>, to: BorrowedFd<'_>) -> Vec<(String, io::Error)> {
+    let list = match xattr_bytes(|n| sys::listxattr_fd(from, n)) {
+        Ok(l) => l,
+        Err(e) if matches!(errno(&e), libc::ENOTSUP | libc::ENOSYS) => return Vec::new(),
+        Err(e) => return vec![("*".into(), e)],
+    };
+    let mut failed = Vec::new();
+    for name in list.split(|&b| b == 0).filter(|n| !n.is_empty()) {
+        let shown = String::from_utf8_lossy(name).into_owned();
+        let Ok(cname) = CString::new(name) else {
+            continue;
+        };
+        let copied = xattr_bytes(|n| sys::getxattr_fd(from, &cname, n))
+            .and_then(|v| sys::setxattr_fd(to, &cname, &v, 0));
+        match copied {
+            Ok(()) => {}
+            // Removed between list and get: nothing to keep.
+            Err(e) if errno(&e) == libc::ENODATA => {}
+            Err(e) => failed.push((shown, e)),
+        }
+    }
+    failed
 }
 
 fn is_copy_unsupported(e: &io::Error) -> bool {
@@ -1676,6 +1947,97 @@ mod tests {
         assert!(matches!(
             clean_rel(Path::new(".")),
             Err(QError::Escapes { .. })
+        ));
+    }
+
+    fn ent(id: &str, size: u64, mtime: i64, q_at: u64) -> Entry {
+        Entry {
+            version: 1,
+            id: id.into(),
+            path: "_base/g".into(),
+            path_bytes: None,
+            kind: FileKind::File,
+            size,
+            mode: 0o100644,
+            owner_uid: 0,
+            owner_gid: 0,
+            mtime,
+            mtime_nsec: 0,
+            ino: 1,
+            quarantined_at: q_at,
+            quarantined_nsec: 0,
+            why: Why::Unlink,
+            method: Method::Rename,
+            who: Who::current(),
+            state: EntryState::Held,
+        }
+    }
+
+    fn born(secs: i64, exact: bool) -> DiskTime {
+        DiskTime {
+            secs,
+            nsec: 0,
+            exact,
+        }
+    }
+
+    fn one(c: VersionChoice) -> String {
+        match c {
+            VersionChoice::One(e) => e.id,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn pick_version_rules() {
+        // Base written at 100, disk made at 200, `: > g` at 300 (copy), rm at
+        // 400 (the empty file).
+        let copy = ent("copy", 1 << 20, 100, 300);
+        let empty = ent("empty", 0, 300, 400);
+        let held = [copy.clone(), empty.clone()];
+        assert_eq!(one(pick_version(&held, &[born(200, true)])), "copy");
+        // Without birth times (change time 500, after everything): the empty
+        // one never wins over a complete one.
+        assert_eq!(one(pick_version(&held, &[born(500, false)])), "copy");
+        assert_eq!(one(pick_version(&held, &[])), "copy");
+        // Only the empty version held: that is what there is.
+        assert_eq!(
+            one(pick_version(&[empty.clone()], &[born(200, true)])),
+            "empty"
+        );
+        assert_eq!(
+            pick_version(&[], &[born(200, true)]),
+            VersionChoice::Nothing
+        );
+        // Truncated and rewritten with other bytes, then deleted: with a
+        // birth time the copy is the one; without, it cannot be told.
+        let other = ent("other", 5000, 300, 400);
+        let held = [copy.clone(), other.clone()];
+        assert_eq!(one(pick_version(&held, &[born(200, true)])), "copy");
+        assert!(matches!(
+            pick_version(&held, &[born(500, false)]),
+            VersionChoice::Ambiguous(v) if v.len() == 2
+        ));
+        // A version replaced before the disk was made is not it.
+        let old = ent("old", 7000, 50, 150);
+        let cur = ent("cur", 9000, 150, 400);
+        assert_eq!(
+            one(pick_version(
+                &[old.clone(), cur.clone()],
+                &[born(200, true)]
+            )),
+            "cur"
+        );
+        // The same version stashed twice is one version: the newest entry.
+        let twin = ent("twin", 1 << 20, 100, 350);
+        assert_eq!(
+            one(pick_version(&[copy.clone(), twin], &[born(200, true)])),
+            "twin"
+        );
+        // Two disks made on different versions: ambiguous.
+        assert!(matches!(
+            pick_version(&[old, cur], &[born(100, true), born(200, true)]),
+            VersionChoice::Ambiguous(_)
         ));
     }
 

@@ -188,6 +188,7 @@ impl FileKey {
 
 type Verdict = Result<Option<Header>, HeaderError>;
 
+#[derive(Clone)]
 struct CachedHeader {
     key: FileKey,
     verdict: Verdict,
@@ -203,7 +204,10 @@ enum Stat {
 }
 
 /// The reference index. Keep one around and call [`RefIndex::scan`]
-/// repeatedly: headers are cached between scans.
+/// repeatedly: headers are cached between scans. Cloning it is cheap next to
+/// a scan (a map of small headers), so a caller can scan a copy without
+/// holding a lock and swap it in afterwards.
+#[derive(Clone)]
 pub struct RefIndex {
     known_prefixes: Vec<PathBuf>,
     headers: HashMap<PathBuf, CachedHeader>,
@@ -373,7 +377,10 @@ impl RefIndex {
             return Ok(c.verdict.clone());
         }
         ctx.counters.header_reads += 1;
-        let verdict = qcow2::read_header(&ctx.root.join(rel))?;
+        let file = open_image(&ctx.root.join(rel))?;
+        // Cache under what was read (the name may have moved since the stat).
+        let key = FileKey::of(&file.metadata()?);
+        let verdict = qcow2::read_header_from(file)?;
         self.headers.insert(
             rel.to_path_buf(),
             CachedHeader {
@@ -548,6 +555,30 @@ impl ScanCtx<'_> {
         self.stats.insert(rel.to_path_buf(), s.clone());
         s
     }
+}
+
+/// Opens an image to read its header without ever blocking or following a
+/// symlink in its last component: the name may have been swapped since it
+/// was stat'ed (a user can exchange their instance's `disk` with a FIFO, whose
+/// open would wait for a writer forever), so the type is checked on the
+/// descriptor and anything but a regular file is refused.
+fn open_image(path: &Path) -> io::Result<fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| {
+            if e.raw_os_error() == Some(libc::ELOOP) {
+                io::Error::other("is a symbolic link (not followed when reading headers)")
+            } else {
+                e
+            }
+        })?;
+    if !file.metadata()?.is_file() {
+        return Err(io::Error::other("not a regular file"));
+    }
+    Ok(file)
 }
 
 fn is_gone(e: &io::Error) -> bool {

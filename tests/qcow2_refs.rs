@@ -690,3 +690,85 @@ fn scale_5000_instances() {
         N / 5
     );
 }
+
+/// Opens a FIFO for writing without blocking: frees a reader stuck in open.
+fn unblock_fifo(p: &Path) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(p);
+}
+
+#[test]
+fn a_disk_swapped_with_a_fifo_never_blocks_the_scan() {
+    use baseguard::sys;
+    use std::os::fd::AsFd;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, mpsc};
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path().join("inst");
+    raw(&root, SHA);
+    overlay(
+        &root,
+        &format!("{U1}/disk"),
+        &format!("../{SHA}"),
+        "raw",
+        &[],
+    );
+    let fifo = root.join(U1).join("swap");
+    assert!(
+        Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    // A user with write access to the instance directory exchanges the disk
+    // and a FIFO as fast as it can (RENAME_EXCHANGE: both names always exist).
+    let stop = Arc::new(AtomicBool::new(false));
+    let dir = sys::open_path(&root.join(U1), libc::O_PATH | libc::O_DIRECTORY).unwrap();
+    // Two versions of the disk (two inodes) take turns, so that every scan
+    // reads its header again, as for a running VM's disk.
+    fs::copy(root.join(U1).join("disk"), root.join(U1).join("other")).unwrap();
+    let swapper = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let (a, b, o) = (c"disk", c"swap", c"other");
+            let x = |p: &std::ffi::CStr, q: &std::ffi::CStr| {
+                sys::renameat2(dir.as_fd(), p, dir.as_fd(), q, libc::RENAME_EXCHANGE).unwrap()
+            };
+            while !stop.load(Ordering::Relaxed) {
+                x(a, b);
+                x(a, b);
+                x(a, o);
+            }
+        })
+    };
+    let (tx, rx) = mpsc::channel();
+    let scan_root = root.clone();
+    std::thread::spawn(move || {
+        let mut idx = RefIndex::new(vec![]);
+        let mut seen_disk = 0;
+        let mut reads = 0;
+        let start = Instant::now();
+        while reads < 2000 && start.elapsed().as_secs() < 10 {
+            let scan = idx.scan(&scan_root).unwrap();
+            if scan.disks.iter().any(|d| d.qcow2) {
+                seen_disk += 1;
+            }
+            reads += scan.stats.header_reads;
+        }
+        let _ = tx.send(seen_disk);
+    });
+    let res = rx.recv_timeout(std::time::Duration::from_secs(30));
+    stop.store(true, Ordering::Relaxed);
+    swapper.join().unwrap();
+    if res.is_err() {
+        for n in ["disk", "swap", "other"] {
+            unblock_fifo(&root.join(U1).join(n));
+        }
+        panic!("a scan blocked opening a FIFO");
+    }
+    assert!(res.unwrap() > 0, "the disk was never seen as a disk");
+}

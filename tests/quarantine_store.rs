@@ -925,3 +925,141 @@ fn cli_help_has_examples() {
         assert!(s.contains("--dir"), "{cmd}: {s}");
     }
 }
+
+/// Run `f` on a thread; panic with `what` if it has not finished after a
+/// generous while (a hang, not a speed check). `unblock` is called before
+/// panicking so that the stuck thread can finish.
+fn must_not_hang<T: Send + 'static>(
+    what: &str,
+    unblock: impl FnOnce(),
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    match rx.recv_timeout(Duration::from_secs(20)) {
+        Ok(v) => v,
+        Err(_) => {
+            unblock();
+            panic!("{what} hung");
+        }
+    }
+}
+
+/// Open a FIFO for writing without blocking (frees a reader stuck in open).
+fn unblock_fifo(p: &Path) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(p);
+}
+
+/// Peak resident set size of this process, in KiB.
+fn vm_hwm_kib() -> u64 {
+    let s = fs::read_to_string("/proc/self/status").unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn a_fifo_or_a_huge_file_named_like_a_record_is_skipped() {
+    let f = Arc::new(fx());
+    f.write("_base/real", b"real");
+    let real = f.unlink("real");
+    let fifo = f.entries_dir().join("20261130-000000-evil-000001.json");
+    // mkfifo(1): tests use no unsafe.
+    assert!(
+        Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    // A sparse 512 MiB "record".
+    let huge = f.entries_dir().join("20261130-000000-evil-000002.json");
+    fs::File::create(&huge).unwrap().set_len(512 << 20).unwrap();
+    let before = vm_hwm_kib();
+    let f2 = f.clone();
+    let ids: Vec<String> = must_not_hang(
+        "list with a FIFO record",
+        || unblock_fifo(&fifo),
+        move || f2.q.list_all().unwrap().into_iter().map(|e| e.id).collect(),
+    );
+    assert_eq!(ids, vec![real.id.clone()]);
+    let f3 = f.clone();
+    let got = must_not_hang(
+        "get of a FIFO record",
+        || unblock_fifo(&fifo),
+        move || f3.q.get("20261130-000000-evil-000001").is_err(),
+    );
+    assert!(got);
+    assert!(f.q.get("20261130-000000-evil-000002").is_err());
+    let grown = vm_hwm_kib().saturating_sub(before);
+    assert!(
+        grown < 128 << 10,
+        "a huge record was read whole: +{grown} KiB"
+    );
+    // The CLI too.
+    let o = must_not_hang("baseguard list", || unblock_fifo(&fifo), {
+        let root = f.root.clone();
+        move || bg(&["list", "--dir", root.to_str().unwrap()])
+    });
+    assert!(o.status.success(), "{}", err(&o));
+    assert!(out(&o).contains(&real.id));
+}
+
+fn xattr_of(p: &Path, name: &str) -> Option<Vec<u8>> {
+    let o = Command::new("getfattr")
+        .args(["--absolute-names", "--only-values", "-n", name])
+        .arg(p)
+        .output()
+        .unwrap();
+    o.status.success().then_some(o.stdout)
+}
+
+#[test]
+fn stash_copy_keeps_extended_attributes() {
+    let f = fx();
+    f.write("_base/labelled", &content(100_000, 9));
+    let p = f.root.join("_base/labelled");
+    let attrs: &[(&str, &[u8])] = &[
+        ("user.baseguard.test", b"user value"),
+        (
+            "trusted.libvirt.security.dac",
+            b"+107:+107\0with a NUL and \xff bytes",
+        ),
+        ("trusted.libvirt.security.ref_dac", b"1"),
+        ("security.baseguard", b"label"),
+        ("user.empty", b""),
+    ];
+    let src = sys::open_path(&p, libc::O_RDONLY).unwrap();
+    for (n, v) in attrs {
+        sys::setxattr_fd(src.as_fd(), &c(n), v, 0).unwrap();
+    }
+    let big = content(1500, 4);
+    sys::setxattr_fd(src.as_fd(), &c("user.big"), &big, 0).unwrap();
+    let e =
+        f.q.stash_copy(
+            src.as_fd(),
+            Path::new("_base/labelled"),
+            &who(),
+            Why::Truncate,
+        )
+        .unwrap();
+    let data = f.entries_dir().join(format!("{}.data", e.id));
+    for (n, v) in attrs {
+        assert_eq!(xattr_of(&data, n).as_deref(), Some(*v), "{n} on the copy");
+    }
+    assert_eq!(xattr_of(&data, "user.big"), Some(big.clone()));
+    // And they come back with a restore.
+    f.q.restore(&e.id, Some(Path::new("_base/labelled.back")), false, &who())
+        .unwrap();
+    let back = f.root.join("_base/labelled.back");
+    for (n, v) in attrs {
+        assert_eq!(xattr_of(&back, n).as_deref(), Some(*v), "{n} restored");
+    }
+}

@@ -259,3 +259,97 @@ fn expiry_never_purges_a_referenced_base() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// Sleep past the filesystem's timestamp granularity, so that the steps of
+/// a scenario get distinct times.
+fn tick() {
+    std::thread::sleep(Duration::from_millis(30));
+}
+
+#[test]
+fn heal_restores_the_version_the_disk_was_made_on_not_the_emptied_one() {
+    let t = scratch();
+    let backing = t.path().join("nfs");
+    std::fs::create_dir_all(backing.join("_base")).unwrap();
+    let m = Mount::new(&backing, &[]);
+    let golden = m.path(&format!("_base/{SHA}"));
+    make_base(&golden, "0x42");
+    tick();
+    std::fs::create_dir(m.path(UUID)).unwrap();
+    overlay(
+        golden.to_str().unwrap(),
+        "raw",
+        &m.path(&format!("{UUID}/disk")),
+    );
+    tick();
+    // `: > golden; rm golden`: a truncate copy (the original) and then an
+    // unlink entry (the empty file), which is the newest.
+    std::fs::File::create(&golden).unwrap();
+    tick();
+    nova_remove(&golden);
+    let mut paths = listed(&m.mountpoint);
+    paths.sort();
+    assert_eq!(paths.len(), 2, "{paths:?}");
+    std::thread::sleep(Duration::from_millis(1200));
+    let out = ok(Command::new("qemu-io")
+        .args(["-f", "qcow2", "-t", "none", "-c", "read -P 0x42 0 1M"])
+        .arg(m.path(&format!("{UUID}/disk"))));
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    assert_eq!(
+        std::fs::metadata(backing.join("_base").join(SHA))
+            .unwrap()
+            .len(),
+        16 << 20
+    );
+    // The empty one stays in the quarantine.
+    assert_eq!(listed(&m.mountpoint).len(), 1);
+    // `check --restore` makes the same choice.
+    let (code, out, err) = bg(&["check"], &m.mountpoint);
+    assert_eq!(code, 0, "{out}{err}");
+}
+
+#[test]
+fn heal_restores_nothing_when_it_cannot_tell_the_versions_apart() {
+    let t = scratch();
+    let backing = t.path().join("nfs");
+    std::fs::create_dir_all(backing.join("_base")).unwrap();
+    let m = Mount::new(&backing, &[]);
+    let golden = m.path(&format!("_base/{SHA}"));
+    make_base(&golden, "0x42");
+    tick();
+    std::fs::create_dir(m.path(UUID)).unwrap();
+    overlay(
+        golden.to_str().unwrap(),
+        "raw",
+        &m.path(&format!("{UUID}/disk")),
+    );
+    tick();
+    // Another image, dated before the disk, renamed over the base file, then
+    // deleted: two different complete versions, both plausibly the one the
+    // disk was made on.
+    let part = m.path(&format!("_base/{SHA}.part"));
+    make_base(&part, "0x17");
+    std::fs::File::options()
+        .write(true)
+        .open(&part)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() - Duration::from_secs(3600))
+        .unwrap();
+    std::fs::rename(&part, &golden).unwrap();
+    tick();
+    nova_remove(&golden);
+    assert_eq!(listed(&m.mountpoint).len(), 2);
+    std::thread::sleep(Duration::from_millis(1200));
+    for _ in 0..2 {
+        let e = std::fs::metadata(&golden).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOENT));
+    }
+    assert_eq!(listed(&m.mountpoint).len(), 2, "something was restored");
+    let (code, out, _) = bg(&["check"], &m.mountpoint);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("several versions"), "{out}");
+    // check --restore does not guess either.
+    let (code, out, _) = bg(&["check", "--restore"], &m.mountpoint);
+    assert_eq!(code, 1, "{out}");
+    assert_eq!(listed(&m.mountpoint).len(), 2);
+}

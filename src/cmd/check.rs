@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use serde::Serialize;
 
 use crate::cmd::quarantine::{Location, init_logging, resolve_backing};
-use crate::quarantine::{Quarantine, Who};
+use crate::quarantine::{Quarantine, VersionChoice, Who};
 use crate::refs::{LinkState, RefIndex, Scan};
 
 /// `baseguard check`.
@@ -27,7 +27,8 @@ pub struct CheckArgs {
     /// Print JSON (for monitoring).
     #[arg(long)]
     pub json: bool,
-    /// Restore every quarantined file that a disk needs (newest entry).
+    /// Restore every quarantined file that a disk needs: the version the
+    /// disk was created on (never one it cannot tell; see the README).
     #[arg(long)]
     pub restore: bool,
 }
@@ -37,7 +38,14 @@ pub struct CheckArgs {
 #[serde(rename_all = "lowercase", tag = "state")]
 pub enum LinkReport {
     Present,
-    Quarantined { id: String },
+    Quarantined {
+        id: String,
+    },
+    /// Several different versions are held and which one the disk was
+    /// created on cannot be told: nothing is restored automatically.
+    Ambiguous {
+        ids: Vec<String>,
+    },
     Missing,
     External,
 }
@@ -68,9 +76,14 @@ fn classify(scan: &Scan, q: Option<&Quarantine>) -> Vec<DiskReport> {
                     let state = match l.state {
                         LinkState::Present => LinkReport::Present,
                         LinkState::External => LinkReport::External,
-                        LinkState::Missing => match q.and_then(|q| q.latest_for(&l.path)) {
-                            Some(e) => LinkReport::Quarantined { id: e.id },
-                            None => LinkReport::Missing,
+                        LinkState::Missing => match q
+                            .map(|q| q.version_for(&l.path, std::slice::from_ref(&d.disk)))
+                        {
+                            Some(Ok(VersionChoice::One(e))) => LinkReport::Quarantined { id: e.id },
+                            Some(Ok(VersionChoice::Ambiguous(v))) => LinkReport::Ambiguous {
+                                ids: v.into_iter().map(|e| e.id).collect(),
+                            },
+                            _ => LinkReport::Missing,
                         },
                     };
                     LinkOut {
@@ -89,7 +102,7 @@ fn bad(r: &[DiskReport]) -> usize {
         .filter(|l| {
             matches!(
                 l.state,
-                LinkReport::Quarantined { .. } | LinkReport::Missing
+                LinkReport::Quarantined { .. } | LinkReport::Ambiguous { .. } | LinkReport::Missing
             )
         })
         .count()
@@ -186,6 +199,11 @@ fn print_table(report: &[DiskReport], restored: &[(PathBuf, String)]) {
                     LinkReport::Quarantined { id } => {
                         format!("QUARANTINED, restorable: baseguard restore {id}")
                     }
+                    LinkReport::Ambiguous { ids } => format!(
+                        "QUARANTINED, several versions; which one the disk was created on cannot be told, \
+                         so none is restored automatically: choose with baseguard restore ID (one of {})",
+                        ids.join(", ")
+                    ),
                     LinkReport::Missing => "MISSING (lost)".to_string(),
                 },
             );
