@@ -51,6 +51,11 @@ pub struct OpenFile {
     /// [`COPIED`] (the copy is made). A guarded handle must not use kernel
     /// passthrough where avoidable, so that its writes are seen.
     pub guard: AtomicU8,
+    /// Writes through this handle must reach the daemon: an unprivileged
+    /// writer of a set-user-ID or set-group-ID file, whose writes clear
+    /// those bits (kernel passthrough writes with the daemon's
+    /// credentials, which would keep them).
+    pub kills_privs: bool,
 }
 
 /// A handle the guard does not watch.
@@ -86,6 +91,13 @@ struct OpenDir {
     /// The snapshot, and whether a pass over it has started (so that a later
     /// read at offset 0 is a rewind and re-reads the directory).
     state: Mutex<(bool, Arc<Vec<DirEntry>>)>,
+}
+
+/// Where an inode's extended attributes are reached.
+enum XattrTarget {
+    Fd(Arc<OwnedFd>),
+    /// A symlink: its directory and name.
+    Link(Arc<OwnedFd>, CString),
 }
 
 /// Attribute changes requested by `setattr`.
@@ -165,6 +177,10 @@ fn cstr(name: &OsStr) -> Result<CString> {
 }
 
 const ALIGN: usize = 4096;
+
+/// The kernel's `__FMODE_EXEC` in an open request's flags: the open of a
+/// program by `execve`.
+const FMODE_EXEC: i32 = 0x20;
 
 /// A buffer whose payload starts at an `ALIGN`-aligned address (for O_DIRECT).
 pub struct ReadBuf {
@@ -518,6 +534,9 @@ impl Passthrough {
     /// Record that the kernel reached `inode` as `parent/name`.
     fn reached(&self, inode: &Inode, st: &Stat, parent: u64, name: &OsStr) {
         if self.protection.is_none() {
+            if inode.kind == libc::S_IFLNK {
+                inode.reached(parent, name, false, false);
+            }
             return;
         }
         let protected = self.name_protected(parent, name);
@@ -738,17 +757,30 @@ impl Passthrough {
         self.lookup_at(parent, &pfd, name)
     }
 
+    /// The mode to create with: the kernel leaves the umask to the
+    /// filesystem (FUSE_DONT_MASK, for POSIX ACLs), and the backing
+    /// filesystem applies a default ACL of the parent itself; without one,
+    /// the caller's umask applies.
+    fn masked(&self, pfd: &OwnedFd, mode: u32, umask: u32) -> u32 {
+        if umask & 0o777 == 0 || sys::has_default_acl(pfd.as_fd()) {
+            mode
+        } else {
+            mode & !(umask & 0o777)
+        }
+    }
+
     pub fn mknod(
         &self,
         caller: Caller,
         parent: u64,
         name: &OsStr,
         mode: u32,
+        umask: u32,
         rdev: u32,
     ) -> Result<(Arc<Inode>, Stat)> {
         self.stats.count(Op::Mknod);
         self.make_node(caller, parent, name, |p, c| {
-            sys::mknodat(p.as_fd(), c, mode, rdev as u64)
+            sys::mknodat(p.as_fd(), c, self.masked(p, mode, umask), rdev as u64)
         })
     }
 
@@ -758,10 +790,11 @@ impl Passthrough {
         parent: u64,
         name: &OsStr,
         mode: u32,
+        umask: u32,
     ) -> Result<(Arc<Inode>, Stat)> {
         self.stats.count(Op::Mkdir);
         self.make_node(caller, parent, name, |p, c| {
-            sys::mkdirat(p.as_fd(), c, mode)
+            sys::mkdirat(p.as_fd(), c, self.masked(p, mode, umask))
         })
     }
 
@@ -1145,11 +1178,18 @@ impl Passthrough {
 
     fn register_file(&self, file: File, inode: u64, flags: i32, guard: u8) -> (u64, Arc<OpenFile>) {
         let fh = self.new_fh();
+        let kills_privs = flags & libc::O_ACCMODE != libc::O_RDONLY
+            && sys::fstat(file.as_fd()).is_ok_and(|st| {
+                st.st_mode & libc::S_ISUID != 0
+                    || st.st_mode & (libc::S_ISGID | libc::S_IXGRP)
+                        == (libc::S_ISGID | libc::S_IXGRP)
+            });
         let f = Arc::new(OpenFile {
             file,
             inode,
             flags,
             guard: AtomicU8::new(guard),
+            kills_privs,
         });
         self.files.insert(fh, Arc::clone(&f));
         self.mind_descriptors();
@@ -1187,7 +1227,7 @@ impl Passthrough {
 
     /// Open flags for the daemon's own descriptor.
     fn open_flags(flags: i32) -> i32 {
-        flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_TRUNC)
+        flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_TRUNC | FMODE_EXEC)
     }
 
     pub fn open(&self, caller: Caller, id: u64, flags: i32) -> Result<(u64, Arc<OpenFile>)> {
@@ -1195,11 +1235,17 @@ impl Passthrough {
         let (inode, fd) = self.inode_fd(id)?;
         let guard = self.guard_open(&inode, fd.as_fd(), flags)?;
         self.creds.become_caller(caller);
+        if flags & FMODE_EXEC != 0 {
+            // execve: the caller needs execute permission, not read (a mode
+            // 0711 program runs); the daemon reads it on the kernel's behalf.
+            sys::access_fd(fd.as_fd(), libc::X_OK)?;
+            self.creds.become_daemon();
+        }
         let file = File::from(sys::reopen(
             fd.as_fd(),
             Self::open_flags(flags) | libc::O_NOFOLLOW,
         )?);
-        Ok(self.register_file(file, id, flags, guard))
+        Ok(self.register_file(file, id, flags & !FMODE_EXEC, guard))
     }
 
     /// Before opening a regular file: a reference to a protected file that
@@ -1234,6 +1280,7 @@ impl Passthrough {
         parent: u64,
         name: &OsStr,
         mode: u32,
+        umask: u32,
         flags: i32,
     ) -> Result<(Arc<Inode>, Stat, u64, Arc<OpenFile>)> {
         self.stats.count(Op::Create);
@@ -1241,6 +1288,7 @@ impl Passthrough {
         let c = cstr(name)?;
         self.creds.become_caller(caller);
         self.check_not_hidden(&pfd, &c)?;
+        let mode = self.masked(&pfd, mode, umask);
         // O_TRUNC is applied after the guard has seen the file: the name
         // may exist by now (another node made it) and be protected.
         let fd = sys::openat(
@@ -1306,7 +1354,7 @@ impl Passthrough {
         offset: u64,
         data: &[u8],
         kill_suid: bool,
-    ) -> Result<u32> {
+    ) -> Result<(u32, bool)> {
         self.stats.count(Op::Write);
         let f = self.file(fh)?;
         if f.guarded() {
@@ -1316,6 +1364,13 @@ impl Passthrough {
                 self.preserve_handle(caller, &f, Why::Overwrite)?;
             }
         }
+        // The mode before: the write itself may clear set-ID bits (the
+        // backing filesystem does when this thread has the caller's fsuid).
+        let before = if kill_suid {
+            Some(sys::fstat(f.file.as_fd())?.st_mode)
+        } else {
+            None
+        };
         let n = if f.direct() {
             let mut buf = ReadBuf::new(data.len(), true);
             buf.space().copy_from_slice(data);
@@ -1323,17 +1378,27 @@ impl Passthrough {
         } else {
             f.file.write_at(data, offset)?
         };
-        if kill_suid {
+        // A write by a caller without CAP_FSETID clears set-user-ID, and
+        // set-group-ID where group execute is set (as the kernel does);
+        // returns whether the mode changed (the kernel's copy is stale).
+        let mut killed = false;
+        if let Some(before) = before {
             let st = sys::fstat(f.file.as_fd())?;
-            if st.st_mode & (libc::S_ISUID | libc::S_ISGID) != 0 {
-                let _ = sys::chmod_fd(
-                    f.file.as_fd(),
-                    st.st_mode & 0o7777 & !(libc::S_ISUID | libc::S_ISGID),
-                );
+            let mut drop = st.st_mode & libc::S_ISUID;
+            if st.st_mode & libc::S_IXGRP != 0 {
+                drop |= st.st_mode & libc::S_ISGID;
             }
+            let mode = if drop != 0
+                && sys::chmod_fd(f.file.as_fd(), st.st_mode & 0o7777 & !drop).is_ok()
+            {
+                st.st_mode & !drop
+            } else {
+                st.st_mode
+            };
+            killed = mode != before;
         }
         self.stats.add(Op::WriteBytes, n as u64);
-        Ok(n as u32)
+        Ok((n as u32, killed))
     }
 
     pub fn flush(&self, fh: u64, lock_owner: u64) -> Result<()> {
@@ -1615,36 +1680,44 @@ impl Passthrough {
 
     // ---- xattrs --------------------------------------------------------------
 
-    fn xattr_fd(&self, caller: Caller, id: u64) -> Result<Arc<OwnedFd>> {
+    /// Where the xattr calls for inode `id` go, with the caller's
+    /// credentials: its own descriptor, or for a symlink (whose `O_PATH`
+    /// descriptor cannot be used without following it) its directory and
+    /// name, checked to still be that symlink.
+    fn xattr_target(&self, caller: Caller, id: u64) -> Result<XattrTarget> {
         let (inode, fd) = self.inode_fd(id)?;
-        // Extended attributes of a symlink cannot be reached through its
-        // O_PATH descriptor without following it; report none.
-        if inode.kind == libc::S_IFLNK {
-            return Err(Errno(libc::ENODATA));
-        }
+        let target = match inode.link_name() {
+            None if inode.kind == libc::S_IFLNK => return Err(Errno(libc::EOPNOTSUPP)),
+            None => XattrTarget::Fd(fd),
+            Some((parent, name)) => {
+                let (_, pfd) = self.inode_fd(parent)?;
+                let c = cstr(&name)?;
+                let st = sys::statat(pfd.as_fd(), &c)?;
+                if (st.st_dev, st.st_ino) != (inode.dev, inode.ino) {
+                    return Err(Errno(libc::ESTALE));
+                }
+                XattrTarget::Link(pfd, c)
+            }
+        };
         self.creds.become_caller(caller);
-        Ok(fd)
+        Ok(target)
     }
 
     pub fn getxattr(&self, caller: Caller, id: u64, name: &OsStr, size: u32) -> Result<XattrReply> {
         self.stats.count(Op::Getxattr);
-        let fd = self.xattr_fd(caller, id)?;
-        Ok(sys::getxattr_fd(fd.as_fd(), &cstr(name)?, size as usize)?)
+        let attr = cstr(name)?;
+        Ok(match self.xattr_target(caller, id)? {
+            XattrTarget::Fd(fd) => sys::getxattr_fd(fd.as_fd(), &attr, size as usize)?,
+            XattrTarget::Link(d, n) => sys::lgetxattr_at(d.as_fd(), &n, &attr, size as usize)?,
+        })
     }
 
     pub fn listxattr(&self, caller: Caller, id: u64, size: u32) -> Result<XattrReply> {
         self.stats.count(Op::Listxattr);
-        let fd = match self.xattr_fd(caller, id) {
-            Err(Errno(libc::ENODATA)) => {
-                return Ok(if size == 0 {
-                    XattrReply::Size(0)
-                } else {
-                    XattrReply::Data(Vec::new())
-                });
-            }
-            r => r?,
-        };
-        Ok(sys::listxattr_fd(fd.as_fd(), size as usize)?)
+        Ok(match self.xattr_target(caller, id)? {
+            XattrTarget::Fd(fd) => sys::listxattr_fd(fd.as_fd(), size as usize)?,
+            XattrTarget::Link(d, n) => sys::llistxattr_at(d.as_fd(), &n, size as usize)?,
+        })
     }
 
     pub fn setxattr(
@@ -1656,21 +1729,21 @@ impl Passthrough {
         flags: i32,
     ) -> Result<()> {
         self.stats.count(Op::Setxattr);
-        let fd = self.xattr_fd(caller, id).map_err(|e| {
-            if e.0 == libc::ENODATA {
-                Errno(libc::EPERM)
-            } else {
-                e
-            }
-        })?;
-        sys::setxattr_fd(fd.as_fd(), &cstr(name)?, value, flags)?;
+        let attr = cstr(name)?;
+        match self.xattr_target(caller, id)? {
+            XattrTarget::Fd(fd) => sys::setxattr_fd(fd.as_fd(), &attr, value, flags)?,
+            XattrTarget::Link(d, n) => sys::lsetxattr_at(d.as_fd(), &n, &attr, value, flags)?,
+        }
         Ok(())
     }
 
     pub fn removexattr(&self, caller: Caller, id: u64, name: &OsStr) -> Result<()> {
         self.stats.count(Op::Removexattr);
-        let fd = self.xattr_fd(caller, id)?;
-        sys::removexattr_fd(fd.as_fd(), &cstr(name)?)?;
+        let attr = cstr(name)?;
+        match self.xattr_target(caller, id)? {
+            XattrTarget::Fd(fd) => sys::removexattr_fd(fd.as_fd(), &attr)?,
+            XattrTarget::Link(d, n) => sys::lremovexattr_at(d.as_fd(), &n, &attr)?,
+        }
         Ok(())
     }
 

@@ -5,7 +5,7 @@
 use std::ffi::OsStr;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dashmap::DashMap;
@@ -13,10 +13,10 @@ use dashmap::mapref::entry::Entry;
 use dashmap::mapref::one::RefMut;
 use fuser::{
     AccessFlags, BackingId, CopyFileRangeFlags, Errno as FErrno, FileAttr, FileHandle, FileType,
-    FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags,
-    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
-    ReplyIoctl, ReplyLock, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
-    TimeOrNow, WriteFlags,
+    FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, Notifier, OpenFlags,
+    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty,
+    ReplyEntry, ReplyIoctl, ReplyLock, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
+    Request, TimeOrNow, WriteFlags,
 };
 
 use crate::creds::Caller;
@@ -35,6 +35,9 @@ pub struct FuseAdapter {
     fs: Arc<Passthrough>,
     passthrough: bool,
     backing: DashMap<u64, (BackingId, usize)>,
+    /// Set once the session exists: tells the kernel when an attribute it
+    /// caches changed behind its back (a write that cleared set-ID bits).
+    notifier: Arc<OnceLock<Notifier>>,
 }
 
 impl FuseAdapter {
@@ -43,6 +46,7 @@ impl FuseAdapter {
             fs,
             passthrough,
             backing: DashMap::new(),
+            notifier: Arc::default(),
         }
     }
 }
@@ -173,10 +177,17 @@ impl FuseAdapter {
         }
     }
 
-    /// Should this open file bypass kernel passthrough? (A guarded handle
-    /// of an inode the kernel does not pass through yet.)
+    /// Where the session's notifier goes once the session exists.
+    pub fn notifier_slot(&self) -> Arc<OnceLock<Notifier>> {
+        Arc::clone(&self.notifier)
+    }
+
+    /// Should this open file bypass kernel passthrough? (A guarded handle,
+    /// or one whose writes must clear set-ID bits, of an inode the kernel
+    /// does not pass through yet: it wants every open of an inode it passes
+    /// through passed through too.)
     fn unpassed(&self, f: &OpenFile) -> bool {
-        f.guarded() && self.passthrough && !self.backing.contains_key(&f.inode)
+        (f.guarded() || f.kills_privs) && self.passthrough && !self.backing.contains_key(&f.inode)
     }
 
     fn release_backing(&self, inode: u64) {
@@ -198,7 +209,14 @@ impl fuser::Filesystem for FuseAdapter {
             | InitFlags::FUSE_PARALLEL_DIROPS
             | InitFlags::FUSE_ASYNC_DIO
             | InitFlags::FUSE_CACHE_SYMLINKS
-            | InitFlags::FUSE_DO_READDIRPLUS;
+            | InitFlags::FUSE_DO_READDIRPLUS
+            // The kernel checks permissions with the attributes it caches
+            // (search permission along a cached path, FIFO opens) and POSIX
+            // ACLs, as a local filesystem does; the backing filesystem still
+            // decides too (requests run with the caller's credentials), so
+            // nothing it would refuse is allowed. The umask is left to us.
+            | InitFlags::FUSE_POSIX_ACL
+            | InitFlags::FUSE_DONT_MASK;
         let _ = config.add_capabilities(want & caps);
         if self.passthrough {
             let ok = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
@@ -279,13 +297,14 @@ impl fuser::Filesystem for FuseAdapter {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         rdev: u32,
         reply: ReplyEntry,
     ) {
         entry(
             reply,
-            self.fs.mknod(caller(req), parent.0, name, mode, rdev),
+            self.fs
+                .mknod(caller(req), parent.0, name, mode, umask, rdev),
         );
     }
 
@@ -295,10 +314,13 @@ impl fuser::Filesystem for FuseAdapter {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         reply: ReplyEntry,
     ) {
-        entry(reply, self.fs.mkdir(caller(req), parent.0, name, mode));
+        entry(
+            reply,
+            self.fs.mkdir(caller(req), parent.0, name, mode, umask),
+        );
     }
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -393,11 +415,14 @@ impl fuser::Filesystem for FuseAdapter {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         flags: i32,
         reply: ReplyCreate,
     ) {
-        match self.fs.create(caller(req), parent.0, name, mode, flags) {
+        match self
+            .fs
+            .create(caller(req), parent.0, name, mode, umask, flags)
+        {
             Ok((inode, st, fh, f)) => {
                 let (a, fh) = (attr(&st, inode.id), FileHandle(fh));
                 let flags = FopenFlags::empty();
@@ -439,7 +464,7 @@ impl fuser::Filesystem for FuseAdapter {
     fn write(
         &self,
         req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
@@ -450,7 +475,14 @@ impl fuser::Filesystem for FuseAdapter {
     ) {
         let kill = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
         match self.fs.write(caller(req), fh.0, offset, data, kill) {
-            Ok(n) => reply.written(n),
+            Ok((n, killed)) => {
+                if killed && let Some(nt) = self.notifier.get() {
+                    // Before the reply, so the writer's next stat is fresh;
+                    // attributes only (a negative offset keeps the pages).
+                    let _ = nt.inval_inode(ino, -1, 0);
+                }
+                reply.written(n);
+            }
             Err(e) => reply.error(ferr(e)),
         }
     }

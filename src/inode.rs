@@ -88,7 +88,7 @@ impl Inode {
     pub fn reached(&self, parent: u64, name: &OsStr, protected: bool, linked: bool) {
         let mut p = self.place.lock();
         p.protected |= protected;
-        if self.is_dir() {
+        if self.is_dir() || self.kind == libc::S_IFLNK {
             if p.names
                 .first()
                 .is_none_or(|(i, n, _)| *i != parent || n != name)
@@ -149,6 +149,15 @@ impl Inode {
             .filter(|(_, _, prot)| keep(*prot))
             .map(|(i, n, _)| (*i, n.clone()))
             .collect()
+    }
+
+    /// A symlink's (parent id, name), as the kernel last reached it (its
+    /// own extended attributes are reached through its parent).
+    pub fn link_name(&self) -> Option<(u64, OsString)> {
+        if self.kind != libc::S_IFLNK {
+            return None;
+        }
+        self.dir_name()
     }
 
     /// A directory's (parent id, name), as the kernel last reached it.

@@ -393,6 +393,85 @@ pub fn removexattr_fd(fd: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
     Ok(())
 }
 
+/// `/proc/self/fd/<dir>/<name>`: a path whose last component is not
+/// followed by the `l*xattr` calls, so a symlink's own attributes are
+/// reached through its directory (its `O_PATH` descriptor cannot be used).
+fn entry_path(dir: BorrowedFd<'_>, name: &CStr) -> CString {
+    let mut p = proc_fd_path(dir).into_bytes();
+    p.push(b'/');
+    p.extend_from_slice(name.to_bytes());
+    // Neither part contains NUL.
+    CString::new(p).unwrap_or_default()
+}
+
+/// getxattr of the entry `dir/name` itself (a symlink is not followed).
+pub fn lgetxattr_at(
+    dir: BorrowedFd<'_>,
+    name: &CStr,
+    attr: &CStr,
+    size: usize,
+) -> io::Result<XattrReply> {
+    let p = entry_path(dir, name);
+    let mut buf = vec![0u8; size];
+    // SAFETY: buffer pointer/length describe `buf` (null with size 0).
+    let n = unsafe { libc::lgetxattr(p.as_ptr(), attr.as_ptr(), buf_ptr(&mut buf), size) };
+    xattr_reply(buf, size, n)
+}
+
+/// listxattr of the entry `dir/name` itself.
+pub fn llistxattr_at(dir: BorrowedFd<'_>, name: &CStr, size: usize) -> io::Result<XattrReply> {
+    let p = entry_path(dir, name);
+    let mut buf = vec![0u8; size];
+    // SAFETY: buffer pointer/length describe `buf` (null with size 0).
+    let n = unsafe { libc::llistxattr(p.as_ptr(), buf_ptr(&mut buf).cast(), size) };
+    xattr_reply(buf, size, n)
+}
+
+/// setxattr of the entry `dir/name` itself.
+pub fn lsetxattr_at(
+    dir: BorrowedFd<'_>,
+    name: &CStr,
+    attr: &CStr,
+    value: &[u8],
+    flags: i32,
+) -> io::Result<()> {
+    let p = entry_path(dir, name);
+    // SAFETY: value pointer/length describe `value`.
+    cvt(unsafe {
+        libc::lsetxattr(
+            p.as_ptr(),
+            attr.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            flags,
+        )
+    })?;
+    Ok(())
+}
+
+/// removexattr of the entry `dir/name` itself.
+pub fn lremovexattr_at(dir: BorrowedFd<'_>, name: &CStr, attr: &CStr) -> io::Result<()> {
+    let p = entry_path(dir, name);
+    // SAFETY: valid C strings.
+    cvt(unsafe { libc::lremovexattr(p.as_ptr(), attr.as_ptr()) })?;
+    Ok(())
+}
+
+/// Does the directory behind `fd` carry a default POSIX ACL?
+pub fn has_default_acl(fd: BorrowedFd<'_>) -> bool {
+    let p = xattr_path(fd);
+    // SAFETY: valid C strings; a zero-size query writes nothing.
+    let n = unsafe {
+        libc::getxattr(
+            p.as_ptr(),
+            c"system.posix_acl_default".as_ptr(),
+            std::ptr::null_mut(),
+            0,
+        )
+    };
+    n > 0
+}
+
 pub fn lseek(fd: BorrowedFd<'_>, offset: i64, whence: i32) -> io::Result<i64> {
     // SAFETY: plain syscall on a valid descriptor.
     let r = unsafe { libc::lseek(fd.as_raw_fd(), offset, whence) };

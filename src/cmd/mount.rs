@@ -318,8 +318,10 @@ impl MountArgs {
         sys::block_signals(&sigs).map_err(|e| format!("cannot set up signals: {e}"))?;
 
         let adapter = FuseAdapter::new(Arc::clone(&fs), !self.no_passthrough);
+        let notifier = adapter.notifier_slot();
         let mut session = fuser::Session::new(adapter, &mountpoint, &config)
             .map_err(|e| mount_error(&mountpoint, e))?;
+        let _ = notifier.set(session.notifier());
         tracing::info!(
             backing = %backing.display(),
             mountpoint = %mountpoint.display(),

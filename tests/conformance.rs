@@ -1,0 +1,109 @@
+//! POSIX conformance classes that pjdfstest and xfstests found, each run as
+//! the same shell steps on a native ext4 directory and through a mount of
+//! another one, with the outputs compared. `U` runs a command as uid/gid
+//! 65534 with no groups.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::*;
+
+const PRELUDE: &str = r#"
+U() { setpriv --reuid=65534 --regid=65534 --clear-groups -- "$@"; }
+t() { if "$@" >/dev/null 2>&1; then echo "ok: $*"; else echo "FAIL: $*"; fi; }
+"#;
+
+/// Run `script` in `dir` (as root, through sh) and return its output.
+fn run_in(dir: &Path, script: &str) -> String {
+    let o = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "{PRELUDE}\ncd '{}' || exit 99\n{script}",
+            dir.display()
+        ))
+        .output()
+        .unwrap();
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// The steps give the same output natively and through a mount.
+fn same(script: &str) {
+    let native = tempfile::tempdir().unwrap();
+    let backing = tempfile::tempdir().unwrap();
+    // Searchable by the unprivileged user, or every `U` step fails alike.
+    for d in [native.path(), backing.path()] {
+        std::fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
+    let m = Mount::new(backing.path(), &[]);
+    let want = run_in(native.path(), script);
+    let got = run_in(&m.mountpoint, script);
+    assert_eq!(got, want, "through the mount (left) vs native (right)");
+}
+
+#[test]
+fn search_permission_of_a_cached_path_is_enforced() {
+    same(
+        "mkdir d; chown 65534:65534 d; U touch d/f; chmod 0644 d\n\
+         t U chmod 0600 d/f\n t U chown 65534 d/f\n t U truncate -s 0 d/f\n\
+         t U cat d/f\n t U ln d/f g\n t U stat d/f\n",
+    );
+}
+
+#[test]
+fn fifo_open_permission_is_checked() {
+    same(
+        "mkfifo p; chmod 0600 p\n\
+         t U dd if=p iflag=nonblock count=0 status=none\n\
+         chmod 0644 p\n t U dd if=p iflag=nonblock count=0 status=none\n",
+    );
+}
+
+#[test]
+fn a_write_by_a_non_owner_clears_suid_and_sgid() {
+    same(
+        "touch s; chmod 06777 s; U sh -c 'echo x >> s'; stat -c %a s\n\
+         touch g; chmod 02777 g; U sh -c 'echo x >> g'; stat -c %a g\n",
+    );
+}
+
+#[test]
+fn umask_is_not_applied_under_a_default_acl() {
+    same(
+        "mkdir a; setfacl -d -m u::rwx,g::rwx,o::rwx a\n\
+         (umask 022; touch a/f; mkdir a/d; mkfifo a/p); stat -c '%n %a' a/f a/d a/p\n\
+         (umask 022; touch plain; mkdir plaind); stat -c '%n %a' plain plaind\n",
+    );
+}
+
+#[test]
+fn the_mode_is_fresh_after_setfacl() {
+    same("touch m; chmod 0600 m; setfacl -m u::rwx,g::rwx,o::rwx m; stat -c %a m\n");
+}
+
+#[test]
+fn acls_grant_and_deny_access() {
+    same(
+        "mkdir ad; chmod 0700 ad; echo hi > ad/f; chmod 0600 ad/f\n\
+         t U cat ad/f\n setfacl -m u:65534:rx ad; setfacl -m u:65534:r ad/f\n t U cat ad/f\n",
+    );
+}
+
+#[test]
+fn trusted_xattrs_on_symlinks() {
+    same(
+        "touch target; ln -s target l\n\
+         t setfattr -h -n trusted.a -v 1 l\n getfattr -h --absolute-names -n trusted.a --only-values l; echo\n\
+         t setfattr -h -x trusted.a l\n getfattr -h --absolute-names -d -m trusted l | wc -l\n",
+    );
+}
+
+#[test]
+fn execute_only_files_run() {
+    same("cp /bin/true t; chmod 0711 t\n t U sh -c ./t\n chmod 0700 t\n t U sh -c ./t\n");
+}
