@@ -247,3 +247,32 @@ fn bad_options_and_bad_directories_fail_the_mount_with_the_daemons_message() {
         "no quarantine directory may be made on the wrong filesystem"
     );
 }
+
+#[test]
+fn remount_read_only_and_back_through_the_helper() {
+    let s = setup("retain=1d");
+    let _u = Unmount(s.mp.clone());
+    let out = mount(&["-T", s.fstab.to_str().unwrap(), s.mp.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mp = s.mp.to_str().unwrap();
+    let out = mount(&["-o", "remount,ro", mp]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let e = std::fs::write(s.mp.join("_base/ro"), "x").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS));
+    let out = mount(&["-o", "remount,rw", mp]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(s.mp.join("_base/rw"), "x").unwrap();
+    assert_eq!(daemons_for(&s.mp), 1, "a remount starts no daemon");
+}
