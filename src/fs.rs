@@ -268,16 +268,23 @@ impl Passthrough {
         let Some(p) = self.protection.as_ref() else {
             return Ok(None);
         };
-        let Some(dir) = self.inodes.dir_path(parent) else {
-            tracing::warn!(
-                parent,
-                name = ?name,
-                "the guard cannot tell where this directory is; refusing"
-            );
-            return Err(Errno(libc::EIO));
+        let (dir, sticky) = match self.inodes.dir_path(parent) {
+            Some(dir) => (dir, self.inodes.under_protected(parent)),
+            // Reached without names (a decoded file handle): by identity.
+            None => match self.walk_up(parent) {
+                Some(dir) => (dir, false),
+                None => {
+                    tracing::warn!(
+                        parent,
+                        name = ?name,
+                        "the guard cannot tell where this directory is; refusing"
+                    );
+                    return Err(Errno(libc::EIO));
+                }
+            },
         };
         let rel = dir.join(name);
-        if p.guard.protects(&rel) || self.inodes.under_protected(parent) {
+        if p.guard.protects(&rel) || sticky {
             Ok(Some((p, rel)))
         } else {
             Ok(None)
@@ -428,11 +435,17 @@ impl Passthrough {
 
     pub fn lookup(&self, caller: Caller, parent: u64, name: &OsStr) -> Result<(Arc<Inode>, Stat)> {
         self.stats.count(Op::Lookup);
+        if name.as_bytes() == b"." {
+            // The kernel decoding a file handle given out through the mount
+            // (export support): the node itself, brought back if forgotten.
+            self.creds.become_daemon();
+            let inode = self.inodes.lookup_id(parent).map_err(Errno::from)?;
+            let st = sys::fstat(self.fd(&inode)?.as_fd())?;
+            return Ok((inode, st));
+        }
         let (_, pfd) = self.inode_fd(parent)?;
-        if parent == ROOT_ID && name.as_bytes() == b".." {
-            let st = sys::fstat(pfd.as_fd())?;
-            let root = self.inodes.known(&st).unwrap_or_else(|| self.inodes.root());
-            return Ok((root, st));
+        if name.as_bytes() == b".." {
+            return self.lookup_parent(parent, &pfd);
         }
         self.creds.become_caller(caller);
         match self.lookup_at(parent, &pfd, name) {
@@ -442,6 +455,64 @@ impl Passthrough {
             }
             r => r,
         }
+    }
+
+    /// `..` of a directory (export support: the kernel reconnecting a
+    /// directory it decoded from a file handle). Never above the root.
+    fn lookup_parent(&self, id: u64, fd: &OwnedFd) -> Result<(Arc<Inode>, Stat)> {
+        self.creds.become_daemon();
+        let root = self.inodes.root();
+        if id == ROOT_ID {
+            return Ok((root, sys::fstat(fd.as_fd())?));
+        }
+        let up = sys::openat(fd.as_fd(), c"..", libc::O_PATH | libc::O_DIRECTORY, 0)?;
+        let st = sys::fstat(up.as_fd())?;
+        if (st.st_dev, st.st_ino) == (root.dev, root.ino) {
+            return Ok((root, st));
+        }
+        if let Some(inode) = self.inodes.known(&st) {
+            return Ok((inode, st));
+        }
+        Ok((self.inodes.lookup_fd(up, &st)?, st))
+    }
+
+    /// The path below the root of a directory the kernel reached without a
+    /// name (decoded from a file handle), found by identity: up through
+    /// `..`, each name the entry of its parent with that inode number, until
+    /// a directory whose path is known. `None` if it is not below the root.
+    fn walk_up(&self, id: u64) -> Option<PathBuf> {
+        self.creds.become_daemon();
+        let inode = self.inode(id).ok()?;
+        let mut fd = self.fd(&inode).ok()?;
+        let mut st = sys::fstat(fd.as_fd()).ok()?;
+        let mut names: Vec<OsString> = Vec::new();
+        for _ in 0..256 {
+            let up =
+                Arc::new(sys::openat(fd.as_fd(), c"..", libc::O_PATH | libc::O_DIRECTORY, 0).ok()?);
+            let ust = sys::fstat(up.as_fd()).ok()?;
+            if (ust.st_dev, ust.st_ino) == (st.st_dev, st.st_ino) {
+                return None; // the filesystem's root: not below ours
+            }
+            let dir = std::fs::read_dir(format!("/proc/self/fd/{}", up.as_raw_fd())).ok()?;
+            let name = dir
+                .flatten()
+                .find(|e| e.ino() == st.st_ino)
+                .map(|e| e.file_name())?;
+            names.push(name);
+            let known = self
+                .inodes
+                .peek(&ust)
+                .and_then(|i| self.inodes.dir_path(i.id));
+            let root = self.inodes.root();
+            if let Some(base) =
+                known.or(((ust.st_dev, ust.st_ino) == (root.dev, root.ino)).then(PathBuf::new))
+            {
+                return Some(names.iter().rev().fold(base, |p, n| p.join(n)));
+            }
+            fd = up;
+            st = ust;
+        }
+        None
     }
 
     /// Restore on access: a lookup of a protected path missed; if the

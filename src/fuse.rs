@@ -215,6 +215,10 @@ impl fuser::Filesystem for FuseAdapter {
             // ACLs, as a local filesystem does; the backing filesystem still
             // decides too (requests run with the caller's credentials), so
             // nothing it would refuse is allowed. The umask is left to us.
+            // File handles through the mount (name_to_handle_at and, after
+            // the kernel dropped its caches, open_by_handle_at): lookups of
+            // `.` and `..` by node id.
+            | InitFlags::FUSE_EXPORT_SUPPORT
             | InitFlags::FUSE_POSIX_ACL
             | InitFlags::FUSE_DONT_MASK;
         let _ = config.add_capabilities(want & caps);

@@ -247,6 +247,21 @@ pub struct InodeStore {
     /// A real (not `O_PATH`) descriptor of the root: `open_by_handle_at`
     /// needs one to name the filesystem.
     mount_fd: Option<OwnedFd>,
+    /// Handles of inodes the kernel forgot, newest last (bounded): a file
+    /// handle given out through the mount (`name_to_handle_at`) names a node
+    /// id the kernel may ask about again after it dropped its caches.
+    retired: Mutex<(HashMap<u64, Retired>, VecDeque<u64>)>,
+}
+
+/// How many forgotten inodes can still be found by node id.
+const RETIRED_CAP: usize = 32 * 1024;
+
+/// A forgotten inode, enough to bring it back.
+struct Retired {
+    dev: u64,
+    ino: u64,
+    kind: u32,
+    handle: FileHandle,
 }
 
 impl InodeStore {
@@ -268,6 +283,7 @@ impl InodeStore {
             },
             use_handles,
             mount_fd,
+            retired: Mutex::new((HashMap::new(), VecDeque::new())),
         };
         let root = Inode::new(ROOT_ID, &st, None, Some(Arc::new(root)));
         root.nlookup.store(1, Ordering::Relaxed);
@@ -435,9 +451,64 @@ impl InodeStore {
                 self.cache.remove(id);
                 if inode.id >= SYNTHETIC_BASE {
                     self.synthetic.remove(&(inode.dev, inode.ino));
+                } else if let Some(handle) = inode.handle.clone() {
+                    self.retire(id, &inode, handle);
                 }
             }
         }
+    }
+
+    fn retire(&self, id: u64, inode: &Inode, handle: FileHandle) {
+        let mut g = self.retired.lock();
+        let (map, order) = &mut *g;
+        let r = Retired {
+            dev: inode.dev,
+            ino: inode.ino,
+            kind: inode.kind,
+            handle,
+        };
+        if map.insert(id, r).is_none() {
+            order.push_back(id);
+        }
+        while map.len() > RETIRED_CAP {
+            match order.pop_front() {
+                Some(old) => {
+                    map.remove(&old);
+                }
+                None => break,
+            }
+        }
+        if order.len() > 2 * RETIRED_CAP {
+            order.retain(|i| map.contains_key(i));
+        }
+    }
+
+    /// The inode with node id `id`, counting one kernel lookup: a known
+    /// one, or one the kernel forgot but whose handle is still kept (the
+    /// kernel asks for `.` in a node id when it decodes a file handle after
+    /// dropping its caches). Must be called with the daemon's credentials.
+    pub fn lookup_id(&self, id: u64) -> io::Result<Arc<Inode>> {
+        if let Some(r) = self.inodes.get(&id) {
+            r.nlookup.fetch_add(1, Ordering::Relaxed);
+            return Ok(Arc::clone(&r));
+        }
+        let (dev, ino, kind, handle) = {
+            let g = self.retired.lock();
+            let r =
+                g.0.get(&id)
+                    .ok_or_else(|| io::Error::from_raw_os_error(libc::ESTALE))?;
+            (r.dev, r.ino, r.kind, r.handle.clone())
+        };
+        let mount_fd = self
+            .mount_fd
+            .as_ref()
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ESTALE))?;
+        let fd = sys::open_by_handle(mount_fd.as_fd(), &handle, libc::O_PATH | libc::O_NOFOLLOW)?;
+        let st = sys::fstat(fd.as_fd())?;
+        if (st.st_dev, st.st_ino, st.st_mode & libc::S_IFMT) != (dev, ino, kind) {
+            return Err(io::Error::from_raw_os_error(libc::ESTALE));
+        }
+        self.lookup_fd(fd, &st)
     }
 
     /// The path of directory `id` below the root, from the names the kernel

@@ -107,3 +107,12 @@ fn trusted_xattrs_on_symlinks() {
 fn execute_only_files_run() {
     same("cp /bin/true t; chmod 0711 t\n t U sh -c ./t\n chmod 0700 t\n t U sh -c ./t\n");
 }
+
+#[test]
+fn file_handles_work_after_the_caches_are_dropped() {
+    same(concat!(
+        "/usr/bin/python3 ",
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/handles.py .\n"
+    ));
+}

@@ -459,3 +459,46 @@ print(open(os.path.join(d, "late")).read(), os.stat(os.path.join(d, "f0")).st_si
         "the daemon says it is near its limit"
     );
 }
+
+// ---- a directory reached through a file handle --------------------------------
+
+#[test]
+fn a_directory_decoded_from_a_file_handle_is_still_guarded() {
+    let (_t, bk) = scratch();
+    let m = Mount::new(&bk, &[]);
+    fs::create_dir(bk.join("_base/sub")).unwrap();
+    fs::write(bk.join("_base/sub/f"), b"SUB-F").unwrap();
+    fs::create_dir(bk.join("inst/plain")).unwrap();
+    fs::write(bk.join("inst/plain/g"), b"G").unwrap();
+    // Handles of both directories, the kernel's caches dropped, then
+    // deletions through descriptors decoded from the handles: the kernel
+    // knows no names for them.
+    let script = r#"
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+class FH(ctypes.Structure):
+    _fields_ = [("bytes", ctypes.c_uint), ("type", ctypes.c_int), ("h", ctypes.c_ubyte * 128)]
+def handle(p):
+    fh = FH(); fh.bytes = 128; mnt = ctypes.c_int()
+    assert libc.name_to_handle_at(-100, p.encode(), ctypes.byref(fh), ctypes.byref(mnt), 0) == 0
+    return fh
+root = sys.argv[1]
+hs, hp = handle(root + "/_base/sub"), handle(root + "/inst/plain")
+mfd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+with open("/proc/sys/vm/drop_caches", "w") as f:
+    f.write("3")
+for h, name in ((hs, "f"), (hp, "g")):
+    fd = libc.open_by_handle_at(mfd, ctypes.byref(h), os.O_RDONLY | os.O_DIRECTORY)
+    assert fd >= 0, ctypes.get_errno()
+    os.unlink(name, dir_fd=fd)
+print("ok")
+"#;
+    let (ok, out) = py(script, &[&m.mountpoint]);
+    assert!(ok, "{out}");
+    assert_eq!(held_for(&bk, "_base/sub/f"), vec![b"SUB-F".to_vec()]);
+    assert!(!bk.join("inst/plain/g").exists());
+    assert!(
+        held(&bk).iter().all(|h| h.1 != "inst/plain/g"),
+        "unprotected: deleted"
+    );
+}
