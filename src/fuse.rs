@@ -210,6 +210,9 @@ impl fuser::Filesystem for FuseAdapter {
             | InitFlags::FUSE_ASYNC_DIO
             | InitFlags::FUSE_CACHE_SYMLINKS
             | InitFlags::FUSE_DO_READDIRPLUS
+            // Attributes with a listing only when the kernel expects stats
+            // after it (a bare listing costs no lookups).
+            | InitFlags::FUSE_READDIRPLUS_AUTO
             // The kernel checks permissions with the attributes it caches
             // (search permission along a cached path, FIFO opens) and POSIX
             // ACLs, as a local filesystem does; the backing filesystem still
