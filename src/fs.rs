@@ -73,7 +73,8 @@ impl OpenFile {
 }
 
 impl OpenFile {
-    fn direct(&self) -> bool {
+    /// Opened with `O_DIRECT`.
+    pub fn direct(&self) -> bool {
         self.flags & libc::O_DIRECT != 0
     }
 }
@@ -1265,6 +1266,38 @@ impl Passthrough {
         self.files.insert(fh, Arc::clone(&f));
         self.mind_descriptors();
         (fh, f)
+    }
+
+    /// Without kernel passthrough: may the kernel keep the page cache it
+    /// has for this file (`FOPEN_KEEP_CACHE`)? Yes when it is opened for
+    /// reading and its size and times are what they were at the last open
+    /// (base images are read-mostly); a writer clears the stamp, and the
+    /// kernel drops cached pages itself when it sees the size or mtime
+    /// change (`FUSE_AUTO_INVAL_DATA`).
+    pub fn keep_cache(&self, f: &OpenFile) -> bool {
+        let Some(inode) = self.inodes.get(f.inode) else {
+            return false;
+        };
+        if f.flags & libc::O_ACCMODE != libc::O_RDONLY {
+            inode.data_stamp.store(0, Ordering::Relaxed);
+            return false;
+        }
+        let Ok(st) = sys::fstat(f.file.as_fd()) else {
+            return false;
+        };
+        let stamp = [
+            st.st_size,
+            st.st_mtime,
+            st.st_mtime_nsec,
+            st.st_ctime,
+            st.st_ctime_nsec,
+        ]
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, v| {
+            (h ^ *v as u64).wrapping_mul(0x100_0000_01b3)
+        })
+        .max(1);
+        inode.data_stamp.swap(stamp, Ordering::Relaxed) == stamp
     }
 
     /// Open files come first: past 3/4 of the open-file limit, cached

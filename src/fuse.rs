@@ -177,6 +177,20 @@ impl FuseAdapter {
         }
     }
 
+    /// Open flags for a file whose data this daemon serves (no kernel
+    /// passthrough): `O_DIRECT` opens bypass the page cache on this side
+    /// too (no double caching), and an unchanged file opened for reading
+    /// keeps the kernel's cache from earlier opens.
+    fn served_flags(&self, f: &OpenFile) -> FopenFlags {
+        if f.direct() {
+            FopenFlags::FOPEN_DIRECT_IO
+        } else if self.fs.keep_cache(f) {
+            FopenFlags::FOPEN_KEEP_CACHE
+        } else {
+            FopenFlags::empty()
+        }
+    }
+
     /// Where the session's notifier goes once the session exists.
     pub fn notifier_slot(&self) -> Arc<OnceLock<Notifier>> {
         Arc::clone(&self.notifier)
@@ -213,6 +227,9 @@ impl fuser::Filesystem for FuseAdapter {
             // Attributes with a listing only when the kernel expects stats
             // after it (a bare listing costs no lookups).
             | InitFlags::FUSE_READDIRPLUS_AUTO
+            // Cached pages of a file whose size or mtime changed (another
+            // node wrote it) are dropped (matters without passthrough).
+            | InitFlags::FUSE_AUTO_INVAL_DATA
             // The kernel checks permissions with the attributes it caches
             // (search permission along a cached path, FIFO opens) and POSIX
             // ACLs, as a local filesystem does; the backing filesystem still
@@ -225,6 +242,8 @@ impl fuser::Filesystem for FuseAdapter {
             | InitFlags::FUSE_POSIX_ACL
             | InitFlags::FUSE_DONT_MASK;
         let _ = config.add_capabilities(want & caps);
+        // Large requests where the daemon serves data (1 MiB reads ahead).
+        let _ = config.set_max_readahead(1 << 20);
         if self.passthrough {
             let ok = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
                 && config.set_max_stack_depth(1).is_ok();
@@ -410,7 +429,7 @@ impl fuser::Filesystem for FuseAdapter {
             }
             Ok((fh, f)) => match self.backing(&f, |fd| reply.open_backing(fd)) {
                 Some(b) => reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &b.0),
-                None => reply.opened(FileHandle(fh), FopenFlags::empty()),
+                None => reply.opened(FileHandle(fh), self.served_flags(&f)),
             },
             Err(e) => reply.error(ferr(e)),
         }
@@ -444,7 +463,7 @@ impl fuser::Filesystem for FuseAdapter {
                 }
                 match self.backing(&f, |fd| reply.open_backing(fd)) {
                     Some(b) => reply.created_passthrough(&TTL, &a, Generation(0), fh, flags, &b.0),
-                    None => reply.created(&TTL, &a, Generation(0), fh, flags),
+                    None => reply.created(&TTL, &a, Generation(0), fh, self.served_flags(&f)),
                 }
             }
             Err(e) => reply.error(ferr(e)),

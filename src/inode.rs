@@ -46,6 +46,10 @@ pub struct Inode {
     /// Where the kernel reached this inode: the guard decides from this,
     /// never from a path read back from the backing filesystem.
     place: Mutex<Place>,
+    /// Without kernel passthrough: a digest of the file's size and times
+    /// when it was last opened, so that an unchanged file keeps the kernel's
+    /// page cache across opens (0: none yet, or a writer has it open).
+    pub data_stamp: AtomicU64,
 }
 
 /// How many names of one file the guard remembers (hard links).
@@ -79,6 +83,7 @@ impl Inode {
             pinned,
             nlookup: AtomicU64::new(0),
             place: Mutex::new(Place::default()),
+            data_stamp: AtomicU64::new(0),
         }
     }
 
