@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-use crate::quarantine::{Entry, Quarantine};
+use crate::quarantine::{Entry, EntryState, Quarantine, Records};
 use crate::refs::RefIndex;
 
 /// How stale the reference index may be when asked.
@@ -24,11 +24,14 @@ const FRESH_FOR_HEAL: Duration = Duration::from_millis(200);
 /// stamp is unchanged (timestamps can be coarse: keep this short).
 const LIST_REUSE: Duration = Duration::from_secs(1);
 
-/// The quarantine's newest entry per original path, cached against the
+/// The quarantine's held entries per original path, cached against the
 /// entries directory's stamp so that lookups that miss cost one `fstat`.
+/// After a change only the new records are read (see
+/// [`Quarantine::held_incremental`]), and no lock is held while reading:
+/// the new listing is built aside and swapped in.
 #[derive(Default)]
 pub struct QuarantinedPaths {
-    cache: Mutex<Option<Listing>>,
+    cache: Mutex<Option<Arc<Listing>>>,
 }
 
 type Stamp = (i64, i64, i64, i64, u64);
@@ -37,8 +40,10 @@ type Stamp = (i64, i64, i64, i64, u64);
 struct Listing {
     stamp: Stamp,
     at: Instant,
-    /// The newest held entry per original path.
-    by_path: HashMap<PathBuf, Entry>,
+    /// Every record read, for the next incremental refresh.
+    records: Records,
+    /// The held entries per original path, oldest first.
+    by_path: HashMap<PathBuf, Vec<Arc<Entry>>>,
     /// The file names among those paths: a name not in here needs no path.
     names: HashSet<OsString>,
 }
@@ -53,37 +58,84 @@ impl QuarantinedPaths {
         name: &OsStr,
         rel: impl FnOnce() -> Option<PathBuf>,
     ) -> Option<Entry> {
-        let stamp = q.stamp().ok()?;
-        let mut g = self.cache.lock();
-        let fresh = g
-            .as_ref()
-            .is_some_and(|l| l.stamp == stamp && l.at.elapsed() < LIST_REUSE);
-        if !fresh {
-            let mut by_path: HashMap<PathBuf, Entry> = HashMap::new();
-            for e in q.list().ok()? {
-                let newer = by_path
-                    .get(&e.orig_path())
-                    .is_none_or(|o| e.sort_key() > o.sort_key());
-                if newer {
-                    by_path.insert(e.orig_path(), e);
-                }
-            }
-            let names = by_path
-                .keys()
-                .filter_map(|p| p.file_name().map(OsString::from))
-                .collect();
-            *g = Some(Listing {
-                stamp,
-                at: Instant::now(),
-                by_path,
-                names,
-            });
-        }
-        let listing = g.as_ref()?;
+        self.held(q, name, rel).pop()
+    }
+
+    /// Every held entry (oldest first) for the file called `name` whose path
+    /// `rel` gives, asked for only when the quarantine holds some file of
+    /// that name; empty if none.
+    pub fn held(
+        &self,
+        q: &Quarantine,
+        name: &OsStr,
+        rel: impl FnOnce() -> Option<PathBuf>,
+    ) -> Vec<Entry> {
+        let Some(listing) = self.listing(q) else {
+            return Vec::new();
+        };
         if !listing.names.contains(name) {
-            return None;
+            return Vec::new();
         }
-        listing.by_path.get(&rel()?).cloned()
+        let Some(rel) = rel() else {
+            return Vec::new();
+        };
+        listing
+            .by_path
+            .get(&rel)
+            .map(|v| {
+                v.iter()
+                    .map(|e| Entry {
+                        state: EntryState::Held,
+                        ..Entry::clone(e)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn listing(&self, q: &Quarantine) -> Option<Arc<Listing>> {
+        let stamp = q.stamp().ok()?;
+        let prev = self.cache.lock().clone();
+        if let Some(l) = &prev
+            && l.stamp == stamp
+            && l.at.elapsed() < LIST_REUSE
+        {
+            return Some(l.clone());
+        }
+        let at = Instant::now();
+        let empty = Records::new();
+        let known = prev.as_ref().map_or(&empty, |l| &l.records);
+        let (records, held) = match q.held_incremental(known) {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list the quarantine");
+                return prev;
+            }
+        };
+        let mut by_path: HashMap<PathBuf, Vec<Arc<Entry>>> = HashMap::new();
+        for e in held {
+            by_path.entry(e.orig_path()).or_default().push(e);
+        }
+        for v in by_path.values_mut() {
+            v.sort_by(|a, b| a.sort_key().cmp(&b.sort_key()));
+        }
+        let names = by_path
+            .keys()
+            .filter_map(|p| p.file_name().map(OsString::from))
+            .collect();
+        let listing = Arc::new(Listing {
+            stamp,
+            at,
+            records,
+            by_path,
+            names,
+        });
+        let mut g = self.cache.lock();
+        // Keep whichever listing was started last.
+        if g.as_ref().is_none_or(|l| l.at <= at) {
+            *g = Some(listing.clone());
+        }
+        Some(listing)
     }
 }
 

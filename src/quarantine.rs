@@ -37,7 +37,7 @@
 //! a shared index. Destinations are never overwritten: `RENAME_NOREPLACE`,
 //! or `link` + `unlink` on filesystems without it (NFS).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ffi::{CStr, CString, OsStr};
 use std::fmt;
 use std::fs::File;
@@ -47,6 +47,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -1362,6 +1363,49 @@ impl Quarantine {
         Ok(out)
     }
 
+    /// The held entries, reading only the records that are not in `known`
+    /// (records never change once written, so a record read before is read
+    /// again only if it was removed and its id reused, which ids prevent).
+    /// Returns every record now present (for the next call) and the held
+    /// ones among them, in no particular order. One `readdir` and a read
+    /// per new record: for the daemon's cache of the quarantine, where
+    /// reading thousands of records on every change cost tens of ms per
+    /// lookup.
+    pub fn held_incremental(&self, known: &Records) -> io::Result<(Records, Vec<Arc<Entry>>)> {
+        let names = self.names()?;
+        let mut records = Records::with_capacity(known.len() + 16);
+        let mut held = Vec::new();
+        for n in &names {
+            let Some(id) = n.strip_suffix(b".json") else {
+                continue;
+            };
+            let Ok(id) = std::str::from_utf8(id) else {
+                continue;
+            };
+            if !valid_id(id) {
+                continue;
+            }
+            let rec = match known.get(id) {
+                Some(r) => r.clone(),
+                None => match self.read_record(id) {
+                    Ok(e) => Arc::new(e),
+                    Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
+                    Err(err) => {
+                        tracing::warn!(id, error = %err, "skipping unreadable quarantine record");
+                        continue;
+                    }
+                },
+            };
+            let is_held = names.contains(format!("{id}.data").as_bytes())
+                || self.observe(id, Some(&names)).0 == EntryState::Held;
+            if is_held {
+                held.push(rec.clone());
+            }
+            records.insert(id.to_string(), rec);
+        }
+        Ok((records, held))
+    }
+
     /// Every record with its state (held, pending, restoring), oldest first.
     /// Unreadable records are skipped with a warning.
     pub fn list_all(&self) -> io::Result<Vec<Entry>> {
@@ -1848,6 +1892,10 @@ impl Quarantine {
         Ok(s)
     }
 }
+
+/// Records by id as read (their `state` not filled in), for
+/// [`Quarantine::held_incremental`].
+pub type Records = HashMap<String, Arc<Entry>>;
 
 /// When an instance disk was created, for [`pick_version`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

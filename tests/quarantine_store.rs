@@ -1154,3 +1154,35 @@ fn a_killed_restore_never_hides_a_file() {
     assert_eq!(out.len(), 2, "{out:?}");
     assert_eq!(f.q.list().unwrap().len(), 3);
 }
+
+#[test]
+fn the_held_listing_reads_only_new_records() {
+    use baseguard::quarantine::Records;
+    let f = fx();
+    let ids = |v: &[std::sync::Arc<baseguard::quarantine::Entry>]| {
+        let mut v: Vec<String> = v.iter().map(|e| e.id.clone()).collect();
+        v.sort();
+        v
+    };
+    f.write("_base/a", b"a");
+    f.write("_base/b", b"b");
+    let a = f.unlink("a");
+    let b = f.unlink("b");
+    let (known, held) = f.q.held_incremental(&Records::new()).unwrap();
+    let mut want = vec![a.id.clone(), b.id.clone()];
+    want.sort();
+    assert_eq!(ids(&held), want);
+    // A known record is not read again (here: it could not be parsed now).
+    fs::write(f.entries_dir().join(format!("{}.json", a.id)), b"{").unwrap();
+    f.write("_base/c", b"c");
+    let c = f.unlink("c");
+    f.q.restore(&b.id, None, false, &who()).unwrap();
+    let (known2, held) = f.q.held_incremental(&known).unwrap();
+    let mut want = vec![a.id.clone(), c.id.clone()];
+    want.sort();
+    assert_eq!(ids(&held), want);
+    assert!(!known2.contains_key(&b.id));
+    // From scratch, the damaged record is skipped.
+    let (_, held) = f.q.held_incremental(&Records::new()).unwrap();
+    assert_eq!(ids(&held), vec![c.id.clone()]);
+}
