@@ -3,9 +3,11 @@
 //! protected path misses (restore on access) and before expiry purges a
 //! quarantined file.
 
-use std::collections::{HashMap, HashSet};
-use std::ffi::{OsStr, OsString};
+use std::collections::HashSet;
+use std::ffi::OsStr;
+use std::hash::Hasher;
 use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -42,10 +44,23 @@ struct Listing {
     at: Instant,
     /// Every record read, for the next incremental refresh.
     records: Records,
-    /// The held entries per original path, oldest first.
-    by_path: HashMap<PathBuf, Vec<Arc<Entry>>>,
-    /// The file names among those paths: a name not in here needs no path.
-    names: HashSet<OsString>,
+    /// The held entries.
+    held: Vec<Arc<Entry>>,
+    /// Hashes of their file names: a name not in here needs no path (and
+    /// nothing is allocated per entry to build this).
+    names: HashSet<u64>,
+}
+
+/// Hash of the last component of a path given as bytes.
+fn name_hash(path: &[u8]) -> u64 {
+    let name = path.rsplit(|&b| b == b'/').next().unwrap_or(path);
+    let mut h = std::hash::DefaultHasher::new();
+    h.write(name);
+    h.finish()
+}
+
+fn entry_name_hash(e: &Entry) -> u64 {
+    name_hash(e.path_bytes.as_deref().unwrap_or(e.path.as_bytes()))
 }
 
 impl QuarantinedPaths {
@@ -73,24 +88,23 @@ impl QuarantinedPaths {
         let Some(listing) = self.listing(q) else {
             return Vec::new();
         };
-        if !listing.names.contains(name) {
+        if !listing.names.contains(&name_hash(name.as_bytes())) {
             return Vec::new();
         }
         let Some(rel) = rel() else {
             return Vec::new();
         };
-        listing
-            .by_path
-            .get(&rel)
-            .map(|v| {
-                v.iter()
-                    .map(|e| Entry {
-                        state: EntryState::Held,
-                        ..Entry::clone(e)
-                    })
-                    .collect()
+        let mut v: Vec<Entry> = listing
+            .held
+            .iter()
+            .filter(|e| e.orig_path() == rel)
+            .map(|e| Entry {
+                state: EntryState::Held,
+                ..Entry::clone(e)
             })
-            .unwrap_or_default()
+            .collect();
+        v.sort_by(|a, b| a.sort_key().cmp(&b.sort_key()));
+        v
     }
 
     fn listing(&self, q: &Quarantine) -> Option<Arc<Listing>> {
@@ -112,22 +126,12 @@ impl QuarantinedPaths {
                 return prev;
             }
         };
-        let mut by_path: HashMap<PathBuf, Vec<Arc<Entry>>> = HashMap::new();
-        for e in held {
-            by_path.entry(e.orig_path()).or_default().push(e);
-        }
-        for v in by_path.values_mut() {
-            v.sort_by(|a, b| a.sort_key().cmp(&b.sort_key()));
-        }
-        let names = by_path
-            .keys()
-            .filter_map(|p| p.file_name().map(OsString::from))
-            .collect();
+        let names = held.iter().map(|e| entry_name_hash(e)).collect();
         let listing = Arc::new(Listing {
             stamp,
             at,
             records,
-            by_path,
+            held,
             names,
         });
         let mut g = self.cache.lock();

@@ -1372,23 +1372,30 @@ impl Quarantine {
     /// reading thousands of records on every change cost tens of ms per
     /// lookup.
     pub fn held_incremental(&self, known: &Records) -> io::Result<(Records, Vec<Arc<Entry>>)> {
-        let names = self.names()?;
+        // Borrowed slices of one listing: no allocation per known name.
+        let p = sys::proc_fd_path(self.entries.as_fd());
+        let mut names = Vec::with_capacity(known.len() * 2 + 16);
+        for de in std::fs::read_dir(Path::new(OsStr::from_bytes(p.as_bytes())))? {
+            names.push(de?.file_name());
+        }
+        let data: HashSet<&[u8]> = names
+            .iter()
+            .filter_map(|n| n.as_bytes().strip_suffix(b".data"))
+            .collect();
         let mut records = Records::with_capacity(known.len() + 16);
         let mut held = Vec::new();
         for n in &names {
-            let Some(id) = n.strip_suffix(b".json") else {
+            let Some(id) = n.as_bytes().strip_suffix(b".json") else {
                 continue;
             };
             let Ok(id) = std::str::from_utf8(id) else {
                 continue;
             };
-            if !valid_id(id) {
-                continue;
-            }
-            let rec = match known.get(id) {
-                Some(r) => r.clone(),
+            let (key, rec) = match known.get_key_value(id) {
+                Some((k, r)) => (k.clone(), r.clone()),
+                None if !valid_id(id) => continue,
                 None => match self.read_record(id) {
-                    Ok(e) => Arc::new(e),
+                    Ok(e) => (Arc::from(id), Arc::new(e)),
                     Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
                     Err(err) => {
                         tracing::warn!(id, error = %err, "skipping unreadable quarantine record");
@@ -1396,12 +1403,12 @@ impl Quarantine {
                     }
                 },
             };
-            let is_held = names.contains(format!("{id}.data").as_bytes())
-                || self.observe(id, Some(&names)).0 == EntryState::Held;
-            if is_held {
+            // Not held in this listing: look again (readdir is no snapshot)
+            // and recover the claim of a restore that died.
+            if data.contains(id.as_bytes()) || self.observe(id, None).0 == EntryState::Held {
                 held.push(rec.clone());
             }
-            records.insert(id.to_string(), rec);
+            records.insert(key, rec);
         }
         Ok((records, held))
     }
@@ -1895,7 +1902,7 @@ impl Quarantine {
 
 /// Records by id as read (their `state` not filled in), for
 /// [`Quarantine::held_incremental`].
-pub type Records = HashMap<String, Arc<Entry>>;
+pub type Records = HashMap<Arc<str>, Arc<Entry>>;
 
 /// When an instance disk was created, for [`pick_version`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
