@@ -367,7 +367,7 @@ impl Passthrough {
             .filter_map(|d| p.quarantine.disk_time(d))
             .collect();
         let entry = match pick_version(&held, &times) {
-            VersionChoice::One(e) => e,
+            VersionChoice::One(e) => *e,
             VersionChoice::Nothing => return false,
             VersionChoice::Ambiguous(v) => {
                 let ids: Vec<&str> = v.iter().map(|e| e.id.as_str()).collect();

@@ -1920,7 +1920,7 @@ pub enum VersionChoice {
     /// Nothing held for that path.
     Nothing,
     /// This entry holds the version the disks were created on.
-    One(Entry),
+    One(Box<Entry>),
     /// Several different versions could be it: restore none, report these
     /// (oldest first) so a person can choose.
     Ambiguous(Vec<Entry>),
@@ -2019,7 +2019,7 @@ pub fn pick_version(held: &[Entry], disks: &[DiskTime]) -> VersionChoice {
         let best = chosen
             .into_iter()
             .max_by(|a, b| a.sort_key().cmp(&b.sort_key()));
-        best.map_or(VersionChoice::Nothing, VersionChoice::One)
+        best.map_or(VersionChoice::Nothing, |e| VersionChoice::One(Box::new(e)))
     } else {
         let mut ids = HashSet::new();
         chosen.retain(|e| ids.insert(e.id.clone()));
@@ -2253,7 +2253,10 @@ mod tests {
         assert_eq!(one(pick_version(&held, &[])), "copy");
         // Only the empty version held: that is what there is.
         assert_eq!(
-            one(pick_version(&[empty.clone()], &[born(200, true)])),
+            one(pick_version(
+                std::slice::from_ref(&empty),
+                &[born(200, true)]
+            )),
             "empty"
         );
         assert_eq!(
