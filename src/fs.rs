@@ -19,7 +19,7 @@ use crate::creds::{Caller, Credentials};
 use crate::guard::Guard;
 use crate::heal::{QuarantinedPaths, References};
 use crate::inode::{Inode, InodeStore, ROOT_ID};
-use crate::quarantine::{Quarantine, VersionChoice, Who, Why};
+use crate::quarantine::{Quarantine, VersionChoice, Who, Why, pick_version};
 use crate::stats::{Op, Stats};
 use crate::sys::{self, LockRange, Stat, TimeSpec, XattrReply};
 
@@ -531,13 +531,11 @@ impl Passthrough {
         // when nothing changed; the path is resolved only if so.) Then: is
         // that path protected, and which disks use it?
         let mut rel = None;
-        if p.quarantined
-            .latest(&p.quarantine, name, || {
-                rel = self.rel_path(parent).map(|d| d.join(name));
-                rel.clone()
-            })
-            .is_none()
-        {
+        let held = p.quarantined.held(&p.quarantine, name, || {
+            rel = self.rel_path(parent).map(|d| d.join(name));
+            rel.clone()
+        });
+        if held.is_empty() {
             return false;
         }
         let Some(rel) = rel else {
@@ -552,10 +550,14 @@ impl Passthrough {
         }
         // Not simply the newest entry: the version the disks were made on
         // (never the empty file a truncation left when the copy is held).
-        let entry = match p.quarantine.version_for(&rel, &disks) {
-            Ok(VersionChoice::One(e)) => e,
-            Ok(VersionChoice::Nothing) => return false,
-            Ok(VersionChoice::Ambiguous(v)) => {
+        let times: Vec<_> = disks
+            .iter()
+            .filter_map(|d| p.quarantine.disk_time(d))
+            .collect();
+        let entry = match pick_version(&held, &times) {
+            VersionChoice::One(e) => *e,
+            VersionChoice::Nothing => return false,
+            VersionChoice::Ambiguous(v) => {
                 let ids: Vec<&str> = v.iter().map(|e| e.id.as_str()).collect();
                 tracing::warn!(
                     path = %rel.display(),
@@ -563,10 +565,6 @@ impl Passthrough {
                     ids = %ids.join(" "),
                     "not restored: the quarantine holds several versions and which one the disk was created on cannot be told; restore one with 'baseguard restore ID'"
                 );
-                return false;
-            }
-            Err(e) => {
-                tracing::warn!(path = %rel.display(), error = %e, "cannot read the quarantine");
                 return false;
             }
         };

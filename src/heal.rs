@@ -3,16 +3,18 @@
 //! protected path misses (restore on access) and before expiry purges a
 //! quarantined file.
 
-use std::collections::{HashMap, HashSet};
-use std::ffi::{OsStr, OsString};
+use std::collections::HashSet;
+use std::ffi::OsStr;
+use std::hash::Hasher;
 use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-use crate::quarantine::{Entry, Quarantine};
+use crate::quarantine::{Entry, EntryState, Quarantine, Records};
 use crate::refs::RefIndex;
 
 /// How stale the reference index may be when asked.
@@ -24,11 +26,14 @@ const FRESH_FOR_HEAL: Duration = Duration::from_millis(200);
 /// stamp is unchanged (timestamps can be coarse: keep this short).
 const LIST_REUSE: Duration = Duration::from_secs(1);
 
-/// The quarantine's newest entry per original path, cached against the
+/// The quarantine's held entries per original path, cached against the
 /// entries directory's stamp so that lookups that miss cost one `fstat`.
+/// After a change only the new records are read (see
+/// [`Quarantine::held_incremental`]), and no lock is held while reading:
+/// the new listing is built aside and swapped in.
 #[derive(Default)]
 pub struct QuarantinedPaths {
-    cache: Mutex<Option<Listing>>,
+    cache: Mutex<Option<Arc<Listing>>>,
 }
 
 type Stamp = (i64, i64, i64, i64, u64);
@@ -37,10 +42,25 @@ type Stamp = (i64, i64, i64, i64, u64);
 struct Listing {
     stamp: Stamp,
     at: Instant,
-    /// The newest held entry per original path.
-    by_path: HashMap<PathBuf, Entry>,
-    /// The file names among those paths: a name not in here needs no path.
-    names: HashSet<OsString>,
+    /// Every record read, for the next incremental refresh.
+    records: Records,
+    /// The held entries.
+    held: Vec<Arc<Entry>>,
+    /// Hashes of their file names: a name not in here needs no path (and
+    /// nothing is allocated per entry to build this).
+    names: HashSet<u64>,
+}
+
+/// Hash of the last component of a path given as bytes.
+fn name_hash(path: &[u8]) -> u64 {
+    let name = path.rsplit(|&b| b == b'/').next().unwrap_or(path);
+    let mut h = std::hash::DefaultHasher::new();
+    h.write(name);
+    h.finish()
+}
+
+fn entry_name_hash(e: &Entry) -> u64 {
+    name_hash(e.path_bytes.as_deref().unwrap_or(e.path.as_bytes()))
 }
 
 impl QuarantinedPaths {
@@ -53,37 +73,73 @@ impl QuarantinedPaths {
         name: &OsStr,
         rel: impl FnOnce() -> Option<PathBuf>,
     ) -> Option<Entry> {
+        self.held(q, name, rel).pop()
+    }
+
+    /// Every held entry (oldest first) for the file called `name` whose path
+    /// `rel` gives, asked for only when the quarantine holds some file of
+    /// that name; empty if none.
+    pub fn held(
+        &self,
+        q: &Quarantine,
+        name: &OsStr,
+        rel: impl FnOnce() -> Option<PathBuf>,
+    ) -> Vec<Entry> {
+        let Some(listing) = self.listing(q) else {
+            return Vec::new();
+        };
+        if !listing.names.contains(&name_hash(name.as_bytes())) {
+            return Vec::new();
+        }
+        let Some(rel) = rel() else {
+            return Vec::new();
+        };
+        let mut v: Vec<Entry> = listing
+            .held
+            .iter()
+            .filter(|e| e.orig_path() == rel)
+            .map(|e| Entry {
+                state: EntryState::Held,
+                ..Entry::clone(e)
+            })
+            .collect();
+        v.sort_by(|a, b| a.sort_key().cmp(&b.sort_key()));
+        v
+    }
+
+    fn listing(&self, q: &Quarantine) -> Option<Arc<Listing>> {
         let stamp = q.stamp().ok()?;
-        let mut g = self.cache.lock();
-        let fresh = g
-            .as_ref()
-            .is_some_and(|l| l.stamp == stamp && l.at.elapsed() < LIST_REUSE);
-        if !fresh {
-            let mut by_path: HashMap<PathBuf, Entry> = HashMap::new();
-            for e in q.list().ok()? {
-                let newer = by_path
-                    .get(&e.orig_path())
-                    .is_none_or(|o| e.sort_key() > o.sort_key());
-                if newer {
-                    by_path.insert(e.orig_path(), e);
-                }
+        let prev = self.cache.lock().clone();
+        if let Some(l) = &prev
+            && l.stamp == stamp
+            && l.at.elapsed() < LIST_REUSE
+        {
+            return Some(l.clone());
+        }
+        let at = Instant::now();
+        let empty = Records::new();
+        let known = prev.as_ref().map_or(&empty, |l| &l.records);
+        let (records, held) = match q.held_incremental(known) {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list the quarantine");
+                return prev;
             }
-            let names = by_path
-                .keys()
-                .filter_map(|p| p.file_name().map(OsString::from))
-                .collect();
-            *g = Some(Listing {
-                stamp,
-                at: Instant::now(),
-                by_path,
-                names,
-            });
+        };
+        let names = held.iter().map(|e| entry_name_hash(e)).collect();
+        let listing = Arc::new(Listing {
+            stamp,
+            at,
+            records,
+            held,
+            names,
+        });
+        let mut g = self.cache.lock();
+        // Keep whichever listing was started last.
+        if g.as_ref().is_none_or(|l| l.at <= at) {
+            *g = Some(listing.clone());
         }
-        let listing = g.as_ref()?;
-        if !listing.names.contains(name) {
-            return None;
-        }
-        listing.by_path.get(&rel()?).cloned()
+        Some(listing)
     }
 }
 

@@ -7,7 +7,10 @@
 //! <q>/                      mode 0700, root-owned
 //! <q>/entries/<id>.json     the record (written first, fsync'd, then linked in)
 //! <q>/entries/<id>.data     the file itself (the original inode, renamed)
-//! <q>/entries/<id>.claim    transient: the data while a restore is placing it
+//! <q>/entries/<id>.claim.<host>.<boot>.<pid>.<start>
+//!                           transient: the data while a restore is placing
+//!                           it; the name says which process claimed it
+//!                           (`<id>.claim` alone: from an older version)
 //! <q>/entries/.tmp-<id>.json, .<id>.copy   transient temporaries
 //! ```
 //!
@@ -19,14 +22,22 @@
 //! it is harmless, hidden by [`Quarantine::list`], and removed by
 //! [`Quarantine::purge_expired`] only once it is an hour old.
 //!
+//! A claim whose owner died on this host (its pid gone, or now another
+//! process, or the host rebooted since) is put back as `<id>.data` by the
+//! next look at that entry (`list`, `show`, `restore`, heal): a killed
+//! restore never hides a file. Another host's claim cannot be checked from
+//! here: it is listed as restoring and put back by the sweep after
+//! [`CLAIM_GRACE`]. (Host tags must differ between the nodes sharing a
+//! quarantine, as they already must for ids to say where a file came from.)
+//!
 //! Concurrency across processes and nodes sharing one quarantine relies only
 //! on atomic per-file syscalls: a restore first renames `<id>.data` to
-//! `<id>.claim` (exactly one caller can), a purge unlinks `<id>.data` (exactly
+//! its claim (exactly one caller can), a purge unlinks `<id>.data` (exactly
 //! one caller can, and not after a claim), and nothing reads-modifies-writes
 //! a shared index. Destinations are never overwritten: `RENAME_NOREPLACE`,
 //! or `link` + `unlink` on filesystems without it (NFS).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ffi::{CStr, CString, OsStr};
 use std::fmt;
 use std::fs::File;
@@ -36,6 +47,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -222,6 +234,158 @@ pub struct Entry {
     /// Not stored: filled in from the files present when read.
     #[serde(skip)]
     pub state: EntryState,
+    /// Not stored: for an entry being restored, who claimed it (from the
+    /// claim's file name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim: Option<Claim>,
+}
+
+/// A restore's claim on an entry: `<id>.claim.<host>.<boot>.<pid>.<start>`,
+/// so the owner is known from the one atomic rename that makes the claim.
+/// (`<id>.claim` alone is a claim of an older version: owner unknown.)
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claim {
+    /// The claim's file name in `entries/`.
+    pub name: String,
+    /// Who holds it, when the name tells.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<ClaimOwner>,
+    /// Whether the owner still runs, as far as this host can tell.
+    pub owner_state: OwnerState,
+}
+
+/// The process that claimed an entry for a restore.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClaimOwner {
+    /// The host tag (as in ids: the short host name, `[A-Za-z0-9-]`).
+    pub host: String,
+    /// The host's boot id (`/proc/sys/kernel/random/boot_id`, hex digits).
+    pub boot: String,
+    pub pid: u32,
+    /// The process's start time (`/proc/PID/stat` field 22): with the pid,
+    /// it names one process even after the pid is reused.
+    pub start: u64,
+}
+
+/// Whether a claim's owner still runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OwnerState {
+    /// The owner runs on this host: the restore is in progress.
+    Alive,
+    /// The owner was on this host and is gone (or the host rebooted since):
+    /// the claim is put back at once.
+    Dead,
+    /// On another host, or an owner that was not recorded: put back by the
+    /// sweep after [`CLAIM_GRACE`].
+    Unknown,
+}
+
+fn boot_id() -> &'static str {
+    static BOOT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BOOT.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|s| s.trim().chars().filter(|c| c.is_ascii_hexdigit()).collect())
+            .unwrap_or_default()
+    })
+}
+
+/// Start time of process `pid` (`/proc/PID/stat` field 22), if it runs.
+fn process_start(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces and parentheses.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+impl ClaimOwner {
+    /// This process on this host.
+    pub fn current() -> ClaimOwner {
+        let pid = std::process::id();
+        ClaimOwner {
+            host: host_tag(&sys::hostname()),
+            boot: boot_id().to_string(),
+            pid,
+            start: process_start(pid).unwrap_or(0),
+        }
+    }
+
+    /// Process `pid` on this host, if it runs (tests use it to stand for a
+    /// restore that gets killed).
+    pub fn of_pid(pid: u32) -> Option<ClaimOwner> {
+        Some(ClaimOwner {
+            pid,
+            start: process_start(pid)?,
+            ..ClaimOwner::current()
+        })
+    }
+
+    /// As written at the end of a claim name.
+    fn suffix(&self) -> String {
+        format!("{}.{}.{}.{}", self.host, self.boot, self.pid, self.start)
+    }
+
+    fn parse(s: &str) -> Option<ClaimOwner> {
+        let mut it = s.rsplitn(4, '.');
+        let start = it.next()?.parse().ok()?;
+        let pid = it.next()?.parse().ok()?;
+        let boot = it.next()?;
+        let host = it.next()?;
+        let ok = |t: &str, f: fn(char) -> bool| !t.is_empty() && t.chars().all(f);
+        if !ok(host, |c| c.is_ascii_alphanumeric() || c == '-')
+            || !ok(boot, |c| c.is_ascii_hexdigit())
+        {
+            return None;
+        }
+        Some(ClaimOwner {
+            host: host.into(),
+            boot: boot.into(),
+            pid,
+            start,
+        })
+    }
+
+    /// Does the owner still run? Decided only on its own host: there a pid
+    /// that is gone, or now names a process started at another time, or a
+    /// boot id that is not this boot's, means the owner is dead.
+    pub fn state(&self) -> OwnerState {
+        if self.host != host_tag(&sys::hostname()) {
+            return OwnerState::Unknown;
+        }
+        if self.boot != boot_id() {
+            return OwnerState::Dead;
+        }
+        match process_start(self.pid) {
+            Some(t) if t == self.start => OwnerState::Alive,
+            _ => OwnerState::Dead,
+        }
+    }
+}
+
+impl fmt::Display for ClaimOwner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "pid {}@{}", self.pid, self.host)
+    }
+}
+
+impl Claim {
+    /// The claim named `name` for entry `id`, if it is one.
+    fn parse(id: &str, name: &str) -> Option<Claim> {
+        let rest = name.strip_prefix(id)?.strip_prefix(".claim")?;
+        let owner = if rest.is_empty() {
+            None
+        } else {
+            Some(ClaimOwner::parse(rest.strip_prefix('.')?)?)
+        };
+        let owner_state = owner
+            .as_ref()
+            .map_or(OwnerState::Unknown, ClaimOwner::state);
+        Some(Claim {
+            name: name.into(),
+            owner,
+            owner_state,
+        })
+    }
 }
 
 impl Entry {
@@ -305,7 +469,7 @@ impl fmt::Display for QError {
             QError::Gone { id, state } => match state {
                 EntryState::Pending => write!(
                     f,
-                    "entry '{id}' holds no file: its stash never completed, so the file was never moved (check its original path)"
+                    "entry '{id}' holds no file: either its stash did not complete (the file was never moved) or a restore put the file back and did not get to remove the record; check its original path"
                 ),
                 _ => write!(
                     f,
@@ -799,6 +963,10 @@ impl Quarantine {
     fn claim_name(id: &str) -> CString {
         cname(&format!("{id}.claim"))
     }
+    /// The claim a restore by `owner` makes on entry `id`.
+    pub fn claim_name_for(id: &str, owner: &ClaimOwner) -> String {
+        format!("{id}.claim.{}", owner.suffix())
+    }
 
     fn fsync_entries(&self) {
         if let Err(e) = fsync_fd(self.entries.as_fd()) {
@@ -868,6 +1036,7 @@ impl Quarantine {
             method,
             who: who.clone(),
             state: EntryState::Pending,
+            claim: None,
         }
     }
 
@@ -1147,6 +1316,7 @@ impl Quarantine {
             ));
         }
         e.state = EntryState::Pending;
+        e.claim = None;
         Ok(e)
     }
 
@@ -1155,12 +1325,77 @@ impl Quarantine {
     }
 
     fn state_of(&self, id: &str) -> EntryState {
-        if self.exists(&Self::data_name(id)) {
-            EntryState::Held
-        } else if self.exists(&Self::claim_name(id)) {
-            EntryState::Restoring
-        } else {
-            EntryState::Pending
+        self.observe(id, None).0
+    }
+
+    /// The state of entry `id` and its claim, if a restore holds it; a claim
+    /// whose owner died on this host is put back at once (the entry is then
+    /// held). `names`: a listing of `entries/` to look for claims in (read
+    /// if needed and not given).
+    fn observe(&self, id: &str, names: Option<&HashSet<Vec<u8>>>) -> (EntryState, Option<Claim>) {
+        for _ in 0..4 {
+            if self.exists(&Self::data_name(id)) {
+                return (EntryState::Held, None);
+            }
+            let claim = if self.exists(&Self::claim_name(id)) {
+                Claim::parse(id, &format!("{id}.claim"))
+            } else {
+                self.find_claim(id, names)
+            };
+            let Some(claim) = claim else {
+                // Between the claim and the data? Look once more.
+                if self.exists(&Self::data_name(id)) {
+                    return (EntryState::Held, None);
+                }
+                return (EntryState::Pending, None);
+            };
+            if claim.owner_state != OwnerState::Dead {
+                return (EntryState::Restoring, Some(claim));
+            }
+            if self.recover_claim(id, &claim) {
+                return (EntryState::Held, None);
+            }
+            // Someone else recovered it, or it completed: look again.
+        }
+        (EntryState::Pending, None)
+    }
+
+    /// A claim with an owner in its name for `id`, from `names` or a fresh
+    /// listing (only when the entry has neither data nor a plain claim).
+    fn find_claim(&self, id: &str, names: Option<&HashSet<Vec<u8>>>) -> Option<Claim> {
+        let prefix = format!("{id}.claim.");
+        let find = |names: &HashSet<Vec<u8>>| {
+            names
+                .iter()
+                .filter(|n| n.starts_with(prefix.as_bytes()))
+                .filter_map(|n| std::str::from_utf8(n).ok())
+                .filter_map(|n| Claim::parse(id, n))
+                .filter(|c| self.exists(&cname(&c.name)))
+                .min_by_key(|c| c.name.clone())
+        };
+        match names {
+            Some(n) => find(n).or_else(|| self.names().ok().and_then(|n| find(&n))),
+            None => self.names().ok().and_then(|n| find(&n)),
+        }
+    }
+
+    /// Put back the claim of a restore that died: `<claim>` becomes
+    /// `<id>.data` again (never over an existing one). Exactly one of
+    /// several processes doing this succeeds.
+    fn recover_claim(&self, id: &str, claim: &Claim) -> bool {
+        let ent = self.entries.as_fd();
+        match self.place_noreplace(ent, &cname(&claim.name), ent, &Self::data_name(id)) {
+            Ok(()) => {
+                self.fsync_entries();
+                tracing::warn!(
+                    id,
+                    claim = %claim.name,
+                    owner = %claim.owner.as_ref().map(ToString::to_string).unwrap_or_default(),
+                    "put back the entry of a restore that died"
+                );
+                true
+            }
+            Err(_) => false,
         }
     }
 
@@ -1171,6 +1406,56 @@ impl Quarantine {
             out.insert(de?.file_name().as_bytes().to_vec());
         }
         Ok(out)
+    }
+
+    /// The held entries, reading only the records that are not in `known`
+    /// (records never change once written, so a record read before is read
+    /// again only if it was removed and its id reused, which ids prevent).
+    /// Returns every record now present (for the next call) and the held
+    /// ones among them, in no particular order. One `readdir` and a read
+    /// per new record: for the daemon's cache of the quarantine, where
+    /// reading thousands of records on every change cost tens of ms per
+    /// lookup.
+    pub fn held_incremental(&self, known: &Records) -> io::Result<(Records, Vec<Arc<Entry>>)> {
+        // Borrowed slices of one listing: no allocation per known name.
+        let p = sys::proc_fd_path(self.entries.as_fd());
+        let mut names = Vec::with_capacity(known.len() * 2 + 16);
+        for de in std::fs::read_dir(Path::new(OsStr::from_bytes(p.as_bytes())))? {
+            names.push(de?.file_name());
+        }
+        let data: HashSet<&[u8]> = names
+            .iter()
+            .filter_map(|n| n.as_bytes().strip_suffix(b".data"))
+            .collect();
+        let mut records = Records::with_capacity(known.len() + 16);
+        let mut held = Vec::new();
+        for n in &names {
+            let Some(id) = n.as_bytes().strip_suffix(b".json") else {
+                continue;
+            };
+            let Ok(id) = std::str::from_utf8(id) else {
+                continue;
+            };
+            let (key, rec) = match known.get_key_value(id) {
+                Some((k, r)) => (k.clone(), r.clone()),
+                None if !valid_id(id) => continue,
+                None => match self.read_record(id) {
+                    Ok(e) => (Arc::from(id), Arc::new(e)),
+                    Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
+                    Err(err) => {
+                        tracing::warn!(id, error = %err, "skipping unreadable quarantine record");
+                        continue;
+                    }
+                },
+            };
+            // Not held in this listing: look again (readdir is no snapshot)
+            // and recover the claim of a restore that died.
+            if data.contains(id.as_bytes()) || self.observe(id, None).0 == EntryState::Held {
+                held.push(rec.clone());
+            }
+            records.insert(key, rec);
+        }
+        Ok((records, held))
     }
 
     /// Every record with its state (held, pending, restoring), oldest first.
@@ -1196,11 +1481,11 @@ impl Quarantine {
                     continue;
                 }
             };
-            e.state = if names.contains(format!("{id}.data").as_bytes()) {
-                EntryState::Held
+            (e.state, e.claim) = if names.contains(format!("{id}.data").as_bytes()) {
+                (EntryState::Held, None)
             } else {
                 // readdir is no snapshot: look again.
-                self.state_of(id)
+                self.observe(id, Some(&names))
             };
             out.push(e);
         }
@@ -1227,7 +1512,7 @@ impl Quarantine {
             }
             Err(err) => return Err(QError::io(format!("cannot read record {id}"), err)),
         };
-        e.state = self.state_of(id);
+        (e.state, e.claim) = self.observe(id, None);
         Ok(e)
     }
 
@@ -1414,7 +1699,12 @@ impl Quarantine {
             return Err(QError::DestExists(dest));
         }
         // Claim the data: exactly one caller's rename can succeed.
-        let (data, claim) = (Self::data_name(&e.id), Self::claim_name(&e.id));
+        // The claim's name says who holds it, so that a restore killed
+        // between here and the end is recognised (and undone) at once.
+        let (data, claim) = (
+            Self::data_name(&e.id),
+            cname(&Self::claim_name_for(&e.id, &ClaimOwner::current())),
+        );
         let ent = self.entries.as_fd();
         if let Err(err) = sys::renameat2(ent, &data, ent, &claim, 0) {
             return Err(if errno(&err) == libc::ENOENT {
@@ -1559,7 +1849,8 @@ impl Quarantine {
                 }
                 EntryState::Held => {}
                 EntryState::Restoring => {
-                    let claim = Self::claim_name(&e.id);
+                    let Some(c) = &e.claim else { continue };
+                    let claim = cname(&c.name);
                     if self.older_than(&claim, self.grace(&self.claim_grace))
                         && self
                             .place_noreplace(
@@ -1654,6 +1945,10 @@ impl Quarantine {
     }
 }
 
+/// Records by id as read (their `state` not filled in), for
+/// [`Quarantine::held_incremental`].
+pub type Records = HashMap<Arc<str>, Arc<Entry>>;
+
 /// When an instance disk was created, for [`pick_version`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DiskTime {
@@ -1670,7 +1965,7 @@ pub enum VersionChoice {
     /// Nothing held for that path.
     Nothing,
     /// This entry holds the version the disks were created on.
-    One(Entry),
+    One(Box<Entry>),
     /// Several different versions could be it: restore none, report these
     /// (oldest first) so a person can choose.
     Ambiguous(Vec<Entry>),
@@ -1769,7 +2064,7 @@ pub fn pick_version(held: &[Entry], disks: &[DiskTime]) -> VersionChoice {
         let best = chosen
             .into_iter()
             .max_by(|a, b| a.sort_key().cmp(&b.sort_key()));
-        best.map_or(VersionChoice::Nothing, VersionChoice::One)
+        best.map_or(VersionChoice::Nothing, |e| VersionChoice::One(Box::new(e)))
     } else {
         let mut ids = HashSet::new();
         chosen.retain(|e| ids.insert(e.id.clone()));
@@ -1970,6 +2265,7 @@ mod tests {
             method: Method::Rename,
             who: Who::current(),
             state: EntryState::Held,
+            claim: None,
         }
     }
 
@@ -2002,7 +2298,10 @@ mod tests {
         assert_eq!(one(pick_version(&held, &[])), "copy");
         // Only the empty version held: that is what there is.
         assert_eq!(
-            one(pick_version(&[empty.clone()], &[born(200, true)])),
+            one(pick_version(
+                std::slice::from_ref(&empty),
+                &[born(200, true)]
+            )),
             "empty"
         );
         assert_eq!(
@@ -2065,6 +2364,7 @@ mod tests {
             method: Method::Link,
             who: w,
             state: EntryState::Held,
+            claim: None,
         };
         let s = serde_json::to_string(&e).unwrap();
         assert!(s.contains("\"rename-over\""));

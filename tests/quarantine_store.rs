@@ -1063,3 +1063,127 @@ fn stash_copy_keeps_extended_attributes() {
         assert_eq!(xattr_of(&back, n).as_deref(), Some(*v), "{n} restored");
     }
 }
+
+#[test]
+fn a_killed_restore_never_hides_a_file() {
+    use baseguard::quarantine::{ClaimOwner, OwnerState};
+    let f = fx();
+    let dir = f.root.to_str().unwrap().to_string();
+    let claim_as = |id: &str, name: &str| {
+        fs::rename(
+            f.entries_dir().join(format!("{id}.data")),
+            f.entries_dir().join(name),
+        )
+        .unwrap();
+    };
+    // A claim as older versions make it (owner unknown), left by a SIGKILLed
+    // restore: listed, and `show` tells the truth.
+    f.write("_base/old", b"old claim");
+    let old = f.unlink("old");
+    claim_as(&old.id, &format!("{}.claim", old.id));
+    let o = bg(&["list", "--dir", &dir]);
+    assert!(o.status.success(), "{}", err(&o));
+    assert!(out(&o).contains(&old.id), "{}", out(&o));
+    assert!(out(&o).contains("restoring"), "{}", out(&o));
+    let o = bg(&["show", &old.id, "--dir", &dir]);
+    assert!(!out(&o).contains("never completed") && !err(&o).contains("never completed"));
+    assert!(out(&o).contains("restoring"), "{}", out(&o));
+
+    // A restore in progress on this host (a live process holds the claim).
+    f.write("_base/busy", b"busy");
+    let busy = f.unlink("busy");
+    let mut child = Command::new("sleep").arg("600").spawn().unwrap();
+    let owner = ClaimOwner::of_pid(child.id()).unwrap();
+    claim_as(&busy.id, &Quarantine::claim_name_for(&busy.id, &owner));
+    let e = f.q.get(&busy.id).unwrap();
+    assert_eq!(e.state, EntryState::Restoring);
+    let c = e.claim.unwrap();
+    assert_eq!(c.owner.as_ref(), Some(&owner));
+    assert_eq!(c.owner_state, OwnerState::Alive);
+    assert!(matches!(
+        f.q.restore(&busy.id, None, false, &who()),
+        Err(QError::Gone {
+            state: EntryState::Restoring,
+            ..
+        })
+    ));
+    let o = bg(&["list", "--dir", &dir]);
+    assert!(
+        out(&o).contains(&format!("by pid {}@", child.id())),
+        "{}",
+        out(&o)
+    );
+    let o = bg(&["list", "--json", "--dir", &dir]);
+    let v: serde_json::Value = serde_json::from_str(&out(&o)).unwrap();
+    let row = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == busy.id.as_str())
+        .unwrap();
+    assert_eq!(row["state"], "restoring");
+    assert_eq!(row["claim"]["owner"]["pid"], child.id());
+    // The restore is SIGKILLed: the very next look puts the file back.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let held: Vec<String> = f.q.list().unwrap().into_iter().map(|e| e.id).collect();
+    assert!(held.contains(&busy.id), "{held:?}");
+    f.q.restore(&busy.id, None, false, &who()).unwrap();
+    assert_eq!(f.read("_base/busy"), b"busy");
+    // A pid that was reused by another process is no owner either.
+    f.write("_base/reused", b"reused");
+    let reused = f.unlink("reused");
+    let mut me = ClaimOwner::current();
+    me.start += 1;
+    claim_as(&reused.id, &Quarantine::claim_name_for(&reused.id, &me));
+    assert_eq!(f.q.get(&reused.id).unwrap().state, EntryState::Held);
+    // Another host's claim: listed, kept for the grace period.
+    f.write("_base/far", b"far");
+    let far = f.unlink("far");
+    let mut other = ClaimOwner::current();
+    other.host = "elsewhere".into();
+    claim_as(&far.id, &Quarantine::claim_name_for(&far.id, &other));
+    let e = f.q.get(&far.id).unwrap();
+    assert_eq!(e.state, EntryState::Restoring);
+    assert_eq!(e.claim.unwrap().owner_state, OwnerState::Unknown);
+    let o = bg(&["list", "--dir", &dir]);
+    assert!(out(&o).contains("another host"), "{}", out(&o));
+    let o = bg(&["show", &far.id, "--dir", &dir]);
+    assert!(out(&o).contains("restoring by pid"), "{}", out(&o));
+    f.q.set_graces(Duration::from_secs(3600), Duration::ZERO);
+    let out = f.q.purge_expired(Duration::from_secs(3600), &|_| None);
+    assert_eq!(out.len(), 2, "{out:?}");
+    assert_eq!(f.q.list().unwrap().len(), 3);
+}
+
+#[test]
+fn the_held_listing_reads_only_new_records() {
+    use baseguard::quarantine::Records;
+    let f = fx();
+    let ids = |v: &[std::sync::Arc<baseguard::quarantine::Entry>]| {
+        let mut v: Vec<String> = v.iter().map(|e| e.id.clone()).collect();
+        v.sort();
+        v
+    };
+    f.write("_base/a", b"a");
+    f.write("_base/b", b"b");
+    let a = f.unlink("a");
+    let b = f.unlink("b");
+    let (known, held) = f.q.held_incremental(&Records::new()).unwrap();
+    let mut want = vec![a.id.clone(), b.id.clone()];
+    want.sort();
+    assert_eq!(ids(&held), want);
+    // A known record is not read again (here: it could not be parsed now).
+    fs::write(f.entries_dir().join(format!("{}.json", a.id)), b"{").unwrap();
+    f.write("_base/c", b"c");
+    let c = f.unlink("c");
+    f.q.restore(&b.id, None, false, &who()).unwrap();
+    let (known2, held) = f.q.held_incremental(&known).unwrap();
+    let mut want = vec![a.id.clone(), c.id.clone()];
+    want.sort();
+    assert_eq!(ids(&held), want);
+    assert!(!known2.contains_key(b.id.as_str()));
+    // From scratch, the damaged record is skipped.
+    let (_, held) = f.q.held_incremental(&Records::new()).unwrap();
+    assert_eq!(ids(&held), vec![c.id.clone()]);
+}

@@ -303,8 +303,15 @@ impl ListArgs {
         };
         let entries = match &q {
             None => Vec::new(),
-            Some(q) => match if self.all { q.list_all() } else { q.list() } {
-                Ok(v) => v,
+            // Entries being restored are always shown (a restore that died
+            // must never hide a file), pending records only with --all.
+            Some(q) => match q.list_all() {
+                Ok(mut v) => {
+                    if !self.all {
+                        v.retain(|e| e.state != EntryState::Pending);
+                    }
+                    v
+                }
                 Err(e) => return fail(format!("cannot list the quarantine: {e}")),
             },
         };
@@ -327,6 +334,9 @@ impl ListArgs {
                 let mut id = e.id.clone();
                 if e.state != EntryState::Held {
                     id = format!("{id} ({})", state_word(e.state));
+                }
+                if let Some(c) = &e.claim {
+                    id = format!("{id} {}", claim_str(c));
                 }
                 [
                     id,
@@ -351,6 +361,16 @@ impl ListArgs {
             human_size(total)
         );
         ExitCode::SUCCESS
+    }
+}
+
+/// `by pid 123@node1`, `by pid 123@node2 (another host)`, `(owner unknown)`.
+fn claim_str(c: &quarantine::Claim) -> String {
+    match (&c.owner, c.owner_state) {
+        (Some(o), quarantine::OwnerState::Alive) => format!("by {o}"),
+        (Some(o), quarantine::OwnerState::Dead) => format!("by {o}, which died"),
+        (Some(o), quarantine::OwnerState::Unknown) => format!("by {o} (another host)"),
+        (None, _) => "(owner unknown)".into(),
     }
 }
 
@@ -423,7 +443,17 @@ impl ShowArgs {
         }
         let kv = |k: &str, v: String| println!("{k:<16}{v}");
         kv("id:", e.id.clone());
-        kv("state:", state_word(e.state).into());
+        match &e.claim {
+            Some(c) => kv(
+                "state:",
+                format!(
+                    "restoring {} (put back at once if it dies on this host; after {} min otherwise)",
+                    claim_str(c),
+                    quarantine::CLAIM_GRACE.as_secs() / 60
+                ),
+            ),
+            None => kv("state:", state_word(e.state).into()),
+        }
         kv("path:", e.path.clone());
         kv("kind:", format!("{:?}", e.kind).to_lowercase());
         kv(
