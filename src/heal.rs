@@ -5,7 +5,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -87,9 +87,64 @@ impl QuarantinedPaths {
 }
 
 /// A reference index over one instances directory, shared by threads.
+///
+/// Paths asked about and answered are relative to the guarded directory
+/// (the mount root, as the quarantine records them). In the usual layout
+/// that is the instances directory itself; in the `_base`-only layout (see
+/// [`BaseLayout`]) it is `_base`, and the index, which works relative to the
+/// instances directory, is asked about `_base/<rel>`.
 pub struct References {
     root: PathBuf,
+    /// The guarded directory relative to the instances directory: empty, or
+    /// `_base` in the `_base`-only layout.
+    prefix: PathBuf,
+    /// Keeps the instances directory's descriptor (behind `root`) open.
+    _instances: Option<OwnedFd>,
     inner: Mutex<(RefIndex, Option<Instant>)>,
+}
+
+/// The `_base`-only layout: baseguard serves Nova's `_base` directory alone,
+/// and instance disks stay in its parent, off FUSE.
+#[derive(Debug)]
+pub struct BaseLayout {
+    /// The instances directory (where `<uuid>/disk` live), opened `O_PATH`
+    /// before the mount, so it is read directly, never through the mount.
+    pub instances: OwnedFd,
+    /// Its path, for messages and as a known prefix of backing names.
+    pub instances_path: PathBuf,
+    /// The guarded directory's name within it (`_base`).
+    pub name: PathBuf,
+}
+
+impl BaseLayout {
+    /// The layout for a guarded directory `backing`: `instances` if given,
+    /// else the parent of `backing` when `backing` is named `_base`; `None`
+    /// for the usual layout (the guarded directory is the instances dir).
+    pub fn detect(backing: &Path, instances: Option<&Path>) -> Result<Option<BaseLayout>, String> {
+        let named_base = backing.file_name() == Some(OsStr::new(crate::refs::BASE_DIR));
+        let dir = match instances {
+            Some(d) => d.to_path_buf(),
+            None if named_base => match backing.parent() {
+                Some(p) => p.to_path_buf(),
+                None => return Ok(None),
+            },
+            None => return Ok(None),
+        };
+        let fd = crate::sys::open_path(&dir, libc::O_PATH | libc::O_DIRECTORY).map_err(|e| {
+            format!(
+                "the instances directory {} cannot be opened: {e}",
+                dir.display()
+            )
+        })?;
+        Ok(Some(BaseLayout {
+            instances: fd,
+            instances_path: dir,
+            name: backing
+                .file_name()
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(crate::refs::BASE_DIR)),
+        }))
+    }
 }
 
 impl References {
@@ -99,26 +154,73 @@ impl References {
     pub fn new(root: PathBuf, prefixes: Vec<PathBuf>) -> References {
         References {
             root,
+            prefix: PathBuf::new(),
+            _instances: None,
             inner: Mutex::new((RefIndex::new(prefixes), None)),
         }
+    }
+
+    /// The index for a guarded directory reached through `backing` (the
+    /// daemon's root descriptor, or the CLI's), in either layout. `backing`
+    /// must stay open as long as the index is used.
+    pub fn for_layout(
+        backing: BorrowedFd<'_>,
+        layout: Option<BaseLayout>,
+        mut prefixes: Vec<PathBuf>,
+    ) -> References {
+        let backing_path = PathBuf::from(format!("/proc/self/fd/{}", backing.as_raw_fd()));
+        let Some(l) = layout else {
+            return References::new(backing_path, prefixes);
+        };
+        prefixes.push(l.instances_path.clone());
+        let mut index = RefIndex::new(prefixes);
+        // `instances/_base` may be the mount itself: read it through the
+        // backing descriptor instead.
+        index.map_dir(l.name.clone(), backing_path);
+        References {
+            root: PathBuf::from(format!("/proc/self/fd/{}", l.instances.as_raw_fd())),
+            prefix: l.name,
+            _instances: Some(l.instances),
+            inner: Mutex::new((index, None)),
+        }
+    }
+
+    /// The guarded directory relative to the instances directory (empty in
+    /// the usual layout, `_base` in the `_base`-only one).
+    pub fn prefix(&self) -> &Path {
+        &self.prefix
+    }
+
+    fn to_index(&self, rel: &Path) -> PathBuf {
+        self.prefix.join(rel)
     }
 
     /// The instance disks whose backing chains name `rel` (relative to the
     /// instances directory). Rescans (cheaply: unchanged headers are not
     /// re-read) when the last scan is older than a couple of seconds.
     pub fn disks_using(&self, rel: &Path) -> Vec<PathBuf> {
-        self.with_fresh(FRESH, |index| index.references(rel))
+        let rel = self.to_index(rel);
+        self.with_fresh(FRESH, |index| index.references(&rel))
     }
 
     /// As [`Self::disks_using`], with an index at most a fraction of a second
     /// old (for restore on access, where a stale "unused" would be wrong).
     pub fn disks_using_now(&self, rel: &Path) -> Vec<PathBuf> {
-        self.with_fresh(FRESH_FOR_HEAL, |index| index.references(rel))
+        let rel = self.to_index(rel);
+        self.with_fresh(FRESH_FOR_HEAL, |index| index.references(&rel))
     }
 
-    /// Every file that some instance disk's backing chain names.
+    /// Every file in the guarded directory that some instance disk's
+    /// backing chain names (relative to the guarded directory).
     pub fn referenced(&self) -> HashSet<PathBuf> {
-        self.with_fresh(FRESH, |index| index.referenced())
+        let all = self.with_fresh(FRESH, |index| index.referenced());
+        if self.prefix.as_os_str().is_empty() {
+            return all;
+        }
+        all.into_iter()
+            .filter_map(|p| p.strip_prefix(&self.prefix).ok().map(Path::to_path_buf))
+            .filter(|p| !p.as_os_str().is_empty())
+            .collect()
     }
 
     /// For the command line: the index over a backing directory descriptor.

@@ -13,7 +13,8 @@ use std::path::{Component, Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
-use crate::heal::References;
+use crate::cmd::health::{self, MountHealth};
+use crate::heal::{BaseLayout, References};
 use crate::quarantine::{
     self, Entry, EntryState, PurgeOutcome, QError, Quarantine, Status, Who, fmt_utc,
 };
@@ -35,6 +36,11 @@ pub struct Location {
     /// (default: DIR's backing directory/.baseguard).
     #[arg(long, value_name = "QDIR")]
     pub quarantine: Option<PathBuf>,
+    /// The instances directory, when baseguard serves `_base` alone and it
+    /// is not `_base`'s parent (the daemon's --instances). When DIR has no
+    /// baseguard mount but DIR/_base has, that mount is used.
+    #[arg(long, value_name = "IDIR")]
+    pub instances: Option<PathBuf>,
 }
 
 /// Durations (`30m`, `12h`, `14d`, `2w`, `1d12h`): the one parser of the crate.
@@ -108,7 +114,7 @@ fn lexical_abs(p: &Path) -> Result<PathBuf, String> {
 
 /// `p` with its parent resolved (symlinks) but its last component kept, so a
 /// mountpoint itself is never looked up (a hung daemon cannot hang us).
-fn abs_dir(p: &Path) -> Result<PathBuf, String> {
+pub fn abs_dir(p: &Path) -> Result<PathBuf, String> {
     let abs = lexical_abs(p)?;
     match (abs.parent(), abs.file_name()) {
         (Some(parent), Some(name)) => Ok(std::fs::canonicalize(parent)
@@ -128,18 +134,29 @@ pub struct Backing {
     pub fd: OwnedFd,
     /// The baseguard mount at `dir`, if any.
     pub mount: Option<MountInfo>,
+    /// The instances directory in the `_base`-only layout (the backing
+    /// directory is then `_base`): `--instances`, or the backing
+    /// directory's parent when it is named `_base`.
+    pub instances: Option<PathBuf>,
+    /// The baseguard mount at `dir` probed (before any private detach).
+    pub health: Option<MountHealth>,
 }
 
 /// Resolve `--dir` to the backing directory (see the module docs). Must run
 /// before the process starts any thread.
 pub fn resolve_backing(dir: &Path) -> Result<Backing, String> {
-    let dir_abs = abs_dir(dir)?;
+    let mut dir_abs = abs_dir(dir)?;
     let mounts = baseguard_mounts();
-    let mount = mounts
-        .iter()
-        .rev()
-        .find(|m| m.mountpoint == dir_abs)
-        .cloned();
+    let at = |d: &Path| mounts.iter().rev().find(|m| m.mountpoint == d).cloned();
+    let mut mount = at(&dir_abs);
+    // The `_base`-only layout: the instances directory names `_base`'s mount.
+    if mount.is_none() {
+        let base = dir_abs.join(crate::refs::BASE_DIR);
+        if let Some(m) = at(&base) {
+            mount = Some(m);
+            dir_abs = base;
+        }
+    }
     let path = match &mount {
         Some(m) => {
             let p = PathBuf::from(&m.source);
@@ -154,6 +171,7 @@ pub fn resolve_backing(dir: &Path) -> Result<Backing, String> {
         }
         None => dir_abs.clone(),
     };
+    let health = mount.as_ref().map(MountHealth::of);
     let covered = |ms: &[MountInfo]| -> Option<PathBuf> {
         ms.iter()
             .rev()
@@ -185,15 +203,57 @@ pub fn resolve_backing(dir: &Path) -> Result<Backing, String> {
             path.display()
         )
     })?;
+    let instances = (path.file_name() == Some(std::ffi::OsStr::new(crate::refs::BASE_DIR)))
+        .then(|| path.parent().map(Path::to_path_buf))
+        .flatten();
     Ok(Backing {
         dir: dir_abs,
         path,
         fd,
         mount,
+        instances,
+        health,
     })
 }
 
+/// [`resolve_backing`] for a command's `--dir`, `--instances`.
+pub fn resolve_location(loc: &Location) -> Result<Backing, String> {
+    let mut b = resolve_backing(&loc.dir)?;
+    if let Some(i) = &loc.instances {
+        b.instances = Some(std::path::absolute(i).map_err(|e| {
+            format!(
+                "cannot resolve the instances directory '{}': {e}",
+                i.display()
+            )
+        })?);
+    }
+    Ok(b)
+}
+
 impl Backing {
+    /// The `_base`-only layout, if this is one (opens the instances dir).
+    pub fn layout(&self) -> Result<Option<BaseLayout>, String> {
+        BaseLayout::detect(&self.path, self.instances.as_deref())
+    }
+
+    /// Absolute paths under which instance disks may name base files.
+    pub fn prefixes(&self) -> Vec<PathBuf> {
+        let mut v = vec![self.dir.clone(), self.path.clone()];
+        if self.instances.is_some() {
+            v.extend(self.dir.parent().map(Path::to_path_buf));
+        }
+        v
+    }
+
+    /// The reference index over the instance disks, in either layout.
+    pub fn references(&self) -> Result<References, String> {
+        Ok(References::for_layout(
+            self.fd.as_fd(),
+            self.layout()?,
+            self.prefixes(),
+        ))
+    }
+
     /// An `ID|PATH` or `--to` argument as a path relative to the backing
     /// root: relative paths are taken as they are; absolute ones must be
     /// under `--dir` (or the backing directory).
@@ -244,7 +304,7 @@ fn fail(msg: impl std::fmt::Display) -> ExitCode {
 /// Open the quarantine for a command; `Ok(None)` when none exists yet.
 fn open(loc: &Location) -> Result<(Backing, Option<Quarantine>), String> {
     init_logging();
-    let b = resolve_backing(&loc.dir)?;
+    let b = resolve_location(loc)?;
     match Quarantine::open_existing(b.fd.as_fd(), loc.quarantine.as_deref()) {
         Ok(q) => Ok((b, Some(q))),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok((b, None)),
@@ -582,7 +642,10 @@ impl PurgeArgs {
             Ok(x) => x,
             Err(e) => return fail(e),
         };
-        let refs = References::for_backing(b.fd.as_fd(), vec![b.dir.clone(), b.path.clone()]);
+        let refs = match b.references() {
+            Ok(r) => r,
+            Err(e) => return fail(e),
+        };
         let keep = |e: &Entry| {
             if self.force {
                 None
@@ -716,8 +779,18 @@ pub struct StatusArgs {
 
 impl StatusArgs {
     pub fn run(&self) -> ExitCode {
-        // Read the mounts before resolve_backing may detach one privately.
-        let mounts = baseguard_mounts();
+        // Read and probe the mounts before resolve_backing may detach one
+        // privately: a dead or hung daemon is never reported healthy.
+        let mounts: Vec<MountHealth> = baseguard_mounts().iter().map(MountHealth::of).collect();
+        let problems: Vec<String> = mounts.iter().filter_map(MountHealth::problem).collect();
+        for p in &problems {
+            eprintln!("baseguard: {p}");
+        }
+        let ok = if problems.is_empty() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(health::EXIT_DEAD)
+        };
         let (b, q) = match open(&self.loc) {
             Ok(x) => x,
             Err(e) => return fail(e),
@@ -739,7 +812,10 @@ impl StatusArgs {
         };
         // Near misses: quarantined files an instance disk still references,
         // which Nova's deletion would have lost.
-        let refs = References::for_backing(b.fd.as_fd(), vec![b.dir.clone(), b.path.clone()]);
+        let refs = match b.references() {
+            Ok(r) => r,
+            Err(e) => return fail(e),
+        };
         let referenced = refs.referenced();
         let near: Vec<Entry> = match &q {
             Some(q) => q
@@ -766,12 +842,12 @@ impl StatusArgs {
             let v = serde_json::json!({
                 "near_misses": near.iter().map(|e| entry_json(e, Some(self.retain), now)).collect::<Vec<_>>(),
                 "referenced_base_files": referenced.len(),
-                "mounts": mounts.iter().map(|m| serde_json::json!({
-                    "mountpoint": m.mountpoint, "backing": m.source,
-                })).collect::<Vec<_>>(),
+                "mounts": mounts,
                 "dir": b.dir,
                 "backing": b.path,
+                "instances": b.instances,
                 "mounted": b.mount.is_some(),
+                "alive": b.mount.as_ref().map(|m| mounts.iter().any(|h| h.mountpoint == m.mountpoint && h.alive)),
                 "quarantine": qpath,
                 "exists": q.is_some(),
                 "entries": st.entries,
@@ -783,7 +859,7 @@ impl StatusArgs {
                 "orphans": st.orphans,
             });
             println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-            return ExitCode::SUCCESS;
+            return ok;
         }
         for e in &near {
             println!(
@@ -800,14 +876,27 @@ impl StatusArgs {
         } else {
             for (i, m) in mounts.iter().enumerate() {
                 println!(
-                    "{:<13}{} (backing {})",
+                    "{:<13}{} (backing {}){}",
                     if i == 0 { "mounts:" } else { "" },
                     m.mountpoint.display(),
-                    m.source
+                    m.backing,
+                    match m.state {
+                        health::Liveness::Alive => "",
+                        health::Liveness::NotConnected => " NOT RUNNING (dead mount)",
+                        health::Liveness::NoAnswer => " NOT ANSWERING",
+                        health::Liveness::Error => " NOT WORKING",
+                    }
                 );
             }
         }
         println!("{:<13}{}", "backing:", b.path.display());
+        if let Some(i) = &b.instances {
+            println!(
+                "{:<13}{} (baseguard serves _base alone)",
+                "instances:",
+                i.display()
+            );
+        }
         println!(
             "{:<13}{} file(s) named by instance disks' backing chains",
             "referenced:",
@@ -818,7 +907,7 @@ impl StatusArgs {
                 "{:<13}{qpath} (does not exist yet: nothing quarantined)",
                 "quarantine:"
             );
-            return ExitCode::SUCCESS;
+            return ok;
         }
         println!("{:<13}{qpath}", "quarantine:");
         println!("{:<13}{}", "entries:", st.entries);
@@ -845,7 +934,7 @@ impl StatusArgs {
                 "incomplete:", st.pending, st.restoring, st.orphans
             );
         }
-        ExitCode::SUCCESS
+        ok
     }
 }
 
