@@ -112,7 +112,8 @@ pub struct BaseLayout {
     pub instances: OwnedFd,
     /// Its path, for messages and as a known prefix of backing names.
     pub instances_path: PathBuf,
-    /// The guarded directory's name within it (`_base`).
+    /// The guarded directory's name within it, as backing chains name it
+    /// (`_base`).
     pub name: PathBuf,
 }
 
@@ -139,10 +140,9 @@ impl BaseLayout {
         Ok(Some(BaseLayout {
             instances: fd,
             instances_path: dir,
-            name: backing
-                .file_name()
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from(crate::refs::BASE_DIR)),
+            // Instance disks name `.../_base/<file>` whatever the backing
+            // directory is called.
+            name: PathBuf::from(crate::refs::BASE_DIR),
         }))
     }
 }

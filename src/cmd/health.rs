@@ -116,10 +116,38 @@ impl MountHealth {
     pub fn of(m: &MountInfo) -> MountHealth {
         let p = probe(&m.mountpoint, PROBE_TIMEOUT);
         MountHealth {
-            mountpoint: m.mountpoint.clone(),
-            backing: m.source.clone(),
             alive: p.alive(),
             state: p.state,
+            ..MountHealth::unknown(m)
+        }
+    }
+
+    /// Probe several mounts at once (at most [`PROBE_TIMEOUT`] in all).
+    pub fn of_all(ms: &[MountInfo]) -> Vec<MountHealth> {
+        std::thread::scope(|sc| {
+            let hs: Vec<_> = ms
+                .iter()
+                .map(|m| sc.spawn(move || MountHealth::of(m)))
+                .collect();
+            hs.into_iter()
+                .zip(ms)
+                .map(|(h, m)| {
+                    h.join().unwrap_or_else(|_| MountHealth {
+                        alive: false,
+                        state: Liveness::Error,
+                        ..MountHealth::unknown(m)
+                    })
+                })
+                .collect()
+        })
+    }
+
+    fn unknown(m: &MountInfo) -> MountHealth {
+        MountHealth {
+            mountpoint: m.mountpoint.clone(),
+            backing: m.source.clone(),
+            alive: false,
+            state: Liveness::Error,
             supervisor_pid: None,
             server_pid: None,
             server_started: None,

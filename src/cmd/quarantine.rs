@@ -764,7 +764,13 @@ impl PurgeArgs {
 #[derive(clap::Args, Debug)]
 #[command(
     about = "Show baseguard mounts on this host and a summary of the quarantine",
-    after_help = concat!("Examples:\n  baseguard status\n  baseguard status --json\n\n", "DIR defaults to /var/lib/nova/instances (a baseguard mountpoint or its backing directory).")
+    long_about = "Show the baseguard mounts on this host, each probed (a statfs that must answer \
+within 2 s), and a summary of DIR's quarantine: entries, bytes held, the oldest, and near misses \
+(quarantined files an instance disk still uses) first. Exit status 2 when the baseguard daemon \
+for DIR is not running or not answering (with a line saying what to do); other dead mounts of \
+the host are listed and said on stderr.",
+    after_help = concat!("Examples:\n  baseguard status\n  baseguard status --json\n  baseguard status --dir /var/lib/nova/instances/_base\n\n", "DIR defaults to /var/lib/nova/instances (a baseguard mountpoint or its backing directory; \
+with baseguard over _base alone, DIR/_base's mount is used).")
 )]
 pub struct StatusArgs {
     #[command(flatten)]
@@ -781,19 +787,20 @@ impl StatusArgs {
     pub fn run(&self) -> ExitCode {
         // Read and probe the mounts before resolve_backing may detach one
         // privately: a dead or hung daemon is never reported healthy.
-        let mounts: Vec<MountHealth> = baseguard_mounts().iter().map(MountHealth::of).collect();
+        let mounts = MountHealth::of_all(&baseguard_mounts());
         let problems: Vec<String> = mounts.iter().filter_map(MountHealth::problem).collect();
         for p in &problems {
             eprintln!("baseguard: {p}");
         }
-        let ok = if problems.is_empty() {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::from(health::EXIT_DEAD)
-        };
         let (b, q) = match open(&self.loc) {
             Ok(x) => x,
             Err(e) => return fail(e),
+        };
+        // The exit status is about DIR's mount; other dead mounts of the
+        // host are listed (and said on stderr) but do not change it.
+        let ok = match &b.health {
+            Some(h) if !h.alive => ExitCode::from(health::EXIT_DEAD),
+            _ => ExitCode::SUCCESS,
         };
         let st = match &q {
             None => Status::default(),
@@ -847,7 +854,7 @@ impl StatusArgs {
                 "backing": b.path,
                 "instances": b.instances,
                 "mounted": b.mount.is_some(),
-                "alive": b.mount.as_ref().map(|m| mounts.iter().any(|h| h.mountpoint == m.mountpoint && h.alive)),
+                "alive": b.health.as_ref().map(|h| h.alive),
                 "quarantine": qpath,
                 "exists": q.is_some(),
                 "entries": st.entries,

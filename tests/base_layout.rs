@@ -1,0 +1,286 @@
+//! The `_base`-only layout: baseguard laid over Nova's `_base` alone (over
+//! itself), instance disks in the parent directory, never through FUSE.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const SHA: &str = "7b4783508212f5d242cbf9ff56fb8d33b4ce6166";
+const OTHER: &str = "0000000000000000000000000000000000000000";
+const UUID: &str = "6f1c2a8e-3b9d-4c4e-9a52-0c1d2e3f4a5b";
+
+fn scratch() -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    d
+}
+
+fn ok(cmd: &mut Command) -> String {
+    let out = run(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn make_base(path: &Path, pattern: &str) {
+    ok(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "raw"])
+        .arg(path)
+        .arg("16M"));
+    ok(Command::new("qemu-io")
+        .args(["-f", "raw", "-c", &format!("write -P {pattern} 0 1M")])
+        .arg(path));
+}
+
+fn overlay(base: &Path, fmt: &str, disk: &Path) {
+    ok(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", fmt, "-b"])
+        .arg(base)
+        .arg(disk));
+}
+
+fn nova_remove(path: &Path) {
+    ok(Command::new("python3")
+        .args(["-c", "import os, sys; os.remove(sys.argv[1])"])
+        .arg(path));
+}
+
+/// What Nova's image cache manager sees in `_base`.
+fn nova_listdir(path: &Path) -> Vec<String> {
+    let out = ok(Command::new("python3")
+        .args([
+            "-c",
+            "import os, sys; print('\\n'.join(sorted(os.listdir(sys.argv[1]))))",
+        ])
+        .arg(path));
+    out.lines().filter(|l| !l.is_empty()).map(str::to_string).collect()
+}
+
+fn bg(args: &[&str], dir: &Path) -> (i32, String, String) {
+    let out = run(Command::new(BIN).args(args).arg("--dir").arg(dir));
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn listed(dir: &Path) -> Vec<String> {
+    let (code, list, err) = bg(&["list", "--json"], dir);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&list).unwrap();
+    let mut p: Vec<String> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["path"].as_str().unwrap().to_string())
+        .collect();
+    p.sort();
+    p
+}
+
+fn fs_type(p: &Path) -> String {
+    ok(Command::new("stat").args(["-f", "-c", "%T"]).arg(p))
+        .trim()
+        .to_string()
+}
+
+/// A private bind mount: another compute node's view of the shared
+/// instances directory. Detached on drop.
+struct View(PathBuf);
+
+impl View {
+    fn of(shared: &Path, at: &Path) -> View {
+        std::fs::create_dir_all(at).unwrap();
+        ok(Command::new("mount").arg("--bind").arg(shared).arg(at));
+        let v = View(at.to_path_buf());
+        ok(Command::new("mount").arg("--make-private").arg(at));
+        v
+    }
+}
+
+impl Drop for View {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+#[test]
+fn the_seed_incident_with_two_nodes_over_their_own_base_heals_itself() {
+    let t = scratch();
+    let shared = t.path().join("nfs");
+    std::fs::create_dir_all(shared.join("_base")).unwrap();
+    // Node B sees the shared directory at its own path; each node lays
+    // baseguard over its own `_base`, over itself.
+    let node_b = View::of(&shared, &t.path().join("node-b"));
+    let b_base = node_b.0.join("_base");
+    let a_base = shared.join("_base");
+    let b = Mount::at(&b_base, &b_base, &[]);
+    let a = Mount::at(&a_base, &a_base, &[]);
+
+    // Node B downloads the image and boots an instance on it.
+    make_base(&b_base.join(SHA), "0x42");
+    make_base(&b_base.join(OTHER), "0x11");
+    std::fs::create_dir(node_b.0.join(UUID)).unwrap();
+    let disk = node_b.0.join(UUID).join("disk");
+    overlay(&b_base.join(SHA), "raw", &disk);
+    // Instance disks are on the backing filesystem, not FUSE.
+    assert!(!fs_type(&disk).contains("fuse"), "{}", fs_type(&disk));
+    assert!(fs_type(&b_base.join(SHA)).contains("fuse"));
+    // Nova's download temporaries are let through.
+    std::fs::write(a_base.join(format!("{SHA}.part")), "tmp").unwrap();
+    nova_remove(&a_base.join(format!("{SHA}.part")));
+
+    // Node A's image cache manager deletes both images.
+    let seen = nova_listdir(&a_base);
+    assert_eq!(seen, vec![OTHER.to_string(), SHA.to_string()]);
+    nova_remove(&a_base.join(SHA));
+    nova_remove(&a_base.join(OTHER));
+    assert_eq!(listed(&a_base), vec![OTHER.to_string(), SHA.to_string()]);
+    // The quarantine (in _base itself) is hidden from what Nova lists.
+    assert!(
+        nova_listdir(&b_base).is_empty(),
+        "{:?}",
+        nova_listdir(&b_base)
+    );
+
+    // Node B's kernel caches names for 1 s, as NFS caches attributes.
+    std::thread::sleep(Duration::from_millis(1200));
+    // qemu on node B opens the instance disk: the base file comes back.
+    let out = ok(Command::new("qemu-io")
+        .args(["-f", "qcow2", "-t", "none", "-c", "read -P 0x42 0 1M"])
+        .arg(&disk));
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    assert!(b.stats()["healed"].as_u64().unwrap() >= 1);
+    assert_eq!(listed(&b_base), vec![OTHER.to_string()]);
+    assert_eq!(nova_listdir(&a_base), vec![SHA.to_string()]);
+    // The unreferenced one stays deleted, on both nodes.
+    for base in [&a_base, &b_base] {
+        for _ in 0..3 {
+            let e = std::fs::metadata(base.join(OTHER)).unwrap_err();
+            assert_eq!(e.raw_os_error(), Some(libc::ENOENT));
+        }
+    }
+    // The CLI takes the _base mountpoint or the instances directory.
+    assert_eq!(listed(&node_b.0), vec![OTHER.to_string()]);
+    let (code, out, err) = bg(&["check"], &b_base);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("every link present"), "{out}");
+    let (code, out, err) = bg(&["status", "--json"], &node_b.0);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["alive"], true, "{out}");
+    assert_eq!(v["referenced_base_files"], 1, "{out}");
+    drop(a);
+    drop(b);
+}
+
+#[test]
+fn check_expiry_and_status_work_over_base_alone() {
+    let t = scratch();
+    let instances = t.path().join("instances");
+    let base = instances.join("_base");
+    std::fs::create_dir_all(&base).unwrap();
+    let m = Mount::at(&base, &base, &["--retain", "2s", "--no-heal"]);
+    make_base(&base.join(SHA), "0x42");
+    // base (raw) <- resized copy (qcow2, relative name) <- instance disk.
+    overlay(Path::new(SHA), "raw", &base.join(format!("{SHA}_10")));
+    std::fs::write(base.join("unreferenced"), "u").unwrap();
+    std::fs::create_dir(instances.join(UUID)).unwrap();
+    overlay(
+        &base.join(format!("{SHA}_10")),
+        "qcow2",
+        &instances.join(UUID).join("disk"),
+    );
+    let (code, out, err) = bg(&["check"], &instances);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("every link present"), "{out}");
+
+    nova_remove(&base.join(SHA));
+    nova_remove(&base.join("unreferenced"));
+    let (code, out, _) = bg(&["check"], &base);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("QUARANTINED, restorable"), "{out}");
+    // Past the retention: the unreferenced file is purged, the one the
+    // chain needs is kept.
+    let start = Instant::now();
+    while listed(&base).len() > 1 {
+        assert!(start.elapsed() < Duration::from_secs(15), "nothing purged");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(listed(&base), vec![SHA.to_string()]);
+    let (code, out, _) = bg(&["status"], &base);
+    assert_eq!(code, 0);
+    assert!(out.starts_with(&format!("NEAR MISS:   {SHA}")), "{out}");
+    // Both levels quarantined: check --restore brings the chain back.
+    nova_remove(&base.join(format!("{SHA}_10")));
+    // check --restore brings the chain back, and qemu reads it.
+    let (code, out, err) = bg(&["check", "--restore"], &base);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(listed(&base).is_empty());
+    std::thread::sleep(Duration::from_millis(1200));
+    let out = ok(Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "read -P 0x42 0 1M"])
+        .arg(instances.join(UUID).join("disk")));
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    drop(m);
+}
+
+#[test]
+fn the_mount_helper_passes_instances_and_mounts_base_alone() {
+    let t = scratch();
+    let instances = t.path().join("instances");
+    let base = t.path().join("cache");
+    std::fs::create_dir_all(&instances).unwrap();
+    std::fs::create_dir_all(&base).unwrap();
+    let helper = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/mount-helpers/mount.fuse.baseguard"
+    );
+    let out = run(Command::new("sh")
+        .arg(helper)
+        .arg(&base)
+        .arg(&base)
+        .arg("-o")
+        .arg(format!("_netdev,instances={}", instances.display()))
+        .env("BASEGUARD_BIN", BIN));
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            if is_mounted(&self.0) {
+                let _ = Command::new("umount").arg(&self.0).status();
+            }
+        }
+    }
+    let _u = Unmount(base.clone());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Not named _base, but instances= says so: everything is protected.
+    std::fs::write(base.join("anything"), "x").unwrap();
+    std::fs::remove_file(base.join("anything")).unwrap();
+    std::fs::write(base.join("y.part"), "x").unwrap();
+    std::fs::remove_file(base.join("y.part")).unwrap();
+    let (code, out, err) = bg(
+        &["list", "--json", "--instances", instances.to_str().unwrap()],
+        &base,
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("\"anything\""), "{out}");
+    assert!(!out.contains("y.part"), "{out}");
+}
