@@ -61,7 +61,10 @@ fn nova_listdir(path: &Path) -> Vec<String> {
             "import os, sys; print('\\n'.join(sorted(os.listdir(sys.argv[1]))))",
         ])
         .arg(path));
-    out.lines().filter(|l| !l.is_empty()).map(str::to_string).collect()
+    out.lines()
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect()
 }
 
 fn bg(args: &[&str], dir: &Path) -> (i32, String, String) {
@@ -283,4 +286,28 @@ fn the_mount_helper_passes_instances_and_mounts_base_alone() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("\"anything\""), "{out}");
     assert!(!out.contains("y.part"), "{out}");
+}
+
+#[test]
+fn the_shipped_examples_cover_the_base_layout() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/mount-helpers");
+    let fstab = std::fs::read_to_string(format!("{dir}/fstab.example")).unwrap();
+    let line = fstab
+        .lines()
+        .filter_map(|l| l.strip_prefix('#'))
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.len() == 6 && f[2] == "fuse.baseguard")
+        .expect("a commented _base-only line");
+    assert_eq!(line[0], "/var/lib/nova/instances/_base");
+    assert_eq!(line[1], line[0]);
+    baseguard::mountopts::FstabOptions::parse(line[3]).unwrap();
+    for unit in ["nova-compute", "libvirtd"] {
+        let text =
+            std::fs::read_to_string(format!("{dir}/systemd/{unit}.service.d/baseguard.conf"))
+                .unwrap();
+        assert!(
+            text.contains("\nRequiresMountsFor=/var/lib/nova/instances/_base\n"),
+            "{unit}"
+        );
+    }
 }
