@@ -311,3 +311,65 @@ fn the_shipped_examples_cover_the_base_layout() {
         );
     }
 }
+
+#[test]
+fn a_dead_daemon_over_base_leaves_instance_disks_alone() {
+    use std::os::unix::fs::FileExt;
+    let t = scratch();
+    let instances = t.path().join("instances");
+    let base = instances.join("_base");
+    std::fs::create_dir_all(&base).unwrap();
+    let mut m = Mount::at(&base, &base, &[]);
+    make_base(&base.join(SHA), "0x42");
+    std::fs::create_dir(instances.join(UUID)).unwrap();
+    let disk = instances.join(UUID).join("disk");
+    overlay(&base.join(SHA), "raw", &disk);
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&disk)
+        .unwrap();
+    m.kill9();
+    // The instance disk is not on the mount: a running VM keeps working.
+    f.metadata().unwrap();
+    f.write_at(b"x", 1 << 20).unwrap();
+    f.sync_all().unwrap();
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&disk)
+        .unwrap();
+    // Base images are unreachable until the mount is replaced.
+    let e = std::fs::metadata(base.join(SHA)).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENOTCONN));
+    let (code, _, err) = bg(&["status"], &instances);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains(&format!(
+            "the baseguard daemon for {} is not running",
+            base.display()
+        )),
+        "{err}"
+    );
+    let out =
+        run(Command::new(BIN).args(["mount", base.to_str().unwrap(), base.to_str().unwrap()]));
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            if is_mounted(&self.0) {
+                let _ = Command::new("umount").arg(&self.0).status();
+            }
+        }
+    }
+    let _u = Unmount(base.clone());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = ok(Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "read -P 0x42 0 1M"])
+        .arg(&disk));
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    drop(f);
+}
