@@ -230,6 +230,10 @@ fn check_expiry_and_status_work_over_base_alone() {
     assert!(out.starts_with(&format!("NEAR MISS:   {SHA}")), "{out}");
     // Both levels quarantined: check --restore brings the chain back.
     nova_remove(&base.join(format!("{SHA}_10")));
+    // restore takes the path relative to the instances directory too.
+    let (code, out, err) = bg(&["restore", &format!("_base/{SHA}_10")], &instances);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(listed(&base), vec![SHA.to_string()]);
     // check --restore brings the chain back, and qemu reads it.
     let (code, out, err) = bg(&["check", "--restore"], &base);
     assert_eq!(code, 0, "{out}{err}");

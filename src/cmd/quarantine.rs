@@ -260,7 +260,15 @@ impl Backing {
     pub fn relativize(&self, p: &str) -> Result<PathBuf, QError> {
         let pp = Path::new(p);
         if !pp.is_absolute() {
-            return quarantine::clean_rel(pp);
+            let rel = quarantine::clean_rel(pp)?;
+            // Over `_base` alone, `_base/x` (relative to the instances
+            // directory) is `x`.
+            return Ok(
+                match (&self.instances, rel.strip_prefix(crate::refs::BASE_DIR)) {
+                    (Some(_), Ok(r)) if !r.as_os_str().is_empty() => r.to_path_buf(),
+                    _ => rel,
+                },
+            );
         }
         let escapes = |reason: String| QError::Escapes {
             path: pp.to_path_buf(),
@@ -357,10 +365,11 @@ pub struct ListArgs {
 
 impl ListArgs {
     pub fn run(&self) -> ExitCode {
-        let (_b, q) = match open(&self.loc) {
+        let (b, q) = match open(&self.loc) {
             Ok(x) => x,
             Err(e) => return fail(e),
         };
+        warn_dead(&b);
         let entries = match &q {
             None => Vec::new(),
             Some(q) => match if self.all { q.list_all() } else { q.list() } {
@@ -529,6 +538,7 @@ fn open_entry(loc: &Location, target: &str) -> Result<(Backing, Quarantine, Entr
             b.dir.display()
         ));
     };
+    warn_dead(&b);
     let e = lookup(&q, &b, target).map_err(|e| e.to_string())?;
     Ok((b, q, e))
 }
@@ -541,7 +551,24 @@ fn lookup(q: &Quarantine, b: &Backing, target: &str) -> Result<Entry, QError> {
             .latest_for(&rel)
             .ok_or_else(|| QError::NoMatch(target.to_string()));
     }
-    q.resolve(target)
+    // Over `_base` alone, records are relative to `_base`; accept the
+    // path relative to the instances directory too.
+    let in_base = b
+        .instances
+        .as_ref()
+        .and_then(|_| target.strip_prefix(&format!("{}/", crate::refs::BASE_DIR)));
+    match (q.resolve(target), in_base) {
+        (Err(e), Some(t)) => q.resolve(t).map_err(|_| e),
+        (r, _) => r,
+    }
+}
+
+/// A dead or hung daemon for `--dir` is said (the command still works on
+/// the backing directory).
+fn warn_dead(b: &Backing) {
+    if let Some(p) = b.health.as_ref().and_then(MountHealth::problem) {
+        eprintln!("baseguard: warning: {p}");
+    }
 }
 
 /// `baseguard restore`.
@@ -642,6 +669,7 @@ impl PurgeArgs {
             Ok(x) => x,
             Err(e) => return fail(e),
         };
+        warn_dead(&b);
         let refs = match b.references() {
             Ok(r) => r,
             Err(e) => return fail(e),
