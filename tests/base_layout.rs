@@ -377,3 +377,51 @@ fn a_dead_daemon_over_base_leaves_instance_disks_alone() {
     assert!(!out.contains("Pattern verification failed"), "{out}");
     drop(f);
 }
+
+#[test]
+fn the_reference_index_reads_base_from_its_own_descriptor() {
+    use baseguard::heal::{BaseLayout, References};
+    use baseguard::refs::{LinkState, RefIndex};
+    use std::os::fd::AsFd;
+    let t = scratch();
+    let instances = t.path().join("instances");
+    // `instances/_base` stands for the mountpoint (empty here); the images
+    // are reached through another path, as the daemon reaches them through
+    // its backing descriptor.
+    std::fs::create_dir_all(instances.join("_base")).unwrap();
+    let real = t.path().join("real-base");
+    std::fs::create_dir_all(&real).unwrap();
+    std::fs::write(real.join(SHA), vec![0u8; 4096]).unwrap();
+    std::fs::create_dir(instances.join(UUID)).unwrap();
+    ok(Command::new("qemu-img")
+        .args(["create", "-q", "-u", "-f", "qcow2", "-F", "raw", "-b"])
+        .arg(format!("/var/lib/nova/instances/_base/{SHA}"))
+        .arg(instances.join(UUID).join("disk"))
+        .arg("1G"));
+
+    let mut plain = RefIndex::new(vec![]);
+    let s = plain.scan(&instances).unwrap();
+    assert_eq!(s.disks[0].chain[0].state, LinkState::Missing);
+    let mut mapped = RefIndex::new(vec![]);
+    mapped.map_dir(PathBuf::from("_base"), real.clone());
+    let s = mapped.scan(&instances).unwrap();
+    assert_eq!(s.disks[0].chain[0].state, LinkState::Present);
+    assert_eq!(
+        s.disks[0].chain[0].path,
+        PathBuf::from(format!("_base/{SHA}"))
+    );
+
+    // The daemon's view: paths relative to the guarded `_base`.
+    let fd = std::fs::File::open(&real).unwrap();
+    let layout = BaseLayout::detect(&real, Some(&instances)).unwrap();
+    assert!(layout.is_some());
+    let refs = References::for_layout(fd.as_fd(), layout, vec![]);
+    assert_eq!(
+        refs.disks_using(Path::new(SHA)),
+        vec![PathBuf::from(format!("{UUID}/disk"))]
+    );
+    assert!(refs.referenced().contains(Path::new(SHA)));
+    assert!(refs.keep_reason(Path::new(SHA)).is_some());
+    // A directory not named _base, without --instances: the usual layout.
+    assert!(BaseLayout::detect(&real, None).unwrap().is_none());
+}
