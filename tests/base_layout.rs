@@ -333,7 +333,44 @@ fn a_dead_daemon_over_base_leaves_instance_disks_alone() {
         .write(true)
         .open(&disk)
         .unwrap();
+    // A running VM: qemu-io holding the disk (and through it the base
+    // image, opened through the mount) with O_DIRECT.
+    let mut vm = Command::new("qemu-io")
+        .args(["-f", "qcow2", "-t", "none"])
+        .arg(&disk)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = vm.stdin.take().unwrap();
+    use std::io::Write;
+    writeln!(stdin, "read -P 0x42 0 64k").unwrap();
+    stdin.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
     m.kill9();
+    for cmd in [
+        "read -P 0x42 64k 512k",
+        "write -P 0x55 4M 64k",
+        "flush",
+        "read -P 0x55 4M 64k",
+        "quit",
+    ] {
+        writeln!(stdin, "{cmd}").unwrap();
+    }
+    drop(stdin);
+    let out = vm.wait_with_output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(
+        !text.contains("failed") && !text.contains("error") && !text.contains("Error"),
+        "{text}"
+    );
+    assert_eq!(text.matches("read ").count(), 3, "{text}");
     // The instance disk is not on the mount: a running VM keeps working.
     f.metadata().unwrap();
     f.write_at(b"x", 1 << 20).unwrap();
