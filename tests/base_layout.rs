@@ -243,7 +243,14 @@ fn check_expiry_and_status_work_over_base_alone() {
         .args(["-f", "qcow2", "-c", "read -P 0x42 0 1M"])
         .arg(instances.join(UUID).join("disk")));
     assert!(!out.contains("Pattern verification failed"), "{out}");
+    std::fs::write(base.join("late"), "l").unwrap();
+    nova_remove(&base.join("late"));
     drop(m);
+    // Unmounted (a node without the daemon): the instances directory still
+    // finds the quarantine in _base.
+    assert_eq!(listed(&instances), vec!["late".to_string()]);
+    let (code, out, err) = bg(&["check"], &instances);
+    assert_eq!(code, 0, "{out}{err}");
 }
 
 #[test]

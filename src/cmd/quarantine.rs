@@ -219,6 +219,18 @@ pub fn resolve_backing(dir: &Path) -> Result<Backing, String> {
 /// [`resolve_backing`] for a command's `--dir`, `--instances`.
 pub fn resolve_location(loc: &Location) -> Result<Backing, String> {
     let mut b = resolve_backing(&loc.dir)?;
+    // Not mounted, and the quarantine is in `_base` (the `_base`-only
+    // layout seen from a node without the mount): use `DIR/_base`.
+    let q = quarantine::DEFAULT_DIR_NAME;
+    let base = b.path.join(crate::refs::BASE_DIR);
+    if loc.quarantine.is_none()
+        && b.mount.is_none()
+        && b.instances.is_none()
+        && !b.path.join(q).exists()
+        && base.join(q).is_dir()
+    {
+        b = resolve_backing(&base)?;
+    }
     if let Some(i) = &loc.instances {
         b.instances = Some(std::path::absolute(i).map_err(|e| {
             format!(
