@@ -164,7 +164,6 @@ fn sigterm_with_open_files_keeps_serving_and_names_the_holders() {
     let t = scratch();
     let backing = t.path().join("backing");
     std::fs::create_dir(&backing).unwrap();
-    std::fs::write(backing.join("underneath-only"), "").unwrap();
     let log = t.path().join("daemon.log");
     let mut m = Mount::new(&backing, &["--log-file", s(&log)]);
     std::fs::write(m.path("disk"), "data").unwrap();
@@ -181,7 +180,16 @@ fn sigterm_with_open_files_keeps_serving_and_names_the_holders() {
         text.contains(&format!("pid {} ", std::process::id())),
         "the holder is not named: {text}"
     );
-    // `baseguard umount` refuses too, naming the holder; --lazy detaches.
+    // umount(8) refuses too (the kernel's EBUSY)...
+    let st = Command::new("umount")
+        .arg(&m.mountpoint)
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(!st.success());
+    assert!(is_mounted(&m.mountpoint));
+    assert!(m.path("disk").exists(), "the directory underneath shows");
+    // ... and `baseguard umount`, naming the holder.
     let (code, _, err) = bg(&["umount", s(&m.mountpoint)]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("busy"), "{err}");
