@@ -21,7 +21,9 @@ use crate::refs::{LinkState, RefIndex, Scan};
 present, quarantined (restorable, with the id), or missing (lost). Exit status 0 when every \
 link is present, 1 otherwise, 2 when the baseguard daemon for DIR is not running (a \
 2-second probe; the chains are still checked on the backing directory).",
-    after_help = "Examples:\n  baseguard check\n  baseguard check --json | jq '.problems'\n  baseguard check --restore\n\nDIR defaults to /var/lib/nova/instances (a baseguard mountpoint or its backing directory)."
+    after_help = "Examples:\n  baseguard check\n  baseguard check --json | jq '.problems'\n  baseguard check --restore\n  baseguard check --dir /var/lib/nova/instances/_base\n\nDIR defaults to /var/lib/nova/instances (a baseguard mountpoint or its backing directory; \
+with baseguard over _base alone, its mountpoint or the instances directory above it, whose disks \
+are then read directly, never through the mount)."
 )]
 pub struct CheckArgs {
     #[command(flatten)]
