@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 
 use crate::quarantine::{Entry, Quarantine};
-use crate::refs::RefIndex;
+use crate::refs::{MAX_CHAIN_DEPTH, RefIndex, Resolved};
 
 /// How stale the reference index may be when asked.
 const FRESH: Duration = Duration::from_secs(2);
@@ -205,9 +205,26 @@ impl References {
 
     /// As [`Self::disks_using`], with an index at most a fraction of a second
     /// old (for restore on access, where a stale "unused" would be wrong).
+    ///
+    /// A miss always rescans: the link that names `rel` may have been
+    /// restored a moment ago (qemu opening a two-level chain restores the
+    /// resized copy, reads its header, then looks up the original), after
+    /// the last scan. Only names the quarantine holds are asked about.
     pub fn disks_using_now(&self, rel: &Path) -> Vec<PathBuf> {
         let rel = self.to_index(rel);
-        self.with_fresh(FRESH_FOR_HEAL, |index| index.references(&rel))
+        let mut g = self.inner.lock();
+        let (index, at) = &mut *g;
+        if at.is_some_and(|t| t.elapsed() <= FRESH_FOR_HEAL) {
+            let disks = index.references(&rel);
+            if !disks.is_empty() {
+                return disks;
+            }
+        }
+        match index.scan(&self.root) {
+            Ok(_) => *at = Some(Instant::now()),
+            Err(e) => tracing::warn!(error = %e, "cannot scan instance disks"),
+        }
+        index.references(&rel)
     }
 
     /// Every file in the guarded directory that some instance disk's
@@ -243,18 +260,90 @@ impl References {
         f(index)
     }
 
-    /// Why a quarantined file must be kept, if an instance disk uses it.
-    pub fn keep_reason(&self, rel: &Path) -> Option<String> {
-        let disks = self.disks_using(rel);
-        let first = disks.first()?;
-        Some(if disks.len() == 1 {
-            format!("referenced by {}", first.display())
-        } else {
-            format!(
-                "referenced by {} and {} other disk(s)",
-                first.display(),
-                disks.len() - 1
-            )
+    /// Every file of the guarded directory that an instance disk needs,
+    /// with the disks that need it: the files its backing chains name, and,
+    /// where a chain stops at a file held in `q`, the files that file's own
+    /// header names (its chain goes on inside the quarantine), transitively.
+    /// Without the second part, a resized copy and its original quarantined
+    /// together would keep the copy but let the original expire.
+    pub fn needed(&self, q: &Quarantine) -> HashMap<PathBuf, Vec<PathBuf>> {
+        let held: HashMap<PathBuf, Entry> = {
+            let mut m: HashMap<PathBuf, Entry> = HashMap::new();
+            for e in q.list().unwrap_or_default() {
+                if m.get(&e.orig_path())
+                    .is_none_or(|o| e.sort_key() > o.sort_key())
+                {
+                    m.insert(e.orig_path(), e);
+                }
+            }
+            m
+        };
+        let entries = PathBuf::from(format!("/proc/self/fd/{}/entries", q.dir_fd().as_raw_fd()));
+        self.with_fresh(FRESH, |index| {
+            let mut needed: HashMap<PathBuf, Vec<PathBuf>> = HashMap::new();
+            for p in index.referenced() {
+                if let Some(rel) = self.from_index(&p) {
+                    needed.insert(rel, index.references(&p));
+                }
+            }
+            let mut work: Vec<(PathBuf, usize)> = needed.keys().map(|p| (p.clone(), 0)).collect();
+            while let Some((rel, depth)) = work.pop() {
+                if depth >= MAX_CHAIN_DEPTH {
+                    continue;
+                }
+                let Some(e) = held.get(&rel) else { continue };
+                let data = entries.join(format!("{}.data", e.id));
+                let Ok(Ok(Some(h))) = crate::qcow2::read_header(&data) else {
+                    continue;
+                };
+                let Some(name) = h.backing_file else { continue };
+                let Resolved::Inside(next) = index.resolve(&self.prefix.join(&rel), &name) else {
+                    continue;
+                };
+                let Some(next) = self.from_index(&next) else {
+                    continue;
+                };
+                if needed.contains_key(&next) {
+                    continue;
+                }
+                let disks = needed.get(&rel).cloned().unwrap_or_default();
+                needed.insert(next.clone(), disks);
+                work.push((next, depth + 1));
+            }
+            needed
         })
     }
+
+    /// [`Self::keep_reason`] for every entry of `q` at once: computed once,
+    /// including what quarantined links of a chain still need (see
+    /// [`Self::needed`]).
+    pub fn keeper(&self, q: &Quarantine) -> impl Fn(&Entry) -> Option<String> + use<> {
+        let needed = self.needed(q);
+        move |e: &Entry| needed.get(&e.orig_path()).and_then(|d| reason(d))
+    }
+
+    /// A path relative to the instances directory as a path relative to
+    /// the guarded directory, if it is inside it.
+    fn from_index(&self, p: &Path) -> Option<PathBuf> {
+        let r = p.strip_prefix(&self.prefix).ok()?;
+        (!r.as_os_str().is_empty()).then(|| r.to_path_buf())
+    }
+
+    /// Why a quarantined file must be kept, if an instance disk uses it.
+    pub fn keep_reason(&self, rel: &Path) -> Option<String> {
+        reason(&self.disks_using(rel))
+    }
+}
+
+fn reason(disks: &[PathBuf]) -> Option<String> {
+    let first = disks.first()?;
+    Some(if disks.len() == 1 {
+        format!("referenced by {}", first.display())
+    } else {
+        format!(
+            "referenced by {} and {} other disk(s)",
+            first.display(),
+            disks.len() - 1
+        )
+    })
 }

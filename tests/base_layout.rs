@@ -469,3 +469,76 @@ fn the_reference_index_reads_base_from_its_own_descriptor() {
     // A directory not named _base, without --instances: the usual layout.
     assert!(BaseLayout::detect(&real, None).unwrap().is_none());
 }
+
+#[test]
+fn expiry_keeps_the_base_of_a_quarantined_overlay() {
+    // A stopped instance on a resized copy: Nova removes the copy and the
+    // original; the chain stops at the quarantined copy, whose own header
+    // still needs the original.
+    let t = scratch();
+    let instances = t.path().join("instances");
+    let base = instances.join("_base");
+    std::fs::create_dir_all(&base).unwrap();
+    let m = Mount::at(&base, &base, &["--retain", "1s", "--no-heal"]);
+    make_base(&base.join(SHA), "0x42");
+    overlay(Path::new(SHA), "raw", &base.join(format!("{SHA}_10")));
+    std::fs::create_dir(instances.join(UUID)).unwrap();
+    overlay(
+        &base.join(format!("{SHA}_10")),
+        "qcow2",
+        &instances.join(UUID).join("disk"),
+    );
+    std::fs::write(base.join("unreferenced"), "u").unwrap();
+    nova_remove(&base.join(format!("{SHA}_10")));
+    nova_remove(&base.join(SHA));
+    nova_remove(&base.join("unreferenced"));
+    let start = Instant::now();
+    while listed(&base).len() > 2 {
+        assert!(start.elapsed() < Duration::from_secs(15), "nothing purged");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Several sweeps later, both links of the chain are still there.
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(listed(&base), vec![SHA.to_string(), format!("{SHA}_10")]);
+    // A manual purge keeps them too.
+    let (_, _, err) = bg(&["purge", "--expired", "--retain", "1s", "--yes"], &base);
+    assert_eq!(
+        listed(&base),
+        vec![SHA.to_string(), format!("{SHA}_10")],
+        "{err}"
+    );
+    let (code, out, err) = bg(&["check", "--restore"], &instances);
+    assert_eq!(code, 0, "{out}{err}");
+    std::thread::sleep(Duration::from_millis(1200));
+    let out = ok(Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "read -P 0x42 0 1M"])
+        .arg(instances.join(UUID).join("disk")));
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    drop(m);
+}
+
+#[test]
+fn restore_on_access_brings_back_a_two_level_chain_at_once() {
+    let t = scratch();
+    let instances = t.path().join("instances");
+    let base = instances.join("_base");
+    std::fs::create_dir_all(&base).unwrap();
+    let m = Mount::at(&base, &base, &[]);
+    make_base(&base.join(SHA), "0x42");
+    overlay(Path::new(SHA), "raw", &base.join(format!("{SHA}_10")));
+    std::fs::create_dir(instances.join(UUID)).unwrap();
+    overlay(
+        &base.join(format!("{SHA}_10")),
+        "qcow2",
+        &instances.join(UUID).join("disk"),
+    );
+    nova_remove(&base.join(format!("{SHA}_10")));
+    nova_remove(&base.join(SHA));
+    std::thread::sleep(Duration::from_millis(1200));
+    let out = ok(Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "read -P 0x42 0 1M"])
+        .arg(instances.join(UUID).join("disk")));
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    assert!(listed(&base).is_empty());
+    assert!(m.stats()["healed"].as_u64().unwrap() >= 2);
+}

@@ -441,7 +441,8 @@ fn spawn_expiry(q: Arc<Quarantine>, retain: Duration, refs: Arc<References>) -> 
         .name("expiry".into())
         .spawn(move || {
             loop {
-                q.purge_expired(retain, &|e| refs.keep_reason(&e.orig_path()));
+                let keep = refs.keeper(&q);
+                q.purge_expired(retain, &keep);
                 std::thread::sleep(every);
             }
         })

@@ -686,11 +686,12 @@ impl PurgeArgs {
             Ok(r) => r,
             Err(e) => return fail(e),
         };
+        let needed = q.as_ref().map(|q| refs.keeper(q));
         let keep = |e: &Entry| {
             if self.force {
                 None
             } else {
-                refs.keep_reason(&e.orig_path())
+                needed.as_ref().and_then(|k| k(e))
             }
         };
         let now = SystemTime::now();
