@@ -282,7 +282,7 @@ impl References {
         self.with_fresh(FRESH, |index| {
             let mut needed: HashMap<PathBuf, Vec<PathBuf>> = HashMap::new();
             for p in index.referenced() {
-                if let Some(rel) = self.from_index(&p) {
+                if let Some(rel) = self.guarded_rel(&p) {
                     needed.insert(rel, index.references(&p));
                 }
             }
@@ -300,7 +300,7 @@ impl References {
                 let Resolved::Inside(next) = index.resolve(&self.prefix.join(&rel), &name) else {
                     continue;
                 };
-                let Some(next) = self.from_index(&next) else {
+                let Some(next) = self.guarded_rel(&next) else {
                     continue;
                 };
                 if needed.contains_key(&next) {
@@ -324,7 +324,7 @@ impl References {
 
     /// A path relative to the instances directory as a path relative to
     /// the guarded directory, if it is inside it.
-    fn from_index(&self, p: &Path) -> Option<PathBuf> {
+    fn guarded_rel(&self, p: &Path) -> Option<PathBuf> {
         let r = p.strip_prefix(&self.prefix).ok()?;
         (!r.as_os_str().is_empty()).then(|| r.to_path_buf())
     }
