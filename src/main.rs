@@ -3,6 +3,7 @@ use std::process::ExitCode;
 use clap::{CommandFactory, Parser, Subcommand};
 
 use baseguard::cmd::check::CheckArgs;
+use baseguard::cmd::health::UmountArgs;
 use baseguard::cmd::mount::MountArgs;
 use baseguard::cmd::quarantine::{ListArgs, PurgeArgs, RestoreArgs, ShowArgs, StatusArgs};
 
@@ -21,6 +22,7 @@ struct Cli {
 enum Cmd {
     /// Mount BACKING at MOUNTPOINT (detaches once it answers; -f to stay).
     Mount(MountArgs),
+    Umount(UmountArgs),
     List(ListArgs),
     Show(ShowArgs),
     Restore(RestoreArgs),
@@ -38,6 +40,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Mount(a) => a.run(),
+        Cmd::Umount(a) => a.run(),
         Cmd::List(a) => a.run(),
         Cmd::Show(a) => a.run(),
         Cmd::Restore(a) => a.run(),

@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 /// One mount, the parts baseguard uses.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MountInfo {
+    /// The mount id (first field; `mnt_id:` in `/proc/PID/fdinfo/FD`).
+    pub id: u64,
     /// Mount point, unescaped.
     pub mountpoint: PathBuf,
     /// Filesystem type, e.g. `fuse.baseguard`.
@@ -42,11 +44,13 @@ pub fn parse(text: &str) -> Vec<MountInfo> {
     text.lines()
         .filter_map(|line| {
             let (left, right) = line.split_once(" - ")?;
+            let id = left.split(' ').next()?.parse().ok()?;
             let mountpoint = PathBuf::from(unescape(left.split(' ').nth(4)?));
             let mut r = right.split(' ');
             let fstype = r.next()?.to_string();
             let source = unescape(r.next()?);
             Some(MountInfo {
+                id,
                 mountpoint,
                 fstype,
                 source,
@@ -78,6 +82,7 @@ mod tests {
         assert_eq!(m.len(), 3);
         assert_eq!(m[1].mountpoint, PathBuf::from("/mnt/with space"));
         assert_eq!(m[1].source, "/srv/nova nfs");
+        assert_eq!(m[1].id, 40);
         let top = topmost(&m, Path::new("/mnt/with space")).unwrap();
         assert_eq!(top.source, "/other");
         assert_eq!(topmost(&m, Path::new("/")).unwrap().fstype, "ext4");

@@ -22,6 +22,7 @@
 //! |---|---|
 //! | `retain=DUR` (`30s`, `30m`, `12h`, `14d`, `2w`, `1d12h`) | `--retain=DUR` |
 //! | `quarantine=DIR` | `--quarantine=DIR` |
+//! | `instances=DIR` (the `_base`-only layout) | `--instances=DIR` |
 //! | `protect=GLOB` (repeatable) | `--protect=GLOB` each |
 //! | `ignore=GLOB` (repeatable) | `--ignore=GLOB` each |
 //! | `heal=on\|off` | `off` → `--no-heal` |
@@ -84,6 +85,8 @@ pub struct FstabOptions {
     pub retain: Option<Duration>,
     /// `quarantine=`: the quarantine directory.
     pub quarantine: Option<PathBuf>,
+    /// `instances=`: the instances directory, when baseguard serves `_base` alone.
+    pub instances: Option<PathBuf>,
     /// `protect=`: globs, in the order given.
     pub protect: Vec<String>,
     /// `ignore=`: globs, in the order given.
@@ -185,6 +188,7 @@ impl FstabOptions {
                 self.retain = Some(d);
             }
             ("quarantine", Some(v)) => self.quarantine = Some(PathBuf::from(nonempty(item, v)?)),
+            ("instances", Some(v)) => self.instances = Some(PathBuf::from(nonempty(item, v)?)),
             ("protect", Some(v)) => self.protect.push(nonempty(item, v)?.to_string()),
             ("ignore", Some(v)) => self.ignore.push(nonempty(item, v)?.to_string()),
             ("heal", Some(v)) => self.heal = Some(on_off(item, v)?),
@@ -209,8 +213,8 @@ impl FstabOptions {
             ("ro", None) => self.read_only = Some(true),
             ("rw", None) => self.read_only = Some(false),
             (
-                "retain" | "quarantine" | "protect" | "ignore" | "heal" | "passthrough" | "threads"
-                | "log_file" | "stats_file",
+                "retain" | "quarantine" | "instances" | "protect" | "ignore" | "heal"
+                | "passthrough" | "threads" | "log_file" | "stats_file",
                 None,
             ) => {
                 return Err(err(
@@ -230,7 +234,7 @@ impl FstabOptions {
                     return Err(err(
                         item,
                         format!(
-                            "Unknown mount option `{item}` (baseguard knows retain, quarantine, protect, ignore, heal, threads, passthrough, log_file, stats_file, allow_other, ro, rw and the kernel flags noatime, nosuid, nodev, noexec and the like)."
+                            "Unknown mount option `{item}` (baseguard knows retain, quarantine, instances, protect, ignore, heal, threads, passthrough, log_file, stats_file, allow_other, ro, rw and the kernel flags noatime, nosuid, nodev, noexec and the like)."
                         ),
                     ));
                 }
@@ -263,6 +267,9 @@ impl FstabOptions {
         }
         if let Some(q) = &self.quarantine {
             a.push(format!("--quarantine={}", q.display()));
+        }
+        if let Some(d) = &self.instances {
+            a.push(format!("--instances={}", d.display()));
         }
         for g in &self.protect {
             a.push(format!("--protect={g}"));

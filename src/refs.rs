@@ -214,6 +214,8 @@ pub struct RefIndex {
     generation: u64,
     /// Relative path of every in-root link -> disks whose chains name it.
     reverse: HashMap<PathBuf, Vec<PathBuf>>,
+    /// Subdirectories of root read elsewhere: (relative dir, real path).
+    mapped: Vec<(PathBuf, PathBuf)>,
 }
 
 impl RefIndex {
@@ -231,7 +233,21 @@ impl RefIndex {
             headers: HashMap::new(),
             generation: 0,
             reverse: HashMap::new(),
+            mapped: Vec::new(),
         }
+    }
+
+    /// Reads everything under `rel` (a directory relative to root, e.g.
+    /// `_base`) from `real` instead of `root/rel`. For the `_base`-only
+    /// layout: the daemon scans the instances directory through a descriptor
+    /// opened before its mount, but `root/_base` is its own mountpoint, and
+    /// a scan must never go through the mount it serves; `real` (a
+    /// `/proc/self/fd/N` path of the backing `_base`) reaches the files
+    /// directly.
+    pub fn map_dir(&mut self, rel: PathBuf, real: PathBuf) {
+        let rel = normalize(&rel).0;
+        self.mapped.retain(|(r, _)| r != &rel);
+        self.mapped.push((rel, real));
     }
 
     /// Resolves backing `name`, found in the image at `image` (relative to
@@ -280,6 +296,7 @@ impl RefIndex {
         self.generation += 1;
         let mut ctx = ScanCtx {
             root,
+            mapped: self.mapped.clone(),
             stats: HashMap::new(),
             counters: ScanStats::default(),
             problems: Vec::new(),
@@ -377,7 +394,7 @@ impl RefIndex {
             return Ok(c.verdict.clone());
         }
         ctx.counters.header_reads += 1;
-        let file = open_image(&ctx.root.join(rel))?;
+        let file = open_image(&ctx.real(rel))?;
         // Cache under what was read (the name may have moved since the stat).
         let key = FileKey::of(&file.metadata()?);
         let verdict = qcow2::read_header_from(file)?;
@@ -496,16 +513,27 @@ impl RefIndex {
 /// Per-scan state: the root, a stat memo and counters.
 struct ScanCtx<'a> {
     root: &'a Path,
+    mapped: Vec<(PathBuf, PathBuf)>,
     stats: HashMap<PathBuf, Stat>,
     counters: ScanStats,
     problems: Vec<ScanProblem>,
 }
 
 impl ScanCtx<'_> {
+    /// Where the file at `rel` (relative to root) is read from.
+    fn real(&self, rel: &Path) -> PathBuf {
+        for (dir, real) in &self.mapped {
+            if let Ok(rest) = rel.strip_prefix(dir) {
+                return real.join(rest);
+            }
+        }
+        self.root.join(rel)
+    }
+
     /// Names in directory `rel`; a vanished or non-directory entry yields
     /// nothing, other failures are recorded as problems.
     fn list(&mut self, rel: &Path) -> Vec<String> {
-        let iter = match fs::read_dir(self.root.join(rel)) {
+        let iter = match fs::read_dir(self.real(rel)) {
             Ok(it) => it,
             Err(e) => {
                 if !is_gone(&e) {
@@ -543,7 +571,7 @@ impl ScanCtx<'_> {
         if let Some(s) = self.stats.get(rel) {
             return s.clone();
         }
-        let s = match fs::metadata(self.root.join(rel)) {
+        let s = match fs::metadata(self.real(rel)) {
             Ok(m) if m.is_file() || m.file_type().is_block_device() => Stat::File(FileKey::of(&m)),
             // Never open FIFOs, sockets or character devices: opening a FIFO
             // blocks until a writer appears.
@@ -562,7 +590,7 @@ impl ScanCtx<'_> {
 /// was stat'ed (a user can exchange their instance's `disk` with a FIFO, whose
 /// open would wait for a writer forever), so the type is checked on the
 /// descriptor and anything but a regular file is refused.
-fn open_image(path: &Path) -> io::Result<fs::File> {
+pub(crate) fn open_image(path: &Path) -> io::Result<fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
     let file = fs::OpenOptions::new()
         .read(true)

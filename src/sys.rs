@@ -744,6 +744,15 @@ pub fn umount_detach(path: &std::path::Path) -> io::Result<()> {
     Ok(())
 }
 
+/// Unmount a path, failing with EBUSY while anything still uses the mount
+/// (never detaches lazily).
+pub fn umount(path: &std::path::Path) -> io::Result<()> {
+    let c = cstr(path.as_os_str())?;
+    // SAFETY: valid C string.
+    cvt(unsafe { libc::umount2(c.as_ptr(), 0) })?;
+    Ok(())
+}
+
 /// Enter a private mount namespace (the calling process must be
 /// single-threaded), with propagation turned off so nothing leaks back.
 pub fn unshare_mount_namespace() -> io::Result<()> {

@@ -7,7 +7,8 @@ use std::process::ExitCode;
 
 use serde::Serialize;
 
-use crate::cmd::quarantine::{Location, init_logging, resolve_backing};
+use crate::cmd::health;
+use crate::cmd::quarantine::{Location, init_logging, resolve_location};
 use crate::quarantine::{Quarantine, VersionChoice, Who};
 use crate::refs::{LinkState, RefIndex, Scan};
 
@@ -18,8 +19,11 @@ use crate::refs::{LinkState, RefIndex, Scan};
     long_about = "For every instance disk (<uuid>/disk, disk.local, disk.eph*, disk.swap, *.rescue, \
 <uuid>_resize/, snapshots/*/*.delta) follow its qcow2 backing chain and report each link: \
 present, quarantined (restorable, with the id), or missing (lost). Exit status 0 when every \
-link is present, 1 otherwise.",
-    after_help = "Examples:\n  baseguard check\n  baseguard check --json | jq '.problems'\n  baseguard check --restore\n\nDIR defaults to /var/lib/nova/instances (a baseguard mountpoint or its backing directory)."
+link is present, 1 otherwise, 2 when the baseguard daemon for DIR is not running (a \
+2-second probe; the chains are still checked on the backing directory).",
+    after_help = "Examples:\n  baseguard check\n  baseguard check --json | jq '.problems'\n  baseguard check --restore\n  baseguard check --dir /var/lib/nova/instances/_base\n\nDIR defaults to /var/lib/nova/instances (a baseguard mountpoint or its backing directory; \
+with baseguard over _base alone, its mountpoint or the instances directory above it, whose disks \
+are then read directly, never through the mount)."
 )]
 pub struct CheckArgs {
     #[command(flatten)]
@@ -63,7 +67,17 @@ struct DiskReport {
     chain: Vec<LinkOut>,
 }
 
-fn classify(scan: &Scan, q: Option<&Quarantine>) -> Vec<DiskReport> {
+/// `rel` (relative to the instances directory) as the quarantine records
+/// it: relative to the guarded directory `prefix` (empty, or `_base` in the
+/// `_base`-only layout); `None` if it is outside it.
+fn in_guarded(prefix: &Path, rel: &Path) -> Option<PathBuf> {
+    rel.strip_prefix(prefix)
+        .ok()
+        .filter(|p| !p.as_os_str().is_empty())
+        .map(Path::to_path_buf)
+}
+
+fn classify(scan: &Scan, q: Option<&Quarantine>, prefix: &Path) -> Vec<DiskReport> {
     scan.disks
         .iter()
         .filter(|d| !d.chain.is_empty())
@@ -76,9 +90,10 @@ fn classify(scan: &Scan, q: Option<&Quarantine>) -> Vec<DiskReport> {
                     let state = match l.state {
                         LinkState::Present => LinkReport::Present,
                         LinkState::External => LinkReport::External,
-                        LinkState::Missing => match q
-                            .map(|q| q.version_for(&l.path, std::slice::from_ref(&d.disk)))
-                        {
+                        LinkState::Missing => match q.and_then(|q| {
+                            let rel = in_guarded(prefix, &l.path)?;
+                            Some(q.version_for(&rel, std::slice::from_ref(&d.disk)))
+                        }) {
                             Some(Ok(VersionChoice::One(e))) => LinkReport::Quarantined { id: e.id },
                             Some(Ok(VersionChoice::Ambiguous(v))) => LinkReport::Ambiguous {
                                 ids: v.into_iter().map(|e| e.id).collect(),
@@ -111,16 +126,45 @@ fn bad(r: &[DiskReport]) -> usize {
 impl CheckArgs {
     pub fn run(&self) -> ExitCode {
         init_logging();
-        let b = match resolve_backing(&self.loc.dir) {
+        let b = match resolve_location(&self.loc) {
             Ok(b) => b,
             Err(e) => {
                 eprintln!("baseguard: {e}");
                 return ExitCode::from(1);
             }
         };
+        // A dead or hung daemon is reported (and the exit status says so),
+        // but the chains are still checked, on the backing directory.
+        let dead = match b.health.as_ref().and_then(|h| h.problem()) {
+            Some(p) => {
+                eprintln!("baseguard: {p}");
+                true
+            }
+            None => false,
+        };
         let q = Quarantine::open_existing(b.fd.as_fd(), self.loc.quarantine.as_deref()).ok();
-        let root = PathBuf::from(format!("/proc/self/fd/{}", b.fd.as_raw_fd()));
-        let mut index = RefIndex::new(vec![b.dir.clone(), b.path.clone()]);
+        let layout = match b.layout() {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("baseguard: {e}");
+                return ExitCode::from(1);
+            }
+        };
+        let backing_root = PathBuf::from(format!("/proc/self/fd/{}", b.fd.as_raw_fd()));
+        let mut index = RefIndex::new(b.prefixes());
+        // In the `_base`-only layout the chains are followed from the
+        // instances directory, with `_base` read through the backing
+        // descriptor (never through a mount).
+        let (root, prefix) = match &layout {
+            Some(l) => {
+                index.map_dir(l.name.clone(), backing_root);
+                (
+                    PathBuf::from(format!("/proc/self/fd/{}", l.instances.as_raw_fd())),
+                    l.name.clone(),
+                )
+            }
+            None => (backing_root, PathBuf::new()),
+        };
         let scan = |index: &mut RefIndex| {
             index.scan(&root).map_err(|e| {
                 eprintln!("baseguard: cannot scan {}: {e}", b.path.display());
@@ -128,7 +172,7 @@ impl CheckArgs {
             })
         };
         let mut report = match scan(&mut index) {
-            Ok(s) => classify(&s, q.as_ref()),
+            Ok(s) => classify(&s, q.as_ref(), &prefix),
             Err(c) => return c,
         };
         let mut restored = Vec::new();
@@ -157,7 +201,7 @@ impl CheckArgs {
                         }
                     }
                     report = match scan(&mut index) {
-                        Ok(s) => classify(&s, Some(q)),
+                        Ok(s) => classify(&s, Some(q), &prefix),
                         Err(c) => return c,
                     };
                 }
@@ -174,7 +218,9 @@ impl CheckArgs {
         } else {
             print_table(&report, &restored);
         }
-        if problems == 0 {
+        if dead {
+            ExitCode::from(health::EXIT_DEAD)
+        } else if problems == 0 {
             ExitCode::SUCCESS
         } else {
             ExitCode::from(1)

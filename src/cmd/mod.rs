@@ -1,4 +1,5 @@
 //! The `baseguard` subcommands.
 pub mod check;
+pub mod health;
 pub mod mount;
 pub mod quarantine;

@@ -1,7 +1,7 @@
 //! `baseguard mount`: serve BACKING at MOUNTPOINT until unmounted or signalled.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -10,11 +10,12 @@ use std::time::Duration;
 use clap::Args;
 use fuser::{Config, MountOption, SessionACL};
 
+use crate::cmd::health;
 use crate::daemon;
 use crate::fs::{FsOptions, Passthrough, Protection};
 use crate::fuse::FuseAdapter;
-use crate::guard::Guard;
-use crate::heal::References;
+use crate::guard::{DEFAULT_IGNORE, DEFAULT_PROTECT, Guard};
+use crate::heal::{BaseLayout, References};
 use crate::logging::{self, LogTarget};
 use crate::mountopts::{FstabOptions, parse_duration};
 use crate::quarantine::Quarantine;
@@ -28,8 +29,18 @@ Examples:
   baseguard mount /var/lib/nova/instances /var/lib/nova/instances   # over the same path
   baseguard mount --threads 16 --stats-file /run/baseguard.stats /srv/nfs /mnt/guarded
 
-Stop it with `umount MOUNTPOINT`, Ctrl-C or SIGTERM: it unmounts and exits 0.
-SIGUSR1 writes the request counters to --stats-file.")]
+  baseguard mount /var/lib/nova/instances/_base /var/lib/nova/instances/_base   # _base alone
+
+Stop it with `umount MOUNTPOINT`, `baseguard umount MOUNTPOINT`, Ctrl-C or SIGTERM: it
+unmounts and exits 0. While files are open through the mount it refuses (EBUSY, logging
+who holds them) and keeps serving; `baseguard umount --lazy MOUNTPOINT` detaches anyway.
+A dead baseguard mount at MOUNTPOINT (its daemon killed) is detached and replaced.
+SIGUSR1 writes the request counters to --stats-file.
+
+When BACKING is named `_base` (or --instances is given), baseguard serves Nova's image
+cache alone: everything in it is protected (`**`, except `*.part` and `*.converted`),
+and instance disks, found in the parent directory (or --instances), never pass through
+FUSE.")]
 pub struct MountArgs {
     /// The real directory (e.g. the NFS-shared instances directory).
     pub backing: PathBuf,
@@ -77,6 +88,12 @@ pub struct MountArgs {
     /// (default: BACKING/.baseguard, hidden from the mount).
     #[arg(long, value_name = "DIR")]
     pub quarantine: Option<PathBuf>,
+    /// The instances directory, when BACKING is Nova's `_base` alone (the
+    /// `_base`-only layout; default: BACKING's parent when BACKING is named
+    /// `_base`). Read for restore on access and expiry through a descriptor
+    /// opened before mounting, never through the mount.
+    #[arg(long, value_name = "DIR")]
+    pub instances: Option<PathBuf>,
     /// Protect paths matching GLOB (relative to the mount root; `*` within a
     /// name, `**` across directories). Repeatable; replaces the default
     /// `_base/**`.
@@ -200,7 +217,35 @@ fn kernel_option(name: &str) -> Option<MountOption> {
     })
 }
 
+/// The protect and ignore globs of the `_base`-only layout (relative to
+/// the mount root, which is `_base` itself).
+pub const BASE_LAYOUT_PROTECT: &[&str] = &["**"];
+/// Nova's download temporaries, let through in the `_base`-only layout.
+pub const BASE_LAYOUT_IGNORE: &[&str] = &["*.part", "*.converted"];
+
 impl MountArgs {
+    /// The guard: `--protect`/`--ignore` if given, else the layout's defaults.
+    fn guard(&self, base_layout: bool) -> Result<Guard, String> {
+        let own = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let (dp, di) = if base_layout {
+            (own(BASE_LAYOUT_PROTECT), own(BASE_LAYOUT_IGNORE))
+        } else {
+            (own(DEFAULT_PROTECT), own(DEFAULT_IGNORE))
+        };
+        Guard::from_options(
+            Some(if self.protect.is_empty() {
+                &dp
+            } else {
+                &self.protect
+            }),
+            Some(if self.ignore.is_empty() {
+                &di
+            } else {
+                &self.ignore
+            }),
+        )
+    }
+
     /// Fold `-o` options into the flags; explicit flags win.
     fn apply_options(&mut self) -> Result<Vec<MountOption>, String> {
         if self.options.is_empty() {
@@ -209,6 +254,7 @@ impl MountArgs {
         let o = FstabOptions::parse(&self.options.join(",")).map_err(|e| e.to_string())?;
         self.retain = self.retain.or(o.retain);
         self.quarantine = self.quarantine.take().or(o.quarantine);
+        self.instances = self.instances.take().or(o.instances);
         if self.protect.is_empty() {
             self.protect = o.protect;
         }
@@ -230,6 +276,13 @@ impl MountArgs {
             Ok(k) => k,
             Err(msg) => return fail(&msg),
         };
+        // A dead baseguard mount (its daemon killed) would make the
+        // mountpoint unusable: detach it here, in the caller's sight.
+        match health::clear_dead_mount(&self.mountpoint) {
+            Ok(Some(done)) => eprintln!("baseguard: {done}"),
+            Ok(None) => {}
+            Err(msg) => return fail(&msg),
+        }
         if !self.foreground {
             // Detach: run ourselves again in the foreground and return once
             // it says the filesystem answers (or why it could not start).
@@ -257,10 +310,14 @@ impl MountArgs {
         let limit = sys::raise_nofile_limit().unwrap_or(1024);
         // Half of the descriptors for cached inodes, the rest for open files.
         let fd_cache = (limit.saturating_sub(512) / 2).clamp(64, 1 << 16) as usize;
-        let guard = Guard::from_options(
-            (!self.protect.is_empty()).then_some(&self.protect[..]),
-            (!self.ignore.is_empty()).then_some(&self.ignore[..]),
-        )?;
+        let layout = BaseLayout::detect(&backing, self.instances.as_deref())?;
+        let guard = self.guard(layout.is_some())?;
+        if let Some(l) = &layout {
+            tracing::info!(
+                instances = %l.instances_path.display(),
+                "_base-only layout: everything in the mount is protected; instance disks are read from the instances directory, not through the mount"
+            );
+        }
         let quarantine = if self.unguarded {
             None
         } else {
@@ -280,8 +337,9 @@ impl MountArgs {
             },
         )
         .map_err(|e| format!("cannot serve {}: {e}", backing.display()))?;
-        let refs = Arc::new(References::new(
-            PathBuf::from(format!("/proc/self/fd/{}", fs.root_fd().as_raw_fd())),
+        let refs = Arc::new(References::for_layout(
+            fs.root_fd().as_fd(),
+            layout,
             vec![mountpoint.clone(), backing.clone()],
         ));
         if let Some(q) = &quarantine {
@@ -319,7 +377,7 @@ impl MountArgs {
 
         let adapter = FuseAdapter::new(Arc::clone(&fs), !self.no_passthrough);
         let notifier = adapter.notifier_slot();
-        let mut session = fuser::Session::new(adapter, &mountpoint, &config)
+        let session = fuser::Session::new(adapter, &mountpoint, &config)
             .map_err(|e| mount_error(&mountpoint, e))?;
         let _ = notifier.set(session.notifier());
         tracing::info!(
@@ -334,7 +392,6 @@ impl MountArgs {
                 tracing::warn!(error = %e, "cannot detach from the starting terminal");
             }
         }
-        let mut unmounter = session.unmount_callable();
         let stats_path = self.stats_file.clone();
         let fs_sig = Arc::clone(&fs);
         let mp = mountpoint.clone();
@@ -353,13 +410,26 @@ impl MountArgs {
                         Ok(libc::SIGHUP) => {
                             tracing::info!("SIGHUP ignored (stop with SIGTERM or umount)");
                         }
-                        Ok(sig) => {
-                            tracing::info!(signal = sig, "unmounting");
-                            if let Err(e) = unmounter.unmount() {
-                                tracing::warn!(error = %e, "unmount failed; detaching lazily");
-                                let _ = sys::umount_detach(&mp);
+                        // Never detach a busy mount: the directory
+                        // underneath would show while VMs run.
+                        Ok(sig) => match health::unmount_unless_busy(&mp) {
+                            health::Unmount::Done => {
+                                tracing::info!(signal = sig, "unmounted");
                             }
-                        }
+                            health::Unmount::Busy(h) => {
+                                tracing::warn!(
+                                    signal = sig,
+                                    error = "EBUSY",
+                                    holders = %health::describe_holders(&h),
+                                    "not unmounting: files are open through the mount; still serving \
+                                     (stop the holders, or detach with 'baseguard umount --lazy {}')",
+                                    mp.display()
+                                );
+                            }
+                            health::Unmount::Failed(e) => {
+                                tracing::warn!(signal = sig, error = %e, "cannot unmount; still serving");
+                            }
+                        },
                         Err(_) => return,
                     }
                 }
@@ -387,7 +457,8 @@ fn spawn_expiry(q: Arc<Quarantine>, retain: Duration, refs: Arc<References>) -> 
         .name("expiry".into())
         .spawn(move || {
             loop {
-                q.purge_expired(retain, &|e| refs.keep_reason(&e.orig_path()));
+                let keep = refs.keeper(&q);
+                q.purge_expired(retain, &keep);
                 std::thread::sleep(every);
             }
         })

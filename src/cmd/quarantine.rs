@@ -13,7 +13,8 @@ use std::path::{Component, Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
-use crate::heal::References;
+use crate::cmd::health::{self, MountHealth};
+use crate::heal::{BaseLayout, References};
 use crate::quarantine::{
     self, Entry, EntryState, PurgeOutcome, QError, Quarantine, Status, Who, fmt_utc,
 };
@@ -35,6 +36,11 @@ pub struct Location {
     /// (default: DIR's backing directory/.baseguard).
     #[arg(long, value_name = "QDIR")]
     pub quarantine: Option<PathBuf>,
+    /// The instances directory, when baseguard serves `_base` alone and it
+    /// is not `_base`'s parent (the daemon's --instances). When DIR has no
+    /// baseguard mount but DIR/_base has, that mount is used.
+    #[arg(long, value_name = "IDIR")]
+    pub instances: Option<PathBuf>,
 }
 
 /// Durations (`30m`, `12h`, `14d`, `2w`, `1d12h`): the one parser of the crate.
@@ -108,7 +114,7 @@ fn lexical_abs(p: &Path) -> Result<PathBuf, String> {
 
 /// `p` with its parent resolved (symlinks) but its last component kept, so a
 /// mountpoint itself is never looked up (a hung daemon cannot hang us).
-fn abs_dir(p: &Path) -> Result<PathBuf, String> {
+pub fn abs_dir(p: &Path) -> Result<PathBuf, String> {
     let abs = lexical_abs(p)?;
     match (abs.parent(), abs.file_name()) {
         (Some(parent), Some(name)) => Ok(std::fs::canonicalize(parent)
@@ -128,18 +134,29 @@ pub struct Backing {
     pub fd: OwnedFd,
     /// The baseguard mount at `dir`, if any.
     pub mount: Option<MountInfo>,
+    /// The instances directory in the `_base`-only layout (the backing
+    /// directory is then `_base`): `--instances`, or the backing
+    /// directory's parent when it is named `_base`.
+    pub instances: Option<PathBuf>,
+    /// The baseguard mount at `dir` probed (before any private detach).
+    pub health: Option<MountHealth>,
 }
 
 /// Resolve `--dir` to the backing directory (see the module docs). Must run
 /// before the process starts any thread.
 pub fn resolve_backing(dir: &Path) -> Result<Backing, String> {
-    let dir_abs = abs_dir(dir)?;
+    let mut dir_abs = abs_dir(dir)?;
     let mounts = baseguard_mounts();
-    let mount = mounts
-        .iter()
-        .rev()
-        .find(|m| m.mountpoint == dir_abs)
-        .cloned();
+    let at = |d: &Path| mounts.iter().rev().find(|m| m.mountpoint == d).cloned();
+    let mut mount = at(&dir_abs);
+    // The `_base`-only layout: the instances directory names `_base`'s mount.
+    if mount.is_none() {
+        let base = dir_abs.join(crate::refs::BASE_DIR);
+        if let Some(m) = at(&base) {
+            mount = Some(m);
+            dir_abs = base;
+        }
+    }
     let path = match &mount {
         Some(m) => {
             let p = PathBuf::from(&m.source);
@@ -154,6 +171,7 @@ pub fn resolve_backing(dir: &Path) -> Result<Backing, String> {
         }
         None => dir_abs.clone(),
     };
+    let health = mount.as_ref().map(MountHealth::of);
     let covered = |ms: &[MountInfo]| -> Option<PathBuf> {
         ms.iter()
             .rev()
@@ -185,22 +203,84 @@ pub fn resolve_backing(dir: &Path) -> Result<Backing, String> {
             path.display()
         )
     })?;
+    let instances = (path.file_name() == Some(std::ffi::OsStr::new(crate::refs::BASE_DIR)))
+        .then(|| path.parent().map(Path::to_path_buf))
+        .flatten();
     Ok(Backing {
         dir: dir_abs,
         path,
         fd,
         mount,
+        instances,
+        health,
     })
 }
 
+/// [`resolve_backing`] for a command's `--dir`, `--instances`.
+pub fn resolve_location(loc: &Location) -> Result<Backing, String> {
+    let mut b = resolve_backing(&loc.dir)?;
+    // Not mounted, and the quarantine is in `_base` (the `_base`-only
+    // layout seen from a node without the mount): use `DIR/_base`.
+    let q = quarantine::DEFAULT_DIR_NAME;
+    let base = b.path.join(crate::refs::BASE_DIR);
+    if loc.quarantine.is_none()
+        && b.mount.is_none()
+        && b.instances.is_none()
+        && !b.path.join(q).exists()
+        && base.join(q).is_dir()
+    {
+        b = resolve_backing(&base)?;
+    }
+    if let Some(i) = &loc.instances {
+        b.instances = Some(std::path::absolute(i).map_err(|e| {
+            format!(
+                "cannot resolve the instances directory '{}': {e}",
+                i.display()
+            )
+        })?);
+    }
+    Ok(b)
+}
+
 impl Backing {
+    /// The `_base`-only layout, if this is one (opens the instances dir).
+    pub fn layout(&self) -> Result<Option<BaseLayout>, String> {
+        BaseLayout::detect(&self.path, self.instances.as_deref())
+    }
+
+    /// Absolute paths under which instance disks may name base files.
+    pub fn prefixes(&self) -> Vec<PathBuf> {
+        let mut v = vec![self.dir.clone(), self.path.clone()];
+        if self.instances.is_some() {
+            v.extend(self.dir.parent().map(Path::to_path_buf));
+        }
+        v
+    }
+
+    /// The reference index over the instance disks, in either layout.
+    pub fn references(&self) -> Result<References, String> {
+        Ok(References::for_layout(
+            self.fd.as_fd(),
+            self.layout()?,
+            self.prefixes(),
+        ))
+    }
+
     /// An `ID|PATH` or `--to` argument as a path relative to the backing
     /// root: relative paths are taken as they are; absolute ones must be
     /// under `--dir` (or the backing directory).
     pub fn relativize(&self, p: &str) -> Result<PathBuf, QError> {
         let pp = Path::new(p);
         if !pp.is_absolute() {
-            return quarantine::clean_rel(pp);
+            let rel = quarantine::clean_rel(pp)?;
+            // Over `_base` alone, `_base/x` (relative to the instances
+            // directory) is `x`.
+            return Ok(
+                match (&self.instances, rel.strip_prefix(crate::refs::BASE_DIR)) {
+                    (Some(_), Ok(r)) if !r.as_os_str().is_empty() => r.to_path_buf(),
+                    _ => rel,
+                },
+            );
         }
         let escapes = |reason: String| QError::Escapes {
             path: pp.to_path_buf(),
@@ -244,7 +324,7 @@ fn fail(msg: impl std::fmt::Display) -> ExitCode {
 /// Open the quarantine for a command; `Ok(None)` when none exists yet.
 fn open(loc: &Location) -> Result<(Backing, Option<Quarantine>), String> {
     init_logging();
-    let b = resolve_backing(&loc.dir)?;
+    let b = resolve_location(loc)?;
     match Quarantine::open_existing(b.fd.as_fd(), loc.quarantine.as_deref()) {
         Ok(q) => Ok((b, Some(q))),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok((b, None)),
@@ -297,10 +377,11 @@ pub struct ListArgs {
 
 impl ListArgs {
     pub fn run(&self) -> ExitCode {
-        let (_b, q) = match open(&self.loc) {
+        let (b, q) = match open(&self.loc) {
             Ok(x) => x,
             Err(e) => return fail(e),
         };
+        warn_dead(&b);
         let entries = match &q {
             None => Vec::new(),
             // Entries being restored are always shown (a restore that died
@@ -499,6 +580,7 @@ fn open_entry(loc: &Location, target: &str) -> Result<(Backing, Quarantine, Entr
             b.dir.display()
         ));
     };
+    warn_dead(&b);
     let e = lookup(&q, &b, target).map_err(|e| e.to_string())?;
     Ok((b, q, e))
 }
@@ -511,7 +593,24 @@ fn lookup(q: &Quarantine, b: &Backing, target: &str) -> Result<Entry, QError> {
             .latest_for(&rel)
             .ok_or_else(|| QError::NoMatch(target.to_string()));
     }
-    q.resolve(target)
+    // Over `_base` alone, records are relative to `_base`; accept the
+    // path relative to the instances directory too.
+    let in_base = b
+        .instances
+        .as_ref()
+        .and_then(|_| target.strip_prefix(&format!("{}/", crate::refs::BASE_DIR)));
+    match (q.resolve(target), in_base) {
+        (Err(e), Some(t)) => q.resolve(t).map_err(|_| e),
+        (r, _) => r,
+    }
+}
+
+/// A dead or hung daemon for `--dir` is said (the command still works on
+/// the backing directory).
+fn warn_dead(b: &Backing) {
+    if let Some(p) = b.health.as_ref().and_then(MountHealth::problem) {
+        eprintln!("baseguard: warning: {p}");
+    }
 }
 
 /// `baseguard restore`.
@@ -612,12 +711,17 @@ impl PurgeArgs {
             Ok(x) => x,
             Err(e) => return fail(e),
         };
-        let refs = References::for_backing(b.fd.as_fd(), vec![b.dir.clone(), b.path.clone()]);
+        warn_dead(&b);
+        let refs = match b.references() {
+            Ok(r) => r,
+            Err(e) => return fail(e),
+        };
+        let needed = q.as_ref().map(|q| refs.keeper(q));
         let keep = |e: &Entry| {
             if self.force {
                 None
             } else {
-                refs.keep_reason(&e.orig_path())
+                needed.as_ref().and_then(|k| k(e))
             }
         };
         let now = SystemTime::now();
@@ -731,7 +835,13 @@ impl PurgeArgs {
 #[derive(clap::Args, Debug)]
 #[command(
     about = "Show baseguard mounts on this host and a summary of the quarantine",
-    after_help = concat!("Examples:\n  baseguard status\n  baseguard status --json\n\n", "DIR defaults to /var/lib/nova/instances (a baseguard mountpoint or its backing directory).")
+    long_about = "Show the baseguard mounts on this host, each probed (a statfs that must answer \
+within 2 s), and a summary of DIR's quarantine: entries, bytes held, the oldest, and near misses \
+(quarantined files an instance disk still uses) first. Exit status 2 when the baseguard daemon \
+for DIR is not running or not answering (with a line saying what to do); other dead mounts of \
+the host are listed and said on stderr.",
+    after_help = concat!("Examples:\n  baseguard status\n  baseguard status --json\n  baseguard status --dir /var/lib/nova/instances/_base\n\n", "DIR defaults to /var/lib/nova/instances (a baseguard mountpoint or its backing directory; \
+with baseguard over _base alone, DIR/_base's mount is used).")
 )]
 pub struct StatusArgs {
     #[command(flatten)]
@@ -746,11 +856,22 @@ pub struct StatusArgs {
 
 impl StatusArgs {
     pub fn run(&self) -> ExitCode {
-        // Read the mounts before resolve_backing may detach one privately.
-        let mounts = baseguard_mounts();
+        // Read and probe the mounts before resolve_backing may detach one
+        // privately: a dead or hung daemon is never reported healthy.
+        let mounts = MountHealth::of_all(&baseguard_mounts());
+        let problems: Vec<String> = mounts.iter().filter_map(MountHealth::problem).collect();
+        for p in &problems {
+            eprintln!("baseguard: {p}");
+        }
         let (b, q) = match open(&self.loc) {
             Ok(x) => x,
             Err(e) => return fail(e),
+        };
+        // The exit status is about DIR's mount; other dead mounts of the
+        // host are listed (and said on stderr) but do not change it.
+        let ok = match &b.health {
+            Some(h) if !h.alive => ExitCode::from(health::EXIT_DEAD),
+            _ => ExitCode::SUCCESS,
         };
         let st = match &q {
             None => Status::default(),
@@ -769,7 +890,10 @@ impl StatusArgs {
         };
         // Near misses: quarantined files an instance disk still references,
         // which Nova's deletion would have lost.
-        let refs = References::for_backing(b.fd.as_fd(), vec![b.dir.clone(), b.path.clone()]);
+        let refs = match b.references() {
+            Ok(r) => r,
+            Err(e) => return fail(e),
+        };
         let referenced = refs.referenced();
         let near: Vec<Entry> = match &q {
             Some(q) => q
@@ -796,12 +920,12 @@ impl StatusArgs {
             let v = serde_json::json!({
                 "near_misses": near.iter().map(|e| entry_json(e, Some(self.retain), now)).collect::<Vec<_>>(),
                 "referenced_base_files": referenced.len(),
-                "mounts": mounts.iter().map(|m| serde_json::json!({
-                    "mountpoint": m.mountpoint, "backing": m.source,
-                })).collect::<Vec<_>>(),
+                "mounts": mounts,
                 "dir": b.dir,
                 "backing": b.path,
+                "instances": b.instances,
                 "mounted": b.mount.is_some(),
+                "alive": b.health.as_ref().map(|h| h.alive),
                 "quarantine": qpath,
                 "exists": q.is_some(),
                 "entries": st.entries,
@@ -813,7 +937,7 @@ impl StatusArgs {
                 "orphans": st.orphans,
             });
             println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-            return ExitCode::SUCCESS;
+            return ok;
         }
         for e in &near {
             println!(
@@ -830,14 +954,27 @@ impl StatusArgs {
         } else {
             for (i, m) in mounts.iter().enumerate() {
                 println!(
-                    "{:<13}{} (backing {})",
+                    "{:<13}{} (backing {}){}",
                     if i == 0 { "mounts:" } else { "" },
                     m.mountpoint.display(),
-                    m.source
+                    m.backing,
+                    match m.state {
+                        health::Liveness::Alive => "",
+                        health::Liveness::NotConnected => " NOT RUNNING (dead mount)",
+                        health::Liveness::NoAnswer => " NOT ANSWERING",
+                        health::Liveness::Error => " NOT WORKING",
+                    }
                 );
             }
         }
         println!("{:<13}{}", "backing:", b.path.display());
+        if let Some(i) = &b.instances {
+            println!(
+                "{:<13}{} (baseguard serves _base alone)",
+                "instances:",
+                i.display()
+            );
+        }
         println!(
             "{:<13}{} file(s) named by instance disks' backing chains",
             "referenced:",
@@ -848,7 +985,7 @@ impl StatusArgs {
                 "{:<13}{qpath} (does not exist yet: nothing quarantined)",
                 "quarantine:"
             );
-            return ExitCode::SUCCESS;
+            return ok;
         }
         println!("{:<13}{qpath}", "quarantine:");
         println!("{:<13}{}", "entries:", st.entries);
@@ -875,7 +1012,7 @@ impl StatusArgs {
                 "incomplete:", st.pending, st.restoring, st.orphans
             );
         }
-        ExitCode::SUCCESS
+        ok
     }
 }
 

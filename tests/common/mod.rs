@@ -147,6 +147,30 @@ impl Mount {
         wait_timeout(&mut c, Duration::from_secs(10)).expect("daemon did not exit on signal")
     }
 
+    /// SIGKILL the daemon and reap it, leaving its dead mount in place (the
+    /// mount is still cleaned up on drop).
+    pub fn kill9(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Send a signal to the daemon without waiting for it.
+    pub fn send(&self, sig: &str) {
+        Command::new("kill")
+            .args([&format!("-{sig}"), &self.pid().to_string()])
+            .status()
+            .unwrap();
+    }
+
+    /// Whether the daemon process has exited (and its status).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
     /// Kill the daemon with SIGKILL (crash) and clean the dead mount.
     pub fn crash(mut self) {
         let mut c = self.child.take().unwrap();
