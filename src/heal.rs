@@ -364,7 +364,9 @@ impl References {
             m
         };
         let entries = PathBuf::from(format!("/proc/self/fd/{}/entries", q.dir_fd().as_raw_fd()));
-        self.with_fresh(FRESH, |index| {
+        // A scan made now, after the entries were listed: a purge must never
+        // rest on an index older than the disk that needs the file.
+        self.with_fresh(Duration::ZERO, |index| {
             let mut needed: HashMap<PathBuf, Vec<PathBuf>> = HashMap::new();
             for p in index.referenced() {
                 if let Some(rel) = self.guarded_rel(&p) {

@@ -30,21 +30,30 @@ fn ok(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// A base image made the way Nova makes one: written as `<name>.part`, then
+/// renamed into place (writing into a protected file in place would, by
+/// design, keep a copy of what it overwrites).
 fn make_base(path: &Path, pattern: &str) {
+    let part = path.with_extension("part");
     ok(Command::new("qemu-img")
         .args(["create", "-q", "-f", "raw"])
-        .arg(path)
+        .arg(&part)
         .arg("16M"));
     ok(Command::new("qemu-io")
         .args(["-f", "raw", "-c", &format!("write -P {pattern} 0 1M")])
-        .arg(path));
+        .arg(&part));
+    std::fs::rename(&part, path).unwrap();
 }
 
+/// A qcow2 overlay of `base`; one that goes into a guarded directory is
+/// made as `.part` and renamed in, as Nova does.
 fn overlay(base: &Path, fmt: &str, disk: &Path) {
+    let part = disk.with_extension("part");
     ok(Command::new("qemu-img")
         .args(["create", "-q", "-f", "qcow2", "-F", fmt, "-b"])
         .arg(base)
-        .arg(disk));
+        .arg(&part));
+    std::fs::rename(&part, disk).unwrap();
 }
 
 fn nova_remove(path: &Path) {

@@ -45,10 +45,14 @@ fn make_base(path: &Path, pattern: &str) {
     std::fs::rename(&part, path).unwrap();
 }
 
+/// A qcow2 overlay of `base`, made as `.part` and renamed in, as Nova does
+/// in `_base` (writing into a protected file in place would keep a copy).
 fn overlay(base: &str, fmt: &str, disk: &Path) {
+    let part = disk.with_extension("part");
     ok(Command::new("qemu-img")
         .args(["create", "-q", "-f", "qcow2", "-F", fmt, "-b", base])
-        .arg(disk));
+        .arg(&part));
+    std::fs::rename(&part, disk).unwrap();
 }
 
 fn nova_remove(path: &Path) {
