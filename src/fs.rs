@@ -824,12 +824,17 @@ impl Passthrough {
         Ok(n as u32)
     }
 
+    /// A `close` of the file through the mount: the backing filesystem's
+    /// own flush runs (write-back and errors on NFS, GlusterFS, CephFS:
+    /// close-to-open), and the closing owner's POSIX locks are dropped.
     pub fn flush(&self, fh: u64, lock_owner: u64) -> Result<()> {
         self.stats.count(Op::Flush);
         // close() drops the caller's POSIX locks on this file: drop the lock
         // description of that owner (OFD and flock owners are the file, not
         // the process, and are kept until release).
         self.locks.remove(&(fh, lock_owner));
+        let f = self.file(fh)?;
+        sys::flush_fd(f.file.as_fd())?;
         Ok(())
     }
 

@@ -115,6 +115,24 @@ pub fn fstat(fd: BorrowedFd<'_>) -> io::Result<Stat> {
     Ok(unsafe { st.assume_init() })
 }
 
+/// Forward a close-time flush to the file behind `fd` without closing it:
+/// close a duplicate (as libfuse's passthrough_hp does). Shared filesystems
+/// (NFS, GlusterFS, CephFS) write back and report write errors in their
+/// `->flush`, which only `close` reaches; that is their close-to-open
+/// guarantee. The daemon holds no POSIX locks of its own (only OFD locks),
+/// so the lock release that `close` also does removes nothing.
+pub fn flush_fd(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: plain syscall on a valid descriptor; the result is checked.
+    let dup = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) })?;
+    // SAFETY: `dup` was just created here and is owned by nobody else; it is
+    // closed exactly once.
+    match cvt(unsafe { libc::close(dup) }) {
+        // On Linux the descriptor is gone even on EINTR; the flush ran.
+        Err(e) if e.raw_os_error() == Some(libc::EINTR) => Ok(()),
+        r => r.map(|_| ()),
+    }
+}
+
 /// `fstatfs`-backed statvfs of the filesystem holding `fd`.
 pub fn fstatvfs(fd: BorrowedFd<'_>) -> io::Result<libc::statvfs> {
     let mut st = MaybeUninit::<libc::statvfs>::uninit();
