@@ -390,15 +390,17 @@ impl Passthrough {
         if self.is_hidden(&st) {
             return Err(Errno(libc::ENOENT));
         }
-        if let Some(inode) = self.inodes.known(&st) {
-            return Ok((inode, st));
-        }
-        // A new inode: keep its file handle only (no descriptor until one is
-        // needed; that one is checked against these (dev, ino)).
+        // The handle tells a known inode from a new file that got a reused
+        // inode number (another node deleted the old one). A new inode keeps
+        // its handle only (no descriptor until one is needed; that one is
+        // checked against these (dev, ino)).
         if self.inodes.handles_for(st.st_dev) {
             if let Ok(h) = sys::name_to_handle_at(pfd.as_fd(), &c) {
                 return Ok((self.inodes.lookup_handle(h, &st)?, st));
             }
+        } else if let Some(inode) = self.inodes.known(&st) {
+            // Pinned by its descriptor: the number cannot have been reused.
+            return Ok((inode, st));
         }
         let fd = sys::openat(pfd.as_fd(), &c, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
         let st = sys::fstat(fd.as_fd())?;
@@ -415,9 +417,6 @@ impl Passthrough {
         file: &File,
     ) -> Result<(Arc<Inode>, Stat)> {
         let st = sys::fstat(file.as_fd())?;
-        if let Some(inode) = self.inodes.known(&st) {
-            return Ok((inode, st));
-        }
         if self.inodes.handles_for(st.st_dev) {
             if let Ok(h) = sys::name_to_handle(file.as_fd()) {
                 return Ok((self.inodes.lookup_handle(h, &st)?, st));
@@ -1151,6 +1150,11 @@ impl Passthrough {
     /// Switch this thread back to the daemon's credentials.
     pub fn as_daemon(&self) {
         self.creds.become_daemon();
+    }
+
+    /// The inode number shown for node `id` with backing attributes `st`.
+    pub fn shown_ino(&self, id: u64, st: &Stat) -> u64 {
+        self.inodes.shown_ino(id, st)
     }
 
     /// Inodes known and descriptors held.

@@ -80,8 +80,9 @@ fn file_type(kind: u32) -> FileType {
     }
 }
 
-/// Attributes for the kernel; `ino` is the node id for entry replies and the
-/// backing inode number for getattr replies.
+/// Attributes for the kernel. `ino` is the node id in entry replies (fuser
+/// sends `attr.ino` as the node id) and [`Passthrough::shown_ino`] in
+/// attribute replies, which is the same number except for the root.
 fn attr(st: &Stat, ino: u64) -> FileAttr {
     FileAttr {
         ino: INodeNo(ino),
@@ -223,7 +224,7 @@ impl fuser::Filesystem for FuseAdapter {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.fs.getattr(ino.0, fh.map(|f| f.0)) {
-            Ok(st) => reply.attr(&TTL, &attr(&st, st.st_ino)),
+            Ok(st) => reply.attr(&TTL, &attr(&st, self.fs.shown_ino(ino.0, &st))),
             Err(e) => reply.error(ferr(e)),
         }
     }
@@ -255,7 +256,7 @@ impl fuser::Filesystem for FuseAdapter {
             mtime: mtime.map(timespec),
         };
         match self.fs.setattr(caller(req), ino.0, fh.map(|f| f.0), a) {
-            Ok(st) => reply.attr(&TTL, &attr(&st, st.st_ino)),
+            Ok(st) => reply.attr(&TTL, &attr(&st, self.fs.shown_ino(ino.0, &st))),
             Err(e) => reply.error(ferr(e)),
         }
     }

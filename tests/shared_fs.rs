@@ -11,6 +11,7 @@ mod common;
 
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -18,6 +19,7 @@ use std::time::{Duration, Instant};
 use common::*;
 
 const PY: &str = "/usr/bin/python3";
+const SHA: &str = "5d41402abc4b2a76b9719d911017c592aa000001";
 
 // ---- two nodes ---------------------------------------------------------------
 
@@ -259,7 +261,7 @@ fn locks_across_nodes(backend: Backend) {
         );
         h.release();
         assert!(
-            try_lock(kind, &n.b.path(&name)),
+            eventually(|| try_lock(kind, &n.b.path(&name))).is_some(),
             "{kind}: lock not released on node A"
         );
         // And the other way round.
@@ -282,20 +284,34 @@ fn locks_across_nodes(backend: Backend) {
         .arg(&img)
         .arg("16M"));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let mut vm = Command::new("qemu-io")
-        .args(["-f", "qcow2", "-t", "none", "-c", "sleep 60000"])
-        .arg(&img)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let start_vm = || {
+        Command::new("qemu-io")
+            .args(["-f", "qcow2", "-t", "none", "-c", "sleep 60000"])
+            .arg(&img)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut vm = start_vm();
     let other = n.b.path("disk.qcow2");
     let start = Instant::now();
+    let mut last;
     let refused = loop {
         let o = run(Command::new("qemu-img").arg("info").arg(&other));
-        let err = String::from_utf8_lossy(&o.stderr).into_owned();
-        if !o.status.success() && err.contains("lock") {
+        last = String::from_utf8_lossy(&o.stderr).into_owned();
+        if !o.status.success() && last.contains("lock") {
             break true;
+        }
+        if let Ok(Some(st)) = vm.try_wait() {
+            let mut err = String::new();
+            let _ = std::io::Read::read_to_string(&mut vm.stderr.take().unwrap(), &mut err);
+            // qemu-img create's own lock may not be released yet (below).
+            assert!(
+                err.contains("lock"),
+                "qemu-io on node A exited ({st}): {err}"
+            );
+            vm = start_vm();
         }
         if start.elapsed() > Duration::from_secs(20) {
             break false;
@@ -304,12 +320,170 @@ fn locks_across_nodes(backend: Backend) {
     };
     let _ = vm.kill();
     let _ = vm.wait();
-    assert!(refused, "node B opened an image that qemu on node A holds");
-    let o = run(Command::new("qemu-img").arg("info").arg(&other));
     assert!(
-        o.status.success(),
-        "image still locked after qemu on node A exited: {}",
-        String::from_utf8_lossy(&o.stderr)
+        refused,
+        "node B opened an image that qemu on node A holds (last: {last})"
     );
+    let took = eventually(|| {
+        run(Command::new("qemu-img").arg("info").arg(&other))
+            .status
+            .success()
+    });
+    assert!(
+        took.is_some(),
+        "image still locked after qemu on node A exited"
+    );
+    say(&format!(
+        "locks over {backend:?}: qemu's image lock was free on node B {:?} after qemu on node A exited",
+        took.unwrap()
+    ));
+}
+
+/// Poll `f` until it holds, for at most 10 s; how long it took. (A lock
+/// that dies with its open file is released when the daemon handles the
+/// kernel's RELEASE, which FUSE sends asynchronously after the last close.)
+fn eventually(mut f: impl FnMut() -> bool) -> Option<Duration> {
+    let start = Instant::now();
+    loop {
+        if f() {
+            return Some(start.elapsed());
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 on_both!(locks_across_nodes: locks_across_nodes_local, locks_across_nodes_gluster);
+
+// ---- inode numbers reused by another node -----------------------------------------
+
+/// Node A creates a file through its mount; another node deletes it and
+/// creates a new one, which the backing filesystem may give the same inode
+/// number. Node A must see the new file, never ESTALE.
+fn reused_inode_numbers(backend: Backend) {
+    let Some(n) = Nodes::new(backend, "reuse", &[]) else {
+        return;
+    };
+    fs::create_dir(n.a.path("r")).unwrap();
+    const ROUNDS: usize = 400;
+    let (mut reused, mut failed) = (0, Vec::new());
+    for i in 0..ROUNDS {
+        let (old, new) = (format!("r/old{i}"), format!("r/new{i}"));
+        fs::File::create(n.a.path(&old)).unwrap();
+        let other = |p: &str| n.native_b.join(p);
+        let old_ino = fs::metadata(other(&old)).unwrap().ino();
+        fs::remove_file(other(&old)).unwrap();
+        fs::write(other(&new), b"data\n").unwrap();
+        if fs::metadata(other(&new)).unwrap().ino() == old_ino {
+            reused += 1;
+        }
+        match fs::read(n.a.path(&new)) {
+            Ok(d) => assert_eq!(d, b"data\n", "round {i}: wrong contents"),
+            Err(e) => failed.push((i, e.to_string())),
+        }
+        fs::remove_file(other(&new)).unwrap();
+    }
+    say(&format!(
+        "reused_inode_numbers over {backend:?}: {reused} of {ROUNDS} rounds reused the old \
+         inode number, {} failed",
+        failed.len()
+    ));
+    assert!(
+        failed.is_empty(),
+        "{} of {ROUNDS} rounds failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+}
+on_both!(reused_inode_numbers: reused_inode_numbers_local, reused_inode_numbers_gluster);
+
+// ---- inode numbers shown -------------------------------------------------------------
+
+/// `stat` through the mount shows the backing filesystem's inode numbers
+/// (GlusterFS's are >= 2^62), the same whether the kernel answers from its
+/// cache or asks again, in listings too, and hard links share one.
+fn inode_numbers_are_the_backing_ones(backend: Backend) {
+    let Some(n) = Nodes::new(backend, "inos", &[]) else {
+        return;
+    };
+    fs::write(n.a.path("f"), b"x").unwrap();
+    fs::hard_link(n.a.path("f"), n.a.path("g")).unwrap();
+    fs::create_dir(n.a.path("d")).unwrap();
+    for name in ["f", "g", "d"] {
+        let native = fs::symlink_metadata(n.native_a.join(name)).unwrap().ino();
+        for m in [&n.a, &n.b] {
+            assert_eq!(
+                fs::symlink_metadata(m.path(name)).unwrap().ino(),
+                native,
+                "{name}"
+            );
+        }
+        let listed = fs::read_dir(&n.b.mountpoint)
+            .unwrap()
+            .map(|e| e.unwrap())
+            .find(|e| e.file_name() == name)
+            .unwrap();
+        assert_eq!(
+            std::os::unix::fs::DirEntryExt::ino(&listed),
+            native,
+            "{name} listed"
+        );
+    }
+    let f = fs::metadata(n.a.path("f")).unwrap().ino();
+    assert_eq!(
+        fs::metadata(n.b.path("g")).unwrap().ino(),
+        f,
+        "hard links differ"
+    );
+    // After the attribute cache expired (getattr instead of the lookup's reply).
+    std::thread::sleep(Duration::from_millis(1100));
+    assert_eq!(fs::metadata(n.a.path("g")).unwrap().ino(), f);
+    say(&format!(
+        "inode numbers over {backend:?}: e.g. {f} (>= 2^62: {})",
+        f >= 1 << 62
+    ));
+}
+on_both!(inode_numbers_are_the_backing_ones: inode_numbers_local, inode_numbers_gluster);
+
+// ---- the guard's renames where RENAME_NOREPLACE is refused (GlusterFS) ----------------
+
+/// `baseguard list --json` through a mountpoint: the quarantined paths.
+fn quarantined(dir: &Path) -> Vec<String> {
+    let o = run(Command::new(BIN).args(["list", "--json", "--dir"]).arg(dir));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let mut p: Vec<String> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["path"].as_str().unwrap().to_string())
+        .collect();
+    p.sort();
+    p
+}
+
+/// Nova's download: `<sha>.part` renamed onto the final name in `_base`,
+/// which the guard does with RENAME_NOREPLACE (GlusterFS: EINVAL, then a
+/// plain rename), and a second download over it, whose old file is kept.
+fn renames_onto_protected_names(backend: Backend) {
+    let Some(n) = Nodes::new(backend, "renames", &[]) else {
+        return;
+    };
+    fs::create_dir(n.a.path("_base")).unwrap();
+    let (part, fin) = (format!("_base/{SHA}.part"), format!("_base/{SHA}"));
+    fs::write(n.a.path(&part), b"first").unwrap();
+    fs::rename(n.a.path(&part), n.a.path(&fin)).unwrap();
+    assert_eq!(fs::read(n.b.path(&fin)).unwrap(), b"first");
+    assert!(quarantined(&n.a.mountpoint).is_empty());
+    // Node B downloads the same image again and renames over it.
+    fs::write(n.b.path(&part), b"second").unwrap();
+    fs::rename(n.b.path(&part), n.b.path(&fin)).unwrap();
+    assert_eq!(fs::read(n.b.path(&fin)).unwrap(), b"second");
+    // Node A's kernel keeps names for 1 s (the mount's entry timeout).
+    std::thread::sleep(Duration::from_millis(1100));
+    assert_eq!(fs::read(n.a.path(&fin)).unwrap(), b"second");
+    assert_eq!(quarantined(&n.a.mountpoint), vec![fin.clone()]);
+    assert!(!n.native_a.join(&part).exists());
+}
+on_both!(renames_onto_protected_names: renames_onto_protected_names_local, renames_onto_protected_names_gluster);
