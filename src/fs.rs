@@ -922,6 +922,21 @@ impl Passthrough {
         Ok(sys::ofd_getlk(fd.as_fd(), &lock)?)
     }
 
+    /// How a blocking lock wait is done on the backing filesystem (see
+    /// [`crate::lockwait`]).
+    pub fn lock_wait_mode(&self, fh: u64) -> crate::lockwait::WaitMode {
+        let local = self
+            .file(fh)
+            .ok()
+            .and_then(|f| sys::fs_magic(f.file.as_fd()).ok())
+            .is_some_and(sys::locks_are_local);
+        if local {
+            crate::lockwait::WaitMode::Blocking
+        } else {
+            crate::lockwait::WaitMode::Poll
+        }
+    }
+
     /// Take or release a lock; with `wait`, block until it is granted (the
     /// caller runs this off the request threads).
     pub fn setlk(&self, fh: u64, owner: u64, lock: LockRange, wait: bool) -> Result<()> {

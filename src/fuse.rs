@@ -22,6 +22,7 @@ use fuser::{
 use crate::creds::Caller;
 use crate::fs::{Errno, OpenFile, Passthrough, SetAttr};
 use crate::inode::Inode;
+use crate::lockwait::LockWaits;
 use crate::stats::Op;
 use crate::sys::{LockRange, Stat, TimeSpec, XattrReply};
 
@@ -35,6 +36,7 @@ pub struct FuseAdapter {
     fs: Arc<Passthrough>,
     passthrough: bool,
     backing: DashMap<u64, (BackingId, usize)>,
+    lock_waits: Arc<LockWaits>,
 }
 
 impl FuseAdapter {
@@ -43,6 +45,7 @@ impl FuseAdapter {
             fs,
             passthrough,
             backing: DashMap::new(),
+            lock_waits: Arc::new(LockWaits::new()),
         }
     }
 }
@@ -630,7 +633,7 @@ impl fuser::Filesystem for FuseAdapter {
 
     fn setlk(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         lock_owner: LockOwner,
@@ -652,13 +655,22 @@ impl fuser::Filesystem for FuseAdapter {
         }
         // A blocking lock may wait for another node for a long time: try
         // once here, and wait on a thread of its own so no request thread is
-        // held up.
+        // held up, until the lock comes or the waiting process is
+        // interrupted (see `lockwait`).
         match self.fs.setlk(fh.0, lock_owner.0, l, false) {
             Err(Errno(e)) if e == libc::EAGAIN || e == libc::EACCES => {
                 let fs = Arc::clone(&self.fs);
-                let spawned = std::thread::Builder::new()
-                    .name("lock-wait".into())
-                    .spawn(move || empty(reply, fs.setlk(fh.0, lock_owner.0, l, true)));
+                let waits = Arc::clone(&self.lock_waits);
+                let caller = req.pid();
+                let mode = self.fs.lock_wait_mode(fh.0);
+                let spawned =
+                    std::thread::Builder::new()
+                        .name("lock-wait".into())
+                        .spawn(move || {
+                            let r = waits
+                                .wait(caller, mode, |block| fs.setlk(fh.0, lock_owner.0, l, block));
+                            empty(reply, r)
+                        });
                 if let Err(e) = spawned {
                     tracing::error!(error = %e, "cannot start a lock-wait thread");
                 }

@@ -487,3 +487,127 @@ fn renames_onto_protected_names(backend: Backend) {
     assert!(!n.native_a.join(&part).exists());
 }
 on_both!(renames_onto_protected_names: renames_onto_protected_names_local, renames_onto_protected_names_gluster);
+
+// ---- interrupted lock waits ------------------------------------------------------------
+
+/// Wait for `c` at most `limit`; `None` if it is still running then.
+fn wait_for(c: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    wait_timeout(c, limit)
+}
+
+/// How long a waiter may take to give up before the test calls it stuck
+/// (then the holder lets go, so the test ends, and fails).
+const STUCK: Duration = Duration::from_secs(15);
+
+/// A blocking lock wait through node A while node B holds the lock ends
+/// when the waiter is interrupted: `flock -w 2` times out with rc 1, a
+/// signal handler's exception interrupts fcntl/flock waits, SIGKILL ends the
+/// waiter (never stuck in D state), and no lock is left behind.
+fn interrupted_lock_waits(backend: Backend) {
+    let Some(n) = Nodes::new(backend, "intr", &[]) else {
+        return;
+    };
+    let mut figures = Vec::new();
+    // util-linux flock -w: SIGALRM after 2 s.
+    fs::write(n.a.path("f-flock"), b"x").unwrap();
+    let h = Holder::new("flock", &n.b.path("f-flock"));
+    let t = Instant::now();
+    let mut c = Command::new("flock")
+        .args(["-w", "2"])
+        .arg(n.a.path("f-flock"))
+        .arg("true")
+        .spawn()
+        .unwrap();
+    let st = wait_for(&mut c, STUCK);
+    let took = t.elapsed();
+    if st.is_none() {
+        h.release();
+        let st = c.wait().unwrap();
+        panic!("flock -w 2 was not interrupted: it waited for the holder (rc {st})");
+    }
+    assert_eq!(st.unwrap().code(), Some(1), "flock -w 2 must time out");
+    figures.push(format!("flock -w 2: rc 1 after {took:?}"));
+    h.release();
+
+    // A signal handler that raises, during fcntl (POSIX), OFD and flock
+    // waits; the waiter lives on, so a lock left behind would show.
+    for kind in ["posix", "ofd", "flock"] {
+        let name = format!("f-{kind}");
+        fs::write(n.a.path(&name), b"x").unwrap();
+        let h = Holder::new(kind, &n.b.path(&name));
+        let script = format!(
+            "{LOCKER}\nimport signal\ndef alarm(*a):\n    raise TimeoutError()\n\
+             signal.signal(signal.SIGALRM, alarm)\nsignal.alarm(2)\n\
+             try:\n    lock(True)\n    print('locked', flush=True)\n\
+             except TimeoutError:\n    print('interrupted', flush=True)\nsys.stdin.read()\n"
+        );
+        let t = Instant::now();
+        let mut w = Command::new(PY)
+            .args(["-c", &script, kind])
+            .arg(n.a.path(&name))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = w.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(out).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = match rx.recv_timeout(STUCK) {
+            Ok(l) => l,
+            Err(_) => {
+                h.release();
+                let _ = w.kill();
+                let _ = w.wait();
+                panic!("{kind}: the lock wait was not interrupted");
+            }
+        };
+        let took = t.elapsed();
+        assert_eq!(line.trim(), "interrupted", "{kind}");
+        figures.push(format!("{kind}: EINTR after {took:?}"));
+        // The holder lets go; node B can lock at once: the interrupted
+        // waiter (still running) holds nothing.
+        h.release();
+        assert!(
+            eventually(|| try_lock(kind, &n.b.path(&name))).is_some(),
+            "{kind}: the interrupted wait left a lock behind"
+        );
+        drop(w.stdin.take());
+        let _ = w.wait();
+    }
+
+    // SIGKILL of a waiter: it dies, instead of sleeping uninterruptibly
+    // until the holder lets go.
+    fs::write(n.a.path("f-kill"), b"x").unwrap();
+    let h = Holder::new("flock", &n.b.path("f-kill"));
+    let mut c = Command::new("flock")
+        .arg(n.a.path("f-kill"))
+        .arg("true")
+        .spawn()
+        .unwrap();
+    // Let it reach the wait (if it is not there yet, SIGKILL ends it anyway).
+    std::thread::sleep(Duration::from_millis(500));
+    let t = Instant::now();
+    c.kill().unwrap();
+    let st = wait_for(&mut c, STUCK);
+    let took = t.elapsed();
+    if st.is_none() {
+        h.release();
+        let _ = c.wait();
+        panic!("a SIGKILLed lock waiter stayed until the holder let go");
+    }
+    figures.push(format!("SIGKILLed waiter gone after {took:?}"));
+    h.release();
+    assert!(
+        eventually(|| try_lock("flock", &n.b.path("f-kill"))).is_some(),
+        "the killed waiter left a lock behind"
+    );
+    say(&format!(
+        "interrupted lock waits over {backend:?}: {}",
+        figures.join("; ")
+    ));
+}
+on_both!(interrupted_lock_waits: interrupted_lock_waits_local, interrupted_lock_waits_gluster);
