@@ -139,6 +139,7 @@ pub fn fs_magic(fd: BorrowedFd<'_>) -> io::Result<i64> {
     // SAFETY: valid out-pointer; fstatfs accepts O_PATH descriptors.
     cvt(unsafe { libc::fstatfs(fd.as_raw_fd(), st.as_mut_ptr()) })?;
     // SAFETY: success means initialised.
+    #[allow(clippy::unnecessary_cast)] // f_type is not i64 on every target
     Ok(unsafe { st.assume_init() }.f_type as i64)
 }
 
