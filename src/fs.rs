@@ -61,10 +61,18 @@ pub struct DirEntry {
 }
 
 struct OpenDir {
-    fd: Arc<OwnedFd>,
+    /// The directory's node id and descriptor.
+    dir: DirRef,
     /// The snapshot, and whether a pass over it has started (so that a later
     /// read at offset 0 is a rewind and re-reads the directory).
     state: Mutex<(bool, Arc<Vec<DirEntry>>)>,
+}
+
+/// A directory being read: its node id and descriptor.
+#[derive(Clone)]
+pub struct DirRef {
+    pub id: u64,
+    pub fd: Arc<OwnedFd>,
 }
 
 /// Attribute changes requested by `setattr`.
@@ -319,10 +327,10 @@ impl Passthrough {
             return Ok((root, st));
         }
         self.creds.become_caller(caller);
-        match self.lookup_at(&pfd, name) {
+        match self.lookup_at(parent, &pfd, name) {
             Err(Errno(libc::ENOENT)) if self.heal(caller, parent, name) => {
                 self.creds.become_caller(caller);
-                self.lookup_at(&pfd, name)
+                self.lookup_at(parent, &pfd, name)
             }
             r => r,
         }
@@ -384,7 +392,8 @@ impl Passthrough {
         }
     }
 
-    fn lookup_at(&self, pfd: &OwnedFd, name: &OsStr) -> Result<(Arc<Inode>, Stat)> {
+    /// Look up `name` in the directory `parent` (whose descriptor is `pfd`).
+    fn lookup_at(&self, parent: u64, pfd: &OwnedFd, name: &OsStr) -> Result<(Arc<Inode>, Stat)> {
         let c = cstr(name)?;
         let st = sys::statat(pfd.as_fd(), &c)?;
         if self.is_hidden(&st) {
@@ -398,13 +407,12 @@ impl Passthrough {
             if let Ok(h) = sys::name_to_handle_at(pfd.as_fd(), &c) {
                 return Ok((self.inodes.lookup_handle(h, &st)?, st));
             }
-        } else if let Some(inode) = self.inodes.known(&st) {
-            // Pinned by its descriptor: the number cannot have been reused.
+        } else if let Some(inode) = self.inodes.known_at(&st, parent, name) {
             return Ok((inode, st));
         }
         let fd = sys::openat(pfd.as_fd(), &c, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
         let st = sys::fstat(fd.as_fd())?;
-        let inode = self.inodes.lookup_fd(fd, &st)?;
+        let inode = self.inodes.lookup_fd(fd, &st, Some((parent, name)))?;
         Ok((inode, st))
     }
 
@@ -412,6 +420,7 @@ impl Passthrough {
     /// where the filesystem gives handles).
     fn lookup_created(
         &self,
+        parent: u64,
         pfd: &OwnedFd,
         name: &OsStr,
         file: &File,
@@ -422,7 +431,7 @@ impl Passthrough {
                 return Ok((self.inodes.lookup_handle(h, &st)?, st));
             }
         }
-        self.lookup_at(pfd, name)
+        self.lookup_at(parent, pfd, name)
     }
 
     pub fn forget(&self, id: u64, n: u64) {
@@ -543,7 +552,7 @@ impl Passthrough {
         self.creds.become_caller(caller);
         self.check_not_hidden(&pfd, &c)?;
         make(&pfd, &c)?;
-        self.lookup_at(&pfd, name)
+        self.lookup_at(parent, &pfd, name)
     }
 
     pub fn mknod(
@@ -758,7 +767,7 @@ impl Passthrough {
             mode,
         )?;
         let file = File::from(fd);
-        let (inode, st) = self.lookup_created(&pfd, name, &file)?;
+        let (inode, st) = self.lookup_created(parent, &pfd, name, &file)?;
         let st = if flags & libc::O_TRUNC != 0 && st.st_size > 0 {
             let ifd = self.fd(&inode)?;
             self.preserve_before_truncate(caller, inode.id, &ifd, 0)?;
@@ -1003,7 +1012,7 @@ impl Passthrough {
         self.dirs.insert(
             fh,
             Arc::new(OpenDir {
-                fd,
+                dir: DirRef { id, fd },
                 state: Mutex::new((false, Arc::new(entries))),
             }),
         );
@@ -1022,7 +1031,7 @@ impl Passthrough {
         let mut state = d.state.lock();
         if offset == 0 && state.0 {
             self.creds.become_caller(caller);
-            state.1 = Arc::new(self.snapshot(&d.fd)?);
+            state.1 = Arc::new(self.snapshot(&d.dir.fd)?);
         }
         state.0 = true;
         Ok(Arc::clone(&state.1))
@@ -1035,14 +1044,14 @@ impl Passthrough {
         caller: Caller,
         fh: u64,
         offset: u64,
-    ) -> Result<(Arc<Vec<DirEntry>>, Arc<OwnedFd>)> {
+    ) -> Result<(Arc<Vec<DirEntry>>, DirRef)> {
         let entries = self.readdir(caller, fh, offset)?;
         let d = self
             .dirs
             .get(&fh)
             .map(|d| Arc::clone(&d))
             .ok_or(Errno(libc::EBADF))?;
-        Ok((entries, Arc::clone(&d.fd)))
+        Ok((entries, d.dir.clone()))
     }
 
     /// Look up one entry of a readdirplus reply. "." and ".." are only
@@ -1050,14 +1059,14 @@ impl Passthrough {
     pub fn readdirplus_entry(
         &self,
         caller: Caller,
-        dir: &OwnedFd,
+        dir: &DirRef,
         name: &OsStr,
     ) -> Result<(Option<Arc<Inode>>, Stat)> {
         self.creds.become_caller(caller);
         if name == "." || name == ".." {
-            return Ok((None, sys::statat(dir.as_fd(), &cstr(name)?)?));
+            return Ok((None, sys::statat(dir.fd.as_fd(), &cstr(name)?)?));
         }
-        let (inode, st) = self.lookup_at(dir, name)?;
+        let (inode, st) = self.lookup_at(dir.id, &dir.fd, name)?;
         Ok((Some(inode), st))
     }
 
@@ -1074,7 +1083,7 @@ impl Passthrough {
             .map(|d| Arc::clone(&d))
             .ok_or(Errno(libc::EBADF))?;
         let f = File::from(sys::reopen(
-            d.fd.as_fd(),
+            d.dir.fd.as_fd(),
             libc::O_RDONLY | libc::O_DIRECTORY,
         )?);
         if datasync {

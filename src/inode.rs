@@ -20,13 +20,22 @@
 //! ESTALE only for the deleted file. Where it gives none, each known inode
 //! pins an `O_PATH` descriptor, which keeps the number from being reused.
 //!
-//! Descriptors are bounded: where the filesystem supports file handles
-//! (`name_to_handle_at`: ext4, xfs, NFS…), an inode keeps only its handle and
-//! its `O_PATH` descriptor lives in a bounded cache, reopened on demand with
-//! `open_by_handle_at`. Only where handles are unsupported is a descriptor
-//! pinned per inode.
+//! Descriptors are bounded: where the filesystem has durable file handles
+//! (`name_to_handle_at`: ext4, xfs, btrfs, NFS…), an inode keeps only its
+//! handle and its `O_PATH` descriptor lives in a bounded cache, reopened on
+//! demand with `open_by_handle_at`. Where it has none (a FUSE filesystem
+//! such as GlusterFS's client: on kernel 6.18 `name_to_handle_at` is
+//! refused, and where it is accepted, `open_by_handle_at` gives ESTALE once
+//! the client forgot the inode, so FUSE backing filesystems never use
+//! handles), directories pin a descriptor (they must survive renames by
+//! other nodes), and other inodes keep a descriptor in the same bounded
+//! cache and the directory and name they were last looked up by: evicted,
+//! they are reopened by that name and checked against their `(dev, ino)`
+//! and type (a file renamed by another node meanwhile gives ESTALE, on which
+//! the kernel looks the path up again).
 
 use std::collections::{HashMap, VecDeque};
+use std::ffi::{OsStr, OsString};
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
@@ -50,14 +59,28 @@ pub struct Inode {
     /// `S_IFMT` bits of the mode (the type never changes).
     pub kind: u32,
     handle: Option<FileHandle>,
-    /// Pinned descriptor: the root, and inodes on filesystems without handles.
+    /// Pinned descriptor: the root, and directories on filesystems without
+    /// durable handles.
     pinned: Option<Arc<OwnedFd>>,
+    /// Without a handle or a pin: the directory and name it was last looked
+    /// up by, to reopen it by when its cached descriptor was evicted.
+    origin: Option<Mutex<(u64, OsString)>>,
     nlookup: AtomicU64,
 }
 
 impl Inode {
     pub fn is_dir(&self) -> bool {
         self.kind == libc::S_IFDIR
+    }
+
+    /// The inode was just found as `name` in `parent`.
+    fn seen_at(&self, origin: Option<(u64, &OsStr)>) {
+        if let (Some(slot), Some((parent, name))) = (&self.origin, origin) {
+            let mut g = slot.lock();
+            if g.0 != parent || g.1 != name {
+                *g = (parent, name.to_os_string());
+            }
+        }
     }
 }
 
@@ -141,7 +164,20 @@ impl InodeStore {
     pub fn new(root: OwnedFd, fd_cache: usize) -> io::Result<InodeStore> {
         let st = sys::fstat(root.as_fd())?;
         let mount_fd = sys::reopen(root.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY).ok();
-        let use_handles = mount_fd.is_some() && sys::name_to_handle(root.as_fd()).is_ok();
+        // A FUSE filesystem's handles open only while its kernel inode is
+        // cached (no export support, e.g. GlusterFS): not durable.
+        let fuse = sys::fs_magic(root.as_fd()).is_ok_and(|m| m == sys::FUSE_SUPER_MAGIC);
+        let use_handles = !fuse && mount_fd.is_some() && sys::name_to_handle(root.as_fd()).is_ok();
+        tracing::info!(
+            handles = use_handles,
+            fuse_backing = fuse,
+            "inodes are kept by {}",
+            if use_handles {
+                "file handle"
+            } else {
+                "descriptor and name"
+            }
+        );
         let store = InodeStore {
             inodes: DashMap::new(),
             synthetic: DashMap::new(),
@@ -164,6 +200,7 @@ impl InodeStore {
                 kind: libc::S_IFDIR,
                 handle: None,
                 pinned: Some(Arc::new(root)),
+                origin: None,
                 nlookup: AtomicU64::new(1),
             }),
         );
@@ -215,9 +252,11 @@ impl InodeStore {
         st: &Stat,
         handle: Option<FileHandle>,
         fd: Option<OwnedFd>,
+        origin: Option<(u64, &OsStr)>,
     ) -> io::Result<Arc<Inode>> {
         let _g = self.creating.lock();
         if let Some(inode) = self.known_as(st, handle.as_ref()) {
+            inode.seen_at(origin);
             if let Some(fd) = fd {
                 if inode.pinned.is_none() && self.cache.get(inode.id).is_none() {
                     self.cache.insert(inode.id, Arc::new(fd));
@@ -234,22 +273,32 @@ impl InodeStore {
             _ => self.fresh_id(),
         };
         let fd = fd.map(Arc::new);
+        let kind = st.st_mode & libc::S_IFMT;
+        let mut kept_origin = None;
         let pinned = match (&handle, fd) {
             (Some(_), Some(fd)) => {
                 self.cache.insert(id, fd);
                 None
             }
             (Some(_), None) => None,
-            (None, Some(fd)) => Some(fd),
+            (None, Some(fd)) => match origin {
+                Some((parent, name)) if kind != libc::S_IFDIR => {
+                    self.cache.insert(id, fd);
+                    kept_origin = Some(Mutex::new((parent, name.to_os_string())));
+                    None
+                }
+                _ => Some(fd),
+            },
             (None, None) => return Err(io::Error::from_raw_os_error(libc::ESTALE)),
         };
         let inode = Arc::new(Inode {
             id,
             dev: st.st_dev,
             ino: st.st_ino,
-            kind: st.st_mode & libc::S_IFMT,
+            kind,
             handle,
             pinned,
+            origin: kept_origin,
             nlookup: AtomicU64::new(1),
         });
         self.inodes.insert(id, Arc::clone(&inode));
@@ -275,10 +324,9 @@ impl InodeStore {
         if let Some(fd) = self.cached_fd(inode) {
             return Ok(fd);
         }
-        let handle = inode
-            .handle
-            .as_ref()
-            .ok_or_else(|| io::Error::from_raw_os_error(libc::ESTALE))?;
+        let Some(handle) = inode.handle.as_ref() else {
+            return self.reopen_by_name(inode);
+        };
         let mount_fd = self
             .mount_fd
             .as_ref()
@@ -293,21 +341,57 @@ impl InodeStore {
         Ok(fd)
     }
 
+    /// Reopen an inode without a handle by the directory and name it was
+    /// last seen as; ESTALE if that name is now another file.
+    fn reopen_by_name(&self, inode: &Inode) -> io::Result<Arc<OwnedFd>> {
+        let stale = || io::Error::from_raw_os_error(libc::ESTALE);
+        let (parent, name) = inode.origin.as_ref().ok_or_else(stale)?.lock().clone();
+        let parent = self.get(parent).ok_or_else(stale)?;
+        let pfd = self.fd(&parent)?;
+        let fd = sys::openat(
+            pfd.as_fd(),
+            &sys::cstr(&name)?,
+            libc::O_PATH | libc::O_NOFOLLOW,
+            0,
+        )
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ENOENT) => stale(),
+            _ => e,
+        })?;
+        let st = sys::fstat(fd.as_fd())?;
+        if st.st_ino != inode.ino
+            || st.st_dev != inode.dev
+            || st.st_mode & libc::S_IFMT != inode.kind
+        {
+            return Err(stale());
+        }
+        let fd = Arc::new(fd);
+        self.cache.insert(inode.id, Arc::clone(&fd));
+        Ok(fd)
+    }
+
     /// Record one kernel lookup of the inode behind `fd` (an `O_PATH`
     /// descriptor just opened by name) whose attributes are `st`.
-    pub fn lookup_fd(&self, fd: OwnedFd, st: &Stat) -> io::Result<Arc<Inode>> {
+    /// `origin`: the directory and name it was opened by.
+    pub fn lookup_fd(
+        &self,
+        fd: OwnedFd,
+        st: &Stat,
+        origin: Option<(u64, &OsStr)>,
+    ) -> io::Result<Arc<Inode>> {
         let handle = if self.handles_for(st.st_dev) {
             sys::name_to_handle(fd.as_fd()).ok()
         } else {
             None
         };
         if let Some(inode) = self.known_as(st, handle.as_ref()) {
+            inode.seen_at(origin);
             if inode.pinned.is_none() && self.cache.get(inode.id).is_none() {
                 self.cache.insert(inode.id, Arc::new(fd));
             }
             return Ok(inode);
         }
-        self.create(st, handle, Some(fd))
+        self.create(st, handle, Some(fd), origin)
     }
 
     /// Can new inodes on this device be recorded by handle alone?
@@ -321,7 +405,7 @@ impl InodeStore {
         if let Some(inode) = self.known_as(st, Some(&handle)) {
             return Ok(inode);
         }
-        self.create(st, Some(handle), None)
+        self.create(st, Some(handle), None, None)
     }
 
     /// Is this `(dev, ino)` already known? (Avoids opening a descriptor.)
@@ -329,6 +413,14 @@ impl InodeStore {
     /// reused behind the store's back: prefer [`Self::known_as`].
     pub fn known(&self, st: &Stat) -> Option<Arc<Inode>> {
         self.known_as(st, None)
+    }
+
+    /// As [`Self::known`], for an inode just found as `name` in `parent`
+    /// (remembered, to reopen it by if need be).
+    pub fn known_at(&self, st: &Stat, parent: u64, name: &OsStr) -> Option<Arc<Inode>> {
+        let inode = self.known_as(st, None)?;
+        inode.seen_at(Some((parent, name)));
+        Some(inode)
     }
 
     /// The known current incarnation of `(dev, ino)` if it is the file

@@ -143,6 +143,9 @@ pub fn fs_magic(fd: BorrowedFd<'_>) -> io::Result<i64> {
     Ok(unsafe { st.assume_init() }.f_type as i64)
 }
 
+/// `f_type` of every FUSE filesystem.
+pub const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
+
 /// Filesystems whose locks the kernel itself manages: a blocking lock
 /// request that is interrupted is dequeued and never granted later. (A FUSE
 /// or network filesystem may grant it afterwards: GlusterFS does.)

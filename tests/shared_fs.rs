@@ -11,7 +11,8 @@ mod common;
 
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::fs::MetadataExt;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -48,7 +49,7 @@ struct Nodes {
 /// in [`Nodes`], so dropped last).
 struct Cleanup {
     dir: Option<PathBuf>,
-    _tmp: Option<tempfile::TempDir>,
+    _tmp: Vec<tempfile::TempDir>,
 }
 
 impl Drop for Cleanup {
@@ -68,19 +69,31 @@ impl Nodes {
     /// Two nodes over `backend`, both mounted with `args`; `None` (after
     /// saying so) when that backend is not available.
     fn new(backend: Backend, test: &str, args: &[&str]) -> Option<Nodes> {
+        Nodes::wrapped(backend, test, &[], args)
+    }
+
+    /// As [`Nodes::new`], the daemons started through `prefix` (`prlimit …`).
+    fn wrapped(backend: Backend, test: &str, prefix: &[&str], args: &[&str]) -> Option<Nodes> {
+        let mount = |backing: &Path| {
+            let mp = tempfile::tempdir().unwrap();
+            fs::create_dir(mp.path().join("mnt")).unwrap();
+            let m = Mount::wrapped(prefix, backing, &mp.path().join("mnt"), args);
+            (m, mp)
+        };
         match backend {
             Backend::Local => {
                 let t = tempfile::tempdir().unwrap();
                 let shared = t.path().join("shared");
                 fs::create_dir(&shared).unwrap();
+                let ((a, ta), (b, tb)) = (mount(&shared), mount(&shared));
                 Some(Nodes {
-                    a: Mount::new(&shared, args),
-                    b: Mount::new(&shared, args),
+                    a,
+                    b,
                     native_a: shared.clone(),
                     native_b: shared,
                     _cleanup: Cleanup {
                         dir: None,
-                        _tmp: Some(t),
+                        _tmp: vec![ta, tb, t],
                     },
                 })
             }
@@ -107,14 +120,15 @@ impl Nodes {
                     );
                     std::thread::sleep(Duration::from_millis(50));
                 }
+                let ((a, ta), (b, tb)) = (mount(&na), mount(&nb));
                 Some(Nodes {
-                    a: Mount::new(&na, args),
-                    b: Mount::new(&nb, args),
+                    a,
+                    b,
                     native_a: na.clone(),
                     native_b: nb,
                     _cleanup: Cleanup {
                         dir: Some(na),
-                        _tmp: None,
+                        _tmp: vec![ta, tb],
                     },
                 })
             }
@@ -611,3 +625,83 @@ fn interrupted_lock_waits(backend: Backend) {
     ));
 }
 on_both!(interrupted_lock_waits: interrupted_lock_waits_local, interrupted_lock_waits_gluster);
+
+// ---- no ESTALE when the backing filesystem's caches are dropped ------------------------
+
+/// 100 directories held open through node A, more files read than its
+/// descriptor cache keeps (the daemon runs under a 1024-descriptor limit),
+/// the kernel's caches dropped (GlusterFS's client then forgets its inodes,
+/// and their file handles stop opening): stat, open and readdir through
+/// both nodes still work, for every file.
+fn no_estale_after_dropping_caches(backend: Backend) {
+    let Some(n) = Nodes::wrapped(backend, "estale", &["prlimit", "--nofile=1024:1024"], &[]) else {
+        return;
+    };
+    const DIRS: usize = 100;
+    let mut held = Vec::new();
+    for i in 0..DIRS {
+        let d = n.a.path(&format!("d{i:03}"));
+        fs::create_dir(&d).unwrap();
+        fs::write(d.join("f"), format!("{i}")).unwrap();
+        // Held the way a shell's cwd or an O_PATH descriptor holds it: the
+        // daemon is not asked to open it.
+        held.push(
+            fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+                .open(&d)
+                .unwrap(),
+        );
+    }
+    // Other files, read through node A: more than its descriptors.
+    const MANY: usize = 1000;
+    fs::create_dir(n.native_b.join("many")).unwrap();
+    for i in 0..MANY {
+        fs::write(n.native_b.join(format!("many/{i}")), b"x").unwrap();
+    }
+    for i in 0..MANY {
+        assert_eq!(fs::read(n.a.path(&format!("many/{i}"))).unwrap(), b"x");
+    }
+    let st = n.a.stats();
+    let before = format!("{} inodes, {} descriptors", st["inodes"], st["descriptors"]);
+    fs::write("/proc/sys/vm/drop_caches", "3\n").unwrap();
+    // Past the mount's attribute timeout: the kernel asks the daemon.
+    std::thread::sleep(Duration::from_millis(1100));
+    let mut failed = Vec::new();
+    for (i, h) in held.iter().enumerate() {
+        let via = PathBuf::from(format!("/proc/self/fd/{}", h.as_raw_fd()));
+        let r = h
+            .metadata()
+            .and_then(|_| fs::read_to_string(via.join("f")))
+            .and_then(|s| {
+                assert_eq!(s, format!("{i}"));
+                fs::read_dir(&via).map(|r| r.count())
+            });
+        if let Err(e) = r {
+            failed.push(format!("held d{i:03}: {e}"));
+        }
+        for m in [&n.a, &n.b] {
+            let d = m.path(&format!("d{i:03}"));
+            let r = fs::metadata(&d)
+                .and_then(|_| fs::read_to_string(d.join("f")))
+                .and_then(|_| fs::read_dir(&d).map(|r| r.count()));
+            if let Err(e) = r {
+                failed.push(format!("{}: {e}", d.display()));
+            }
+        }
+    }
+    say(&format!(
+        "no_estale_after_dropping_caches over {backend:?}: {} of {} accesses failed \
+         (node A held {before} before the caches were dropped)",
+        failed.len(),
+        3 * DIRS
+    ));
+    assert!(
+        failed.is_empty(),
+        "{} of {} accesses failed, e.g. {:?}",
+        failed.len(),
+        3 * DIRS,
+        &failed[..failed.len().min(3)]
+    );
+}
+on_both!(no_estale_after_dropping_caches: no_estale_after_dropping_caches_local, no_estale_after_dropping_caches_gluster);
