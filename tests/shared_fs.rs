@@ -705,3 +705,176 @@ fn no_estale_after_dropping_caches(backend: Backend) {
     );
 }
 on_both!(no_estale_after_dropping_caches: no_estale_after_dropping_caches_local, no_estale_after_dropping_caches_gluster);
+
+// ---- the incident, with restore on access -------------------------------------------------
+
+fn ok_cmd(cmd: &mut Command) -> String {
+    let o = run(cmd);
+    assert!(
+        o.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Node A's image cache manager deletes a base file that an instance on
+/// node B uses (and one nobody uses); qemu on node B opens the instance
+/// disk, and the base file comes back with its bytes; the unused one stays
+/// deleted on both nodes.
+fn the_incident_heals_on_the_other_node(backend: Backend) {
+    let Some(n) = Nodes::new(backend, "incident", &[]) else {
+        return;
+    };
+    let uuid = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d";
+    let unused = "0000000000000000000000000000000000000000";
+    fs::create_dir(n.b.path("_base")).unwrap();
+    fs::create_dir(n.b.path(uuid)).unwrap();
+    for (name, pattern) in [(SHA, "0x42"), (unused, "0x11")] {
+        let p = n.b.path(&format!("_base/{name}"));
+        ok_cmd(
+            Command::new("qemu-img")
+                .args(["create", "-q", "-f", "raw"])
+                .arg(&p)
+                .arg("16M"),
+        );
+        ok_cmd(
+            Command::new("qemu-io")
+                .args(["-f", "raw", "-c", &format!("write -P {pattern} 0 1M")])
+                .arg(&p),
+        );
+    }
+    let base_b = n.b.path(&format!("_base/{SHA}"));
+    let disk = n.b.path(&format!("{uuid}/disk"));
+    ok_cmd(
+        Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+            .arg(&base_b)
+            .arg(&disk),
+    );
+    // Node A removes both, as Nova does.
+    for name in [SHA, unused] {
+        ok_cmd(
+            Command::new(PY)
+                .args(["-c", "import os, sys; os.remove(sys.argv[1])"])
+                .arg(n.a.path(&format!("_base/{name}"))),
+        );
+    }
+    assert!(!n.native_b.join("_base").join(SHA).exists());
+    // Node B's kernel keeps names for 1 s.
+    std::thread::sleep(Duration::from_millis(1200));
+    let out = ok_cmd(
+        Command::new("qemu-io")
+            .args(["-f", "qcow2", "-t", "none", "-c", "read -P 0x42 0 1M"])
+            .arg(&disk),
+    );
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    assert!(n.native_a.join("_base").join(SHA).exists());
+    assert!(n.b.stats()["healed"].as_u64().unwrap() >= 1);
+    for m in [&n.a, &n.b] {
+        let e = fs::metadata(m.path(&format!("_base/{unused}"))).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOENT));
+    }
+    assert_eq!(
+        quarantined(&n.a.mountpoint),
+        vec![format!("_base/{unused}")]
+    );
+}
+on_both!(the_incident_heals_on_the_other_node: incident_local, incident_gluster);
+
+// ---- deletes, restores and purges racing on two nodes ----------------------------------------
+
+/// Node A and node B delete the same protected files while node A restores
+/// and node B purges: no entry is restored twice or both restored and
+/// purged, and every file ends at its path with its bytes, held in the
+/// quarantine, or reported purged.
+fn racing_restores_and_purges_lose_nothing(backend: Backend) {
+    let Some(n) = Nodes::new(backend, "races", &[]) else {
+        return;
+    };
+    const N: usize = 40;
+    fs::create_dir(n.a.path("_base")).unwrap();
+    let body = |i: usize| format!("base file {i} ").repeat(100 + i);
+    for i in 0..N {
+        fs::write(n.a.path(&format!("_base/r{i:02}")), body(i)).unwrap();
+    }
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let restored = std::sync::Mutex::new(std::collections::HashMap::<String, usize>::new());
+    let purged = std::sync::Mutex::new(Vec::<(String, String)>::new());
+    let cli = |args: &[&str], dir: &Path| run(Command::new(BIN).args(args).arg("--dir").arg(dir));
+    std::thread::scope(|s| {
+        for (k, m) in [&n.a, &n.b].into_iter().enumerate() {
+            let stop = &stop;
+            s.spawn(move || {
+                let mut i = k * 7;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = fs::remove_file(m.path(&format!("_base/r{:02}", i % N)));
+                    i += 3;
+                }
+            });
+        }
+        s.spawn(|| {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for p in quarantined(&n.a.mountpoint).iter().take(3) {
+                    let o = cli(&["restore", p], &n.a.mountpoint);
+                    for l in String::from_utf8_lossy(&o.stdout).lines() {
+                        if let Some(id) = l.strip_prefix("restored ") {
+                            let id = id.split(' ').next().unwrap().to_string();
+                            *restored.lock().unwrap().entry(id).or_default() += 1;
+                        }
+                    }
+                }
+            }
+        });
+        s.spawn(|| {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let o = cli(&["list", "--json"], &n.b.mountpoint);
+                let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+                if let Some(e) = v.as_array().and_then(|a| a.first()) {
+                    let id = e["id"].as_str().unwrap().to_string();
+                    let o = cli(&["purge", &id, "--yes", "--force"], &n.b.mountpoint);
+                    if o.status.success() {
+                        let path = e["path"].as_str().unwrap().to_string();
+                        purged.lock().unwrap().push((id, path));
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+        std::thread::sleep(Duration::from_secs(4));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    let (restored, purged) = (restored.into_inner().unwrap(), purged.into_inner().unwrap());
+    for (id, k) in &restored {
+        assert_eq!(*k, 1, "{id} restored {k} times");
+        assert!(
+            !purged.iter().any(|(p, _)| p == id),
+            "{id} restored and purged"
+        );
+    }
+    let held = quarantined(&n.a.mountpoint);
+    let (mut at, mut q, mut gone) = (0, 0, 0);
+    for i in 0..N {
+        let rel = format!("_base/r{i:02}");
+        match fs::read_to_string(n.native_a.join(&rel)) {
+            Ok(s) => {
+                assert_eq!(s, body(i), "{rel}");
+                at += 1;
+            }
+            Err(_) if held.contains(&rel) => q += 1,
+            Err(_) if purged.iter().any(|(_, p)| *p == rel) => gone += 1,
+            Err(e) => panic!("{rel} was lost: {e}"),
+        }
+    }
+    say(&format!(
+        "races over {backend:?}: {} restores, {} purges; end: {at} at their path, {q} held, \
+         {gone} purged",
+        restored.len(),
+        purged.len()
+    ));
+    assert!(
+        !restored.is_empty() && !purged.is_empty(),
+        "too little happened"
+    );
+}
+on_both!(racing_restores_and_purges_lose_nothing: races_local, races_gluster);
