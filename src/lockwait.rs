@@ -103,7 +103,9 @@ impl LockWaits {
         mode: WaitMode,
         mut lock: impl FnMut(bool) -> Result<()>,
     ) -> Result<()> {
-        let Some(sig) = self.signal else {
+        // No caller to watch (pid 0: not visible in the daemon's pid
+        // namespace): a plain wait.
+        let Some(sig) = self.signal.filter(|_| caller != 0) else {
             return lock(true);
         };
         if mode == WaitMode::Blocking && sys::unblock_signal(sig).is_err() {
