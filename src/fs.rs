@@ -1176,6 +1176,23 @@ impl Passthrough {
         self.creds.become_daemon();
     }
 
+    /// After a rename through the mount: where inodes are kept by name (no
+    /// durable handles), the moved inodes are now known by their new names.
+    pub fn renamed(&self, parent: u64, name: &OsStr, newparent: u64, newname: &OsStr) {
+        if self.inodes.uses_handles() {
+            return;
+        }
+        self.creds.become_daemon();
+        for (dir, n) in [(newparent, newname), (parent, name)] {
+            let Ok((_, dfd)) = self.inode_fd(dir) else {
+                continue;
+            };
+            if let Ok(st) = cstr(n).and_then(|c| Ok(sys::statat(dfd.as_fd(), &c)?)) {
+                self.inodes.moved(&st, dir, n);
+            }
+        }
+    }
+
     /// The inode number shown for node `id` with backing attributes `st`.
     pub fn shown_ino(&self, id: u64, st: &Stat) -> u64 {
         self.inodes.shown_ino(id, st)

@@ -331,17 +331,18 @@ impl fuser::Filesystem for FuseAdapter {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        empty(
-            reply,
-            self.fs.rename(
-                caller(req),
-                parent.0,
-                name,
-                newparent.0,
-                newname,
-                flags.bits(),
-            ),
+        let r = self.fs.rename(
+            caller(req),
+            parent.0,
+            name,
+            newparent.0,
+            newname,
+            flags.bits(),
         );
+        if r.is_ok() {
+            self.fs.renamed(parent.0, name, newparent.0, newname);
+        }
+        empty(reply, r);
     }
 
     fn link(

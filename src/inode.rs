@@ -415,6 +415,23 @@ impl InodeStore {
         self.known_as(st, None)
     }
 
+    /// Whether inodes are kept by file handle (else by descriptor and name).
+    pub fn uses_handles(&self) -> bool {
+        self.use_handles
+    }
+
+    /// The inode with attributes `st`, if known, is now `name` in `parent`
+    /// (no lookup is counted).
+    pub fn moved(&self, st: &Stat, parent: u64, name: &OsStr) {
+        if let Some(id) = self.current_id(st.st_dev, st.st_ino) {
+            if let Some(inode) = self.get(id) {
+                if inode.dev == st.st_dev && inode.ino == st.st_ino {
+                    inode.seen_at(Some((parent, name)));
+                }
+            }
+        }
+    }
+
     /// As [`Self::known`], for an inode just found as `name` in `parent`
     /// (remembered, to reopen it by if need be).
     pub fn known_at(&self, st: &Stat, parent: u64, name: &OsStr) -> Option<Arc<Inode>> {

@@ -638,7 +638,7 @@ fn no_estale_after_dropping_caches(backend: Backend) {
         return;
     };
     const DIRS: usize = 100;
-    let mut held = Vec::new();
+    let (mut held, mut held_files) = (Vec::new(), Vec::new());
     for i in 0..DIRS {
         let d = n.a.path(&format!("d{i:03}"));
         fs::create_dir(&d).unwrap();
@@ -652,6 +652,16 @@ fn no_estale_after_dropping_caches(backend: Backend) {
                 .open(&d)
                 .unwrap(),
         );
+        // And a file held the same way, then renamed through the mount.
+        fs::write(d.join("x"), b"x").unwrap();
+        held_files.push(
+            fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_PATH)
+                .open(d.join("x"))
+                .unwrap(),
+        );
+        fs::rename(d.join("x"), d.join("y")).unwrap();
     }
     // Other files, read through node A: more than its descriptors.
     const MANY: usize = 1000;
@@ -668,6 +678,12 @@ fn no_estale_after_dropping_caches(backend: Backend) {
     // Past the mount's attribute timeout: the kernel asks the daemon.
     std::thread::sleep(Duration::from_millis(1100));
     let mut failed = Vec::new();
+    // First, before any listing looks the names up again.
+    for (i, h) in held_files.iter().enumerate() {
+        if let Err(e) = h.metadata() {
+            failed.push(format!("held d{i:03}/y: {e}"));
+        }
+    }
     for (i, h) in held.iter().enumerate() {
         let via = PathBuf::from(format!("/proc/self/fd/{}", h.as_raw_fd()));
         let r = h
@@ -680,6 +696,7 @@ fn no_estale_after_dropping_caches(backend: Backend) {
         if let Err(e) = r {
             failed.push(format!("held d{i:03}: {e}"));
         }
+
         for m in [&n.a, &n.b] {
             let d = m.path(&format!("d{i:03}"));
             let r = fs::metadata(&d)
@@ -694,13 +711,13 @@ fn no_estale_after_dropping_caches(backend: Backend) {
         "no_estale_after_dropping_caches over {backend:?}: {} of {} accesses failed \
          (node A held {before} before the caches were dropped)",
         failed.len(),
-        3 * DIRS
+        4 * DIRS
     ));
     assert!(
         failed.is_empty(),
         "{} of {} accesses failed, e.g. {:?}",
         failed.len(),
-        3 * DIRS,
+        4 * DIRS,
         &failed[..failed.len().min(3)]
     );
 }
