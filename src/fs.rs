@@ -88,7 +88,8 @@ pub struct DirEntry {
 }
 
 struct OpenDir {
-    fd: Arc<OwnedFd>,
+    /// The directory's node id and descriptor.
+    dir: DirRef,
     /// The snapshot, and whether a pass over it has started (so that a later
     /// read at offset 0 is a rewind and re-reads the directory).
     state: Mutex<(bool, Arc<Vec<DirEntry>>)>,
@@ -99,6 +100,13 @@ enum XattrTarget {
     Fd(Arc<OwnedFd>),
     /// A symlink: its directory and name.
     Link(Arc<OwnedFd>, CString),
+}
+
+/// A directory being read: its node id and descriptor.
+#[derive(Clone)]
+pub struct DirRef {
+    pub id: u64,
+    pub fd: Arc<OwnedFd>,
 }
 
 /// Attribute changes requested by `setattr`.
@@ -471,10 +479,7 @@ impl Passthrough {
         if (st.st_dev, st.st_ino) == (root.dev, root.ino) {
             return Ok((root, st));
         }
-        if let Some(inode) = self.inodes.known(&st) {
-            return Ok((inode, st));
-        }
-        Ok((self.inodes.lookup_fd(up, &st)?, st))
+        Ok((self.inodes.lookup_fd(up, &st, None)?, st))
     }
 
     /// The path below the root of a directory the kernel reached without a
@@ -596,7 +601,7 @@ impl Passthrough {
     /// Look up `name` in directory `parent` (descriptor `pfd`) and record
     /// where the kernel reached the inode (for the guard).
     fn lookup_at(&self, parent: u64, pfd: &OwnedFd, name: &OsStr) -> Result<(Arc<Inode>, Stat)> {
-        let (inode, st) = self.lookup_name(pfd, name)?;
+        let (inode, st) = self.lookup_name(parent, pfd, name)?;
         self.reached(&inode, &st, parent, name);
         Ok((inode, st))
     }
@@ -613,25 +618,27 @@ impl Passthrough {
         inode.reached(parent, name, protected, st.st_nlink > 1);
     }
 
-    fn lookup_name(&self, pfd: &OwnedFd, name: &OsStr) -> Result<(Arc<Inode>, Stat)> {
+    /// Look up `name` in the directory `parent` (whose descriptor is `pfd`).
+    fn lookup_name(&self, parent: u64, pfd: &OwnedFd, name: &OsStr) -> Result<(Arc<Inode>, Stat)> {
         let c = cstr(name)?;
         let st = sys::statat(pfd.as_fd(), &c)?;
         if self.is_hidden(&st) {
             return Err(Errno(libc::ENOENT));
         }
-        if let Some(inode) = self.inodes.known(&st) {
-            return Ok((inode, st));
-        }
-        // A new inode: keep its file handle only (no descriptor until one is
-        // needed; that one is checked against these (dev, ino)).
+        // The handle tells a known inode from a new file that got a reused
+        // inode number (another node deleted the old one). A new inode keeps
+        // its handle only (no descriptor until one is needed; that one is
+        // checked against these (dev, ino)).
         if self.inodes.handles_for(st.st_dev) {
             if let Ok(h) = sys::name_to_handle_at(pfd.as_fd(), &c) {
                 return Ok((self.inodes.lookup_handle(h, &st)?, st));
             }
+        } else if let Some(inode) = self.inodes.known_at(&st, parent, name) {
+            return Ok((inode, st));
         }
         let fd = sys::openat(pfd.as_fd(), &c, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
         let st = sys::fstat(fd.as_fd())?;
-        let inode = self.inodes.lookup_fd(fd, &st)?;
+        let inode = self.inodes.lookup_fd(fd, &st, Some((parent, name)))?;
         Ok((inode, st))
     }
 
@@ -645,17 +652,14 @@ impl Passthrough {
         file: &File,
     ) -> Result<(Arc<Inode>, Stat)> {
         let st = sys::fstat(file.as_fd())?;
-        let (inode, st) = if let Some(inode) = self.inodes.known(&st) {
-            (inode, st)
-        } else if let Some(h) = self
+        let (inode, st) = match self
             .inodes
             .handles_for(st.st_dev)
             .then(|| sys::name_to_handle(file.as_fd()).ok())
             .flatten()
         {
-            (self.inodes.lookup_handle(h, &st)?, st)
-        } else {
-            return self.lookup_at(parent, pfd, name);
+            Some(h) => (self.inodes.lookup_handle(h, &st)?, st),
+            None => return self.lookup_at(parent, pfd, name),
         };
         self.reached(&inode, &st, parent, name);
         Ok((inode, st))
@@ -1517,12 +1521,17 @@ impl Passthrough {
         Ok((n as u32, killed))
     }
 
+    /// A `close` of the file through the mount: the backing filesystem's
+    /// own flush runs (write-back and errors on NFS, GlusterFS, CephFS:
+    /// close-to-open), and the closing owner's POSIX locks are dropped.
     pub fn flush(&self, fh: u64, lock_owner: u64) -> Result<()> {
         self.stats.count(Op::Flush);
         // close() drops the caller's POSIX locks on this file: drop the lock
         // description of that owner (OFD and flock owners are the file, not
         // the process, and are kept until release).
         self.locks.remove(&(fh, lock_owner));
+        let f = self.file(fh)?;
+        sys::flush_fd(f.file.as_fd())?;
         Ok(())
     }
 
@@ -1629,6 +1638,21 @@ impl Passthrough {
         Ok(sys::ofd_getlk(fd.as_fd(), &lock)?)
     }
 
+    /// How a blocking lock wait is done on the backing filesystem (see
+    /// [`crate::lockwait`]).
+    pub fn lock_wait_mode(&self, fh: u64) -> crate::lockwait::WaitMode {
+        let local = self
+            .file(fh)
+            .ok()
+            .and_then(|f| sys::fs_magic(f.file.as_fd()).ok())
+            .is_some_and(sys::locks_are_local);
+        if local {
+            crate::lockwait::WaitMode::Blocking
+        } else {
+            crate::lockwait::WaitMode::Poll
+        }
+    }
+
     /// Take or release a lock; with `wait`, block until it is granted (the
     /// caller runs this off the request threads).
     pub fn setlk(&self, fh: u64, owner: u64, lock: LockRange, wait: bool) -> Result<()> {
@@ -1695,7 +1719,7 @@ impl Passthrough {
         self.dirs.insert(
             fh,
             Arc::new(OpenDir {
-                fd,
+                dir: DirRef { id, fd },
                 state: Mutex::new((false, Arc::new(entries))),
             }),
         );
@@ -1714,7 +1738,7 @@ impl Passthrough {
         let mut state = d.state.lock();
         if offset == 0 && state.0 {
             self.creds.become_caller(caller);
-            state.1 = Arc::new(self.snapshot(&d.fd)?);
+            state.1 = Arc::new(self.snapshot(&d.dir.fd)?);
         }
         state.0 = true;
         Ok(Arc::clone(&state.1))
@@ -1727,14 +1751,14 @@ impl Passthrough {
         caller: Caller,
         fh: u64,
         offset: u64,
-    ) -> Result<(Arc<Vec<DirEntry>>, Arc<OwnedFd>)> {
+    ) -> Result<(Arc<Vec<DirEntry>>, DirRef)> {
         let entries = self.readdir(caller, fh, offset)?;
         let d = self
             .dirs
             .get(&fh)
             .map(|d| Arc::clone(&d))
             .ok_or(Errno(libc::EBADF))?;
-        Ok((entries, Arc::clone(&d.fd)))
+        Ok((entries, d.dir.clone()))
     }
 
     /// Look up one entry of a readdirplus reply. "." and ".." are only
@@ -1742,15 +1766,14 @@ impl Passthrough {
     pub fn readdirplus_entry(
         &self,
         caller: Caller,
-        parent: u64,
-        dir: &OwnedFd,
+        dir: &DirRef,
         name: &OsStr,
     ) -> Result<(Option<Arc<Inode>>, Stat)> {
         self.creds.become_caller(caller);
         if name == "." || name == ".." {
-            return Ok((None, sys::statat(dir.as_fd(), &cstr(name)?)?));
+            return Ok((None, sys::statat(dir.fd.as_fd(), &cstr(name)?)?));
         }
-        let (inode, st) = self.lookup_at(parent, dir, name)?;
+        let (inode, st) = self.lookup_at(dir.id, &dir.fd, name)?;
         Ok((Some(inode), st))
     }
 
@@ -1767,7 +1790,7 @@ impl Passthrough {
             .map(|d| Arc::clone(&d))
             .ok_or(Errno(libc::EBADF))?;
         let f = File::from(sys::reopen(
-            d.fd.as_fd(),
+            d.dir.fd.as_fd(),
             libc::O_RDONLY | libc::O_DIRECTORY,
         )?);
         if datasync {
@@ -1866,6 +1889,28 @@ impl Passthrough {
     /// Switch this thread back to the daemon's credentials.
     pub fn as_daemon(&self) {
         self.creds.become_daemon();
+    }
+
+    /// After a rename through the mount: where inodes are kept by name (no
+    /// durable handles), the moved inodes are now known by their new names.
+    pub fn renamed(&self, parent: u64, name: &OsStr, newparent: u64, newname: &OsStr) {
+        if self.inodes.uses_handles() {
+            return;
+        }
+        self.creds.become_daemon();
+        for (dir, n) in [(newparent, newname), (parent, name)] {
+            let Ok((_, dfd)) = self.inode_fd(dir) else {
+                continue;
+            };
+            if let Ok(st) = cstr(n).and_then(|c| Ok(sys::statat(dfd.as_fd(), &c)?)) {
+                self.inodes.moved(&st, dir, n);
+            }
+        }
+    }
+
+    /// The inode number shown for node `id` with backing attributes `st`.
+    pub fn shown_ino(&self, id: u64, st: &Stat) -> u64 {
+        self.inodes.shown_ino(id, st)
     }
 
     /// Inodes known and descriptors held.

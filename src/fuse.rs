@@ -22,6 +22,7 @@ use fuser::{
 use crate::creds::Caller;
 use crate::fs::{Errno, OpenFile, Passthrough, SetAttr};
 use crate::inode::Inode;
+use crate::lockwait::LockWaits;
 use crate::stats::Op;
 use crate::sys::{LockRange, Stat, TimeSpec, XattrReply};
 
@@ -38,6 +39,7 @@ pub struct FuseAdapter {
     /// Set once the session exists: tells the kernel when an attribute it
     /// caches changed behind its back (a write that cleared set-ID bits).
     notifier: Arc<OnceLock<Notifier>>,
+    lock_waits: Arc<LockWaits>,
 }
 
 impl FuseAdapter {
@@ -47,6 +49,7 @@ impl FuseAdapter {
             passthrough,
             backing: DashMap::new(),
             notifier: Arc::default(),
+            lock_waits: Arc::new(LockWaits::new()),
         }
     }
 }
@@ -84,8 +87,9 @@ fn file_type(kind: u32) -> FileType {
     }
 }
 
-/// Attributes for the kernel; `ino` is the node id for entry replies and the
-/// backing inode number for getattr replies.
+/// Attributes for the kernel. `ino` is the node id in entry replies (fuser
+/// sends `attr.ino` as the node id) and [`Passthrough::shown_ino`] in
+/// attribute replies, which is the same number except for the root.
 fn attr(st: &Stat, ino: u64) -> FileAttr {
     FileAttr {
         ino: INodeNo(ino),
@@ -273,7 +277,7 @@ impl fuser::Filesystem for FuseAdapter {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.fs.getattr(ino.0, fh.map(|f| f.0)) {
-            Ok(st) => reply.attr(&TTL, &attr(&st, st.st_ino)),
+            Ok(st) => reply.attr(&TTL, &attr(&st, self.fs.shown_ino(ino.0, &st))),
             Err(e) => reply.error(ferr(e)),
         }
     }
@@ -305,7 +309,7 @@ impl fuser::Filesystem for FuseAdapter {
             mtime: mtime.map(timespec),
         };
         match self.fs.setattr(caller(req), ino.0, fh.map(|f| f.0), a) {
-            Ok(st) => reply.attr(&TTL, &attr(&st, st.st_ino)),
+            Ok(st) => reply.attr(&TTL, &attr(&st, self.fs.shown_ino(ino.0, &st))),
             Err(e) => reply.error(ferr(e)),
         }
     }
@@ -381,17 +385,18 @@ impl fuser::Filesystem for FuseAdapter {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        empty(
-            reply,
-            self.fs.rename(
-                caller(req),
-                parent.0,
-                name,
-                newparent.0,
-                newname,
-                flags.bits(),
-            ),
+        let r = self.fs.rename(
+            caller(req),
+            parent.0,
+            name,
+            newparent.0,
+            newname,
+            flags.bits(),
         );
+        if r.is_ok() {
+            self.fs.renamed(parent.0, name, newparent.0, newname);
+        }
+        empty(reply, r);
     }
 
     fn link(
@@ -588,7 +593,7 @@ impl fuser::Filesystem for FuseAdapter {
     fn readdirplus(
         &self,
         req: &Request,
-        ino: INodeNo,
+        _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectoryPlus,
@@ -600,7 +605,7 @@ impl fuser::Filesystem for FuseAdapter {
         };
         for (i, e) in entries.iter().enumerate().skip(offset as usize) {
             // An entry that vanished since the snapshot is left out.
-            let Ok((inode, st)) = self.fs.readdirplus_entry(c, ino.0, &dir, &e.name) else {
+            let Ok((inode, st)) = self.fs.readdirplus_entry(c, &dir, &e.name) else {
                 continue;
             };
             let id = inode.as_ref().map_or(st.st_ino, |i| i.id);
@@ -719,7 +724,7 @@ impl fuser::Filesystem for FuseAdapter {
 
     fn setlk(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         lock_owner: LockOwner,
@@ -741,13 +746,22 @@ impl fuser::Filesystem for FuseAdapter {
         }
         // A blocking lock may wait for another node for a long time: try
         // once here, and wait on a thread of its own so no request thread is
-        // held up.
+        // held up, until the lock comes or the waiting process is
+        // interrupted (see `lockwait`).
         match self.fs.setlk(fh.0, lock_owner.0, l, false) {
             Err(Errno(e)) if e == libc::EAGAIN || e == libc::EACCES => {
                 let fs = Arc::clone(&self.fs);
-                let spawned = std::thread::Builder::new()
-                    .name("lock-wait".into())
-                    .spawn(move || empty(reply, fs.setlk(fh.0, lock_owner.0, l, true)));
+                let waits = Arc::clone(&self.lock_waits);
+                let caller = req.pid();
+                let mode = self.fs.lock_wait_mode(fh.0);
+                let spawned =
+                    std::thread::Builder::new()
+                        .name("lock-wait".into())
+                        .spawn(move || {
+                            let r = waits
+                                .wait(caller, mode, |block| fs.setlk(fh.0, lock_owner.0, l, block));
+                            empty(reply, r)
+                        });
                 if let Err(e) = spawned {
                     tracing::error!(error = %e, "cannot start a lock-wait thread");
                 }

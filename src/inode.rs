@@ -2,17 +2,37 @@
 //!
 //! An inode is known by its backing `(dev, ino)`, never by a path string, so a
 //! rename by another compute node or a symlink inside the tree can never make
-//! the daemon act on a different file. The FUSE node id is the backing inode
-//! number (so `stat` through the mount shows the real numbers and hard links
-//! share one), except for the root (always 1) and the rare collision (another
-//! device below the backing directory, or a backing inode numbered 1), which
-//! get a synthetic id.
+//! the daemon act on a different file. The FUSE node id, which is also the
+//! inode number `stat` shows (fuser gives the kernel one number for both), is
+//! the backing inode number, so the real numbers show and hard links share
+//! one, GlusterFS's numbers >= 2^62 included. Made-up ids (counted from 2^62,
+//! skipping any in use) go only where the backing number cannot be unique:
+//! inodes of another filesystem mounted below the backing directory, a
+//! backing inode numbered 0 or 1 (the root is always 1), and the new file of
+//! a reused inode number while the kernel still knows the old one.
 //!
-//! Descriptors are bounded: where the filesystem supports file handles
-//! (`name_to_handle_at`: ext4, xfs, NFS…), an inode keeps only its handle and
-//! its `O_PATH` descriptor lives in a bounded cache, reopened on demand with
-//! `open_by_handle_at`. Only where handles are unsupported is a descriptor
-//! pinned per inode.
+//! Inode numbers are reused: when another node deletes a file and the backing
+//! filesystem gives its number to a new file, `(dev, ino)` names a different
+//! file. Where the filesystem gives file handles (which embed the inode's
+//! generation), a lookup compares the handle and a new incarnation becomes a
+//! new inode with a fresh node id (never one the kernel may still hold), so
+//! the new file is served and the old one's node id keeps failing with
+//! ESTALE only for the deleted file. Where it gives none, each known inode
+//! pins an `O_PATH` descriptor, which keeps the number from being reused.
+//!
+//! Descriptors are bounded: where the filesystem has durable file handles
+//! (`name_to_handle_at`: ext4, xfs, btrfs, NFS…), an inode keeps only its
+//! handle and its `O_PATH` descriptor lives in a bounded cache, reopened on
+//! demand with `open_by_handle_at`. Where it has none (a FUSE filesystem
+//! such as GlusterFS's client: on kernel 6.18 `name_to_handle_at` is
+//! refused, and where it is accepted, `open_by_handle_at` gives ESTALE once
+//! the client forgot the inode, so FUSE backing filesystems never use
+//! handles), directories pin a descriptor (they must survive renames by
+//! other nodes), and other inodes keep a descriptor in the same bounded
+//! cache and the directory and name they were last looked up by: evicted,
+//! they are reopened by that name and checked against their `(dev, ino)`
+//! and type (a file renamed by another node meanwhile gives ESTALE, on which
+//! the kernel looks the path up again).
 
 use std::collections::{HashMap, VecDeque};
 use std::ffi::{OsStr, OsString};
@@ -40,8 +60,12 @@ pub struct Inode {
     /// `S_IFMT` bits of the mode (the type never changes).
     pub kind: u32,
     handle: Option<FileHandle>,
-    /// Pinned descriptor: the root, and inodes on filesystems without handles.
+    /// Pinned descriptor: the root, and directories on filesystems without
+    /// durable handles.
     pinned: Option<Arc<OwnedFd>>,
+    /// Without a handle or a pin: the directory and name it was last looked
+    /// up by, to reopen it by when its cached descriptor was evicted.
+    origin: Option<Mutex<(u64, OsString)>>,
     nlookup: AtomicU64,
     /// Where the kernel reached this inode: the guard decides from this,
     /// never from a path read back from the backing filesystem.
@@ -71,20 +95,6 @@ struct Place {
 impl Inode {
     pub fn is_dir(&self) -> bool {
         self.kind == libc::S_IFDIR
-    }
-
-    fn new(id: u64, st: &Stat, handle: Option<FileHandle>, pinned: Option<Arc<OwnedFd>>) -> Inode {
-        Inode {
-            id,
-            dev: st.st_dev,
-            ino: st.st_ino,
-            kind: st.st_mode & libc::S_IFMT,
-            handle,
-            pinned,
-            nlookup: AtomicU64::new(0),
-            place: Mutex::new(Place::default()),
-            data_stamp: AtomicU64::new(0),
-        }
     }
 
     /// The kernel reached this inode as `parent/name`; `protected` says
@@ -170,6 +180,16 @@ impl Inode {
         let p = self.place.lock();
         p.names.first().map(|(i, n, _)| (*i, n.clone()))
     }
+
+    /// The inode was just found as `name` in `parent`.
+    fn seen_at(&self, origin: Option<(u64, &OsStr)>) {
+        if let (Some(slot), Some((parent, name))) = (&self.origin, origin) {
+            let mut g = slot.lock();
+            if g.0 != parent || g.1 != name {
+                *g = (parent, name.to_os_string());
+            }
+        }
+    }
 }
 
 /// A bounded FIFO cache of `O_PATH` descriptors for handle-backed inodes.
@@ -243,9 +263,14 @@ impl FdCache {
 /// The inode table.
 pub struct InodeStore {
     inodes: DashMap<u64, Arc<Inode>>,
-    /// `(dev, ino)` -> id, for the ids that are not the backing inode number.
+    /// `(dev, ino)` -> id of the current incarnation, where that id is not
+    /// the backing inode number (other devices, numbers >= 2^62, and new
+    /// incarnations of a reused number whose old one is still known).
     synthetic: DashMap<(u64, u64), u64>,
     next_synthetic: AtomicU64,
+    /// Serialises the creation of inodes (the lookup of a known inode does
+    /// not take it), so two lookups of one new file make one inode.
+    creating: Mutex<()>,
     root_dev: u64,
     cache: FdCache,
     use_handles: bool,
@@ -276,11 +301,25 @@ impl InodeStore {
     pub fn new(root: OwnedFd, fd_cache: usize) -> io::Result<InodeStore> {
         let st = sys::fstat(root.as_fd())?;
         let mount_fd = sys::reopen(root.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY).ok();
-        let use_handles = mount_fd.is_some() && sys::name_to_handle(root.as_fd()).is_ok();
+        // A FUSE filesystem's handles open only while its kernel inode is
+        // cached (no export support, e.g. GlusterFS): not durable.
+        let fuse = sys::fs_magic(root.as_fd()).is_ok_and(|m| m == sys::FUSE_SUPER_MAGIC);
+        let use_handles = !fuse && mount_fd.is_some() && sys::name_to_handle(root.as_fd()).is_ok();
+        tracing::info!(
+            handles = use_handles,
+            fuse_backing = fuse,
+            "inodes are kept by {}",
+            if use_handles {
+                "file handle"
+            } else {
+                "descriptor and name"
+            }
+        );
         let store = InodeStore {
             inodes: DashMap::new(),
             synthetic: DashMap::new(),
             next_synthetic: AtomicU64::new(SYNTHETIC_BASE),
+            creating: Mutex::new(()),
             root_dev: st.st_dev,
             cache: FdCache {
                 cap: fd_cache.max(16),
@@ -290,9 +329,21 @@ impl InodeStore {
             mount_fd,
             retired: Mutex::new((HashMap::new(), VecDeque::new())),
         };
-        let root = Inode::new(ROOT_ID, &st, None, Some(Arc::new(root)));
-        root.nlookup.store(1, Ordering::Relaxed);
-        store.inodes.insert(ROOT_ID, Arc::new(root));
+        store.inodes.insert(
+            ROOT_ID,
+            Arc::new(Inode {
+                id: ROOT_ID,
+                dev: st.st_dev,
+                ino: st.st_ino,
+                kind: libc::S_IFDIR,
+                handle: None,
+                pinned: Some(Arc::new(root)),
+                origin: None,
+                nlookup: AtomicU64::new(1),
+                place: Mutex::new(Place::default()),
+                data_stamp: AtomicU64::new(0),
+            }),
+        );
         Ok(store)
     }
 
@@ -308,15 +359,97 @@ impl InodeStore {
         self.inodes.get(&id).map(|r| Arc::clone(&r))
     }
 
-    /// The node id for a backing `(dev, ino)`.
-    fn id_for(&self, dev: u64, ino: u64) -> u64 {
-        if dev == self.root_dev && ino != ROOT_ID && ino < SYNTHETIC_BASE {
-            return ino;
+    /// The node id a backing `(dev, ino)` gets when nothing else holds it:
+    /// its own inode number, on the backing directory's filesystem (0 and 1
+    /// are reserved by FUSE; GlusterFS's numbers >= 2^62 are fine).
+    fn natural_id(&self, dev: u64, ino: u64) -> Option<u64> {
+        (dev == self.root_dev && ino > ROOT_ID).then_some(ino)
+    }
+
+    /// A node id nothing holds, for an inode that cannot have its natural
+    /// one. An id is never handed out while the kernel may still know it.
+    fn fresh_id(&self) -> u64 {
+        loop {
+            let id = self.next_synthetic.fetch_add(1, Ordering::Relaxed);
+            if id > ROOT_ID && !self.inodes.contains_key(&id) {
+                return id;
+            }
         }
-        *self
-            .synthetic
-            .entry((dev, ino))
-            .or_insert_with(|| self.next_synthetic.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// The node id of the current incarnation of `(dev, ino)`, if known.
+    fn current_id(&self, dev: u64, ino: u64) -> Option<u64> {
+        match self.synthetic.get(&(dev, ino)) {
+            Some(id) => Some(*id),
+            None => self.natural_id(dev, ino),
+        }
+    }
+
+    /// Record a new inode (a file not known, or a new incarnation of a
+    /// reused inode number) with one lookup, unless another thread just did.
+    fn create(
+        &self,
+        st: &Stat,
+        handle: Option<FileHandle>,
+        fd: Option<OwnedFd>,
+        origin: Option<(u64, &OsStr)>,
+    ) -> io::Result<Arc<Inode>> {
+        let _g = self.creating.lock();
+        if let Some(inode) = self.known_as(st, handle.as_ref()) {
+            inode.seen_at(origin);
+            if let Some(fd) = fd {
+                if inode.pinned.is_none() && self.cache.get(inode.id).is_none() {
+                    self.cache.insert(inode.id, Arc::new(fd));
+                }
+            }
+            return Ok(inode);
+        }
+        let key = (st.st_dev, st.st_ino);
+        let natural = self.natural_id(key.0, key.1);
+        // The natural id is taken while the kernel still knows an older
+        // incarnation of this number: then a fresh one, never reused.
+        let id = match natural {
+            Some(n) if !self.inodes.contains_key(&n) => n,
+            _ => self.fresh_id(),
+        };
+        let fd = fd.map(Arc::new);
+        let kind = st.st_mode & libc::S_IFMT;
+        let mut kept_origin = None;
+        let pinned = match (&handle, fd) {
+            (Some(_), Some(fd)) => {
+                self.cache.insert(id, fd);
+                None
+            }
+            (Some(_), None) => None,
+            (None, Some(fd)) => match origin {
+                Some((parent, name)) if kind != libc::S_IFDIR => {
+                    self.cache.insert(id, fd);
+                    kept_origin = Some(Mutex::new((parent, name.to_os_string())));
+                    None
+                }
+                _ => Some(fd),
+            },
+            (None, None) => return Err(io::Error::from_raw_os_error(libc::ESTALE)),
+        };
+        let inode = Arc::new(Inode {
+            id,
+            dev: st.st_dev,
+            ino: st.st_ino,
+            kind,
+            handle,
+            pinned,
+            origin: kept_origin,
+            nlookup: AtomicU64::new(1),
+            place: Mutex::new(Place::default()),
+            data_stamp: AtomicU64::new(0),
+        });
+        self.inodes.insert(id, Arc::clone(&inode));
+        if Some(id) == natural {
+            self.synthetic.remove(&key);
+        } else {
+            self.synthetic.insert(key, id);
+        }
+        Ok(inode)
     }
 
     /// The inode's `O_PATH` descriptor if one is held (pinned or cached).
@@ -333,10 +466,9 @@ impl InodeStore {
         if let Some(fd) = self.cached_fd(inode) {
             return Ok(fd);
         }
-        let handle = inode
-            .handle
-            .as_ref()
-            .ok_or_else(|| io::Error::from_raw_os_error(libc::ESTALE))?;
+        let Some(handle) = inode.handle.as_ref() else {
+            return self.reopen_by_name(inode);
+        };
         let mount_fd = self
             .mount_fd
             .as_ref()
@@ -351,43 +483,57 @@ impl InodeStore {
         Ok(fd)
     }
 
+    /// Reopen an inode without a handle by the directory and name it was
+    /// last seen as; ESTALE if that name is now another file.
+    fn reopen_by_name(&self, inode: &Inode) -> io::Result<Arc<OwnedFd>> {
+        let stale = || io::Error::from_raw_os_error(libc::ESTALE);
+        let (parent, name) = inode.origin.as_ref().ok_or_else(stale)?.lock().clone();
+        let parent = self.get(parent).ok_or_else(stale)?;
+        let pfd = self.fd(&parent)?;
+        let fd = sys::openat(
+            pfd.as_fd(),
+            &sys::cstr(&name)?,
+            libc::O_PATH | libc::O_NOFOLLOW,
+            0,
+        )
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ENOENT) => stale(),
+            _ => e,
+        })?;
+        let st = sys::fstat(fd.as_fd())?;
+        if st.st_ino != inode.ino
+            || st.st_dev != inode.dev
+            || st.st_mode & libc::S_IFMT != inode.kind
+        {
+            return Err(stale());
+        }
+        let fd = Arc::new(fd);
+        self.cache.insert(inode.id, Arc::clone(&fd));
+        Ok(fd)
+    }
+
     /// Record one kernel lookup of the inode behind `fd` (an `O_PATH`
     /// descriptor just opened by name) whose attributes are `st`.
-    pub fn lookup_fd(&self, fd: OwnedFd, st: &Stat) -> io::Result<Arc<Inode>> {
-        let id = self.id_for(st.st_dev, st.st_ino);
-        match self.inodes.entry(id) {
-            Entry::Occupied(e) => {
-                let inode = Arc::clone(e.get());
-                if inode.dev == st.st_dev && inode.ino == st.st_ino {
-                    inode.nlookup.fetch_add(1, Ordering::Relaxed);
-                    if inode.pinned.is_none() && self.cache.get(id).is_none() {
-                        self.cache.insert(id, Arc::new(fd));
-                    }
-                    return Ok(inode);
-                }
-                // Same number, other device: should not happen (id_for
-                // separates devices); refuse rather than confuse inodes.
-                Err(io::Error::from_raw_os_error(libc::EIO))
+    /// `origin`: the directory and name it was opened by.
+    pub fn lookup_fd(
+        &self,
+        fd: OwnedFd,
+        st: &Stat,
+        origin: Option<(u64, &OsStr)>,
+    ) -> io::Result<Arc<Inode>> {
+        let handle = if self.handles_for(st.st_dev) {
+            sys::name_to_handle(fd.as_fd()).ok()
+        } else {
+            None
+        };
+        if let Some(inode) = self.known_as(st, handle.as_ref()) {
+            inode.seen_at(origin);
+            if inode.pinned.is_none() && self.cache.get(inode.id).is_none() {
+                self.cache.insert(inode.id, Arc::new(fd));
             }
-            Entry::Vacant(v) => {
-                let handle = if self.use_handles && st.st_dev == self.root_dev {
-                    sys::name_to_handle(fd.as_fd()).ok()
-                } else {
-                    None
-                };
-                let fd = Arc::new(fd);
-                let pinned = if handle.is_some() {
-                    self.cache.insert(id, Arc::clone(&fd));
-                    None
-                } else {
-                    Some(fd)
-                };
-                let inode = Arc::new(Inode::new(id, st, handle, pinned));
-                inode.nlookup.store(1, Ordering::Relaxed);
-                v.insert(Arc::clone(&inode));
-                Ok(inode)
-            }
+            return Ok(inode);
         }
+        self.create(st, handle, Some(fd), origin)
     }
 
     /// Can new inodes on this device be recorded by handle alone?
@@ -395,51 +541,66 @@ impl InodeStore {
         self.use_handles && dev == self.root_dev
     }
 
-    /// Record one kernel lookup of a new inode known by its file handle only
+    /// Record one kernel lookup of the inode whose file handle is `handle`
     /// (no descriptor is opened until one is needed).
     pub fn lookup_handle(&self, handle: FileHandle, st: &Stat) -> io::Result<Arc<Inode>> {
-        let id = self.id_for(st.st_dev, st.st_ino);
-        let inode = self
-            .inodes
-            .entry(id)
-            .or_insert_with(|| Arc::new(Inode::new(id, st, Some(handle), None)));
-        if inode.dev != st.st_dev || inode.ino != st.st_ino {
-            return Err(io::Error::from_raw_os_error(libc::EIO));
+        if let Some(inode) = self.known_as(st, Some(&handle)) {
+            return Ok(inode);
         }
-        inode.nlookup.fetch_add(1, Ordering::Relaxed);
-        Ok(Arc::clone(&inode))
-    }
-
-    /// The inode with these `(dev, ino)`, if known, without counting a
-    /// lookup (for decisions, not replies).
-    pub fn peek(&self, st: &Stat) -> Option<Arc<Inode>> {
-        let id = if st.st_dev == self.root_dev && st.st_ino != ROOT_ID && st.st_ino < SYNTHETIC_BASE
-        {
-            st.st_ino
-        } else {
-            *self.synthetic.get(&(st.st_dev, st.st_ino))?
-        };
-        let r = self.inodes.get(&id)?;
-        (r.dev == st.st_dev && r.ino == st.st_ino).then(|| Arc::clone(&r))
+        self.create(st, Some(handle), None, None)
     }
 
     /// Is this `(dev, ino)` already known? (Avoids opening a descriptor.)
+    /// Counts a lookup if so. Only for inodes whose number cannot have been
+    /// reused behind the store's back: prefer [`Self::known_as`].
     pub fn known(&self, st: &Stat) -> Option<Arc<Inode>> {
-        let id = if st.st_dev == self.root_dev && st.st_ino != ROOT_ID && st.st_ino < SYNTHETIC_BASE
-        {
-            st.st_ino
-        } else {
-            *self.synthetic.get(&(st.st_dev, st.st_ino))?
-        };
+        self.known_as(st, None)
+    }
+
+    /// Whether inodes are kept by file handle (else by descriptor and name).
+    pub fn uses_handles(&self) -> bool {
+        self.use_handles
+    }
+
+    /// The inode with attributes `st`, if known, is now `name` in `parent`
+    /// (no lookup is counted).
+    pub fn moved(&self, st: &Stat, parent: u64, name: &OsStr) {
+        if let Some(id) = self.current_id(st.st_dev, st.st_ino) {
+            if let Some(inode) = self.get(id) {
+                if inode.dev == st.st_dev && inode.ino == st.st_ino {
+                    inode.seen_at(Some((parent, name)));
+                }
+            }
+        }
+    }
+
+    /// As [`Self::known`], for an inode just found as `name` in `parent`
+    /// (remembered, to reopen it by if need be).
+    pub fn known_at(&self, st: &Stat, parent: u64, name: &OsStr) -> Option<Arc<Inode>> {
+        let inode = self.known_as(st, None)?;
+        inode.seen_at(Some((parent, name)));
+        Some(inode)
+    }
+
+    /// The known current incarnation of `(dev, ino)` if it is the file
+    /// whose handle is `handle` (a new file that got a reused inode number
+    /// has another handle: not this inode). Counts a lookup if so.
+    pub fn known_as(&self, st: &Stat, handle: Option<&FileHandle>) -> Option<Arc<Inode>> {
+        let id = self.current_id(st.st_dev, st.st_ino)?;
         // Count the lookup while holding the shard's read lock, so a
         // concurrent `forget` (which takes the write lock) cannot drop it.
         let r = self.inodes.get(&id)?;
-        if r.dev == st.st_dev && r.ino == st.st_ino {
-            r.nlookup.fetch_add(1, Ordering::Relaxed);
-            Some(Arc::clone(&r))
-        } else {
-            None
+        let same = r.dev == st.st_dev
+            && r.ino == st.st_ino
+            && match (handle, &r.handle) {
+                (Some(h), Some(mine)) => h == mine,
+                _ => true,
+            };
+        if !same {
+            return None;
         }
+        r.nlookup.fetch_add(1, Ordering::Relaxed);
+        Some(Arc::clone(&r))
     }
 
     /// The kernel dropped `n` lookups of `id`.
@@ -452,15 +613,36 @@ impl InodeStore {
             let left = prev.saturating_sub(n);
             e.get().nlookup.store(left, Ordering::Relaxed);
             if left == 0 {
+                // `remove` consumes the entry and releases its lock before
+                // the synthetic map is touched (`create` takes them in the
+                // other order).
                 let inode = e.remove();
                 self.cache.remove(id);
-                if inode.id >= SYNTHETIC_BASE {
-                    self.synthetic.remove(&(inode.dev, inode.ino));
-                } else if let Some(handle) = inode.handle.clone() {
+                self.synthetic
+                    .remove_if(&(inode.dev, inode.ino), |_, v| *v == inode.id);
+                if let Some(handle) = inode.handle.clone() {
                     self.retire(id, &inode, handle);
                 }
             }
         }
+    }
+
+    /// The inode number `stat` shows through the mount for node `id`: the
+    /// node id itself (the kernel numbers a looked-up inode by its node id),
+    /// which is the backing inode number except where that cannot be unique
+    /// (another filesystem mounted below the backing directory; a reused
+    /// number whose old file the kernel still knows); the root shows the
+    /// backing directory's own number.
+    pub fn shown_ino(&self, id: u64, st: &Stat) -> u64 {
+        if id == ROOT_ID { st.st_ino } else { id }
+    }
+
+    /// The inode with these `(dev, ino)`, if known, without counting a
+    /// lookup (for decisions, not replies).
+    pub fn peek(&self, st: &Stat) -> Option<Arc<Inode>> {
+        let id = self.current_id(st.st_dev, st.st_ino)?;
+        let r = self.inodes.get(&id)?;
+        (r.dev == st.st_dev && r.ino == st.st_ino).then(|| Arc::clone(&r))
     }
 
     fn retire(&self, id: u64, inode: &Inode, handle: FileHandle) {
@@ -513,7 +695,7 @@ impl InodeStore {
         if (st.st_dev, st.st_ino, st.st_mode & libc::S_IFMT) != (dev, ino, kind) {
             return Err(io::Error::from_raw_os_error(libc::ESTALE));
         }
-        self.lookup_fd(fd, &st)
+        self.lookup_fd(fd, &st, None)
     }
 
     /// The path of directory `id` below the root, from the names the kernel

@@ -28,6 +28,7 @@ pub mod fuse;
 pub mod guard;
 pub mod heal;
 pub mod inode;
+pub mod lockwait;
 pub mod logging;
 pub mod mountinfo;
 pub mod mountopts;

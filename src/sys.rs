@@ -115,6 +115,49 @@ pub fn fstat(fd: BorrowedFd<'_>) -> io::Result<Stat> {
     Ok(unsafe { st.assume_init() })
 }
 
+/// Forward a close-time flush to the file behind `fd` without closing it:
+/// close a duplicate (as libfuse's passthrough_hp does). Shared filesystems
+/// (NFS, GlusterFS, CephFS) write back and report write errors in their
+/// `->flush`, which only `close` reaches; that is their close-to-open
+/// guarantee. The daemon holds no POSIX locks of its own (only OFD locks),
+/// so the lock release that `close` also does removes nothing.
+pub fn flush_fd(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: plain syscall on a valid descriptor; the result is checked.
+    let dup = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) })?;
+    // SAFETY: `dup` was just created here and is owned by nobody else; it is
+    // closed exactly once.
+    match cvt(unsafe { libc::close(dup) }) {
+        // On Linux the descriptor is gone even on EINTR; the flush ran.
+        Err(e) if e.raw_os_error() == Some(libc::EINTR) => Ok(()),
+        r => r.map(|_| ()),
+    }
+}
+
+/// The filesystem type (`f_type`, a magic number) of the filesystem holding `fd`.
+pub fn fs_magic(fd: BorrowedFd<'_>) -> io::Result<i64> {
+    let mut st = MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: valid out-pointer; fstatfs accepts O_PATH descriptors.
+    cvt(unsafe { libc::fstatfs(fd.as_raw_fd(), st.as_mut_ptr()) })?;
+    // SAFETY: success means initialised.
+    #[allow(clippy::unnecessary_cast)] // f_type is not i64 on every target
+    Ok(unsafe { st.assume_init() }.f_type as i64)
+}
+
+/// `f_type` of every FUSE filesystem.
+pub const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
+
+/// Filesystems whose locks the kernel itself manages: a blocking lock
+/// request that is interrupted is dequeued and never granted later. (A FUSE
+/// or network filesystem may grant it afterwards: GlusterFS does.)
+pub fn locks_are_local(magic: i64) -> bool {
+    const EXT4: i64 = 0xEF53;
+    const XFS: i64 = 0x5846_5342;
+    const BTRFS: i64 = 0x9123_683E;
+    const TMPFS: i64 = 0x0102_1994;
+    const F2FS: i64 = 0xF2F5_2010;
+    matches!(magic, EXT4 | XFS | BTRFS | TMPFS | F2FS)
+}
+
 /// `fstatfs`-backed statvfs of the filesystem holding `fd`.
 pub fn fstatvfs(fd: BorrowedFd<'_>) -> io::Result<libc::statvfs> {
     let mut st = MaybeUninit::<libc::statvfs>::uninit();
@@ -823,5 +866,58 @@ pub fn redirect_stdio_to_devnull() -> io::Result<()> {
         // SAFETY: dup2 onto the standard descriptors; `null` stays valid.
         cvt(unsafe { libc::dup2(null.as_raw_fd(), target) })?;
     }
+    Ok(())
+}
+
+/// The signal the daemon sends one of its own threads to end a blocking
+/// syscall of that thread (a lock wait) with EINTR.
+pub fn wakeup_signal() -> i32 {
+    libc::SIGRTMIN() + 3
+}
+
+extern "C" fn on_wakeup(_sig: libc::c_int) {}
+
+/// Handle [`wakeup_signal`] by doing nothing, without `SA_RESTART`, so that
+/// it interrupts the blocking syscall of the thread it is sent to.
+pub fn install_wakeup_handler() -> io::Result<()> {
+    let handler: extern "C" fn(libc::c_int) = on_wakeup;
+    // SAFETY: a zeroed sigaction is valid; the handler is async-signal-safe
+    // (it does nothing); the mask is initialised before use.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = handler as libc::sighandler_t;
+        libc::sigemptyset(&mut sa.sa_mask);
+        sa.sa_flags = 0;
+        cvt(libc::sigaction(wakeup_signal(), &sa, std::ptr::null_mut()))?;
+    }
+    Ok(())
+}
+
+/// Unblock `sig` in the calling thread.
+pub fn unblock_signal(sig: i32) -> io::Result<()> {
+    // SAFETY: sigset_t manipulation on a local set.
+    unsafe {
+        let mut set = MaybeUninit::<libc::sigset_t>::uninit();
+        libc::sigemptyset(set.as_mut_ptr());
+        libc::sigaddset(set.as_mut_ptr(), sig);
+        let r = libc::pthread_sigmask(libc::SIG_UNBLOCK, set.as_ptr(), std::ptr::null_mut());
+        if r != 0 {
+            return Err(io::Error::from_raw_os_error(r));
+        }
+    }
+    Ok(())
+}
+
+/// The calling thread's kernel thread id.
+pub fn gettid() -> i32 {
+    // SAFETY: cannot fail.
+    unsafe { libc::syscall(libc::SYS_gettid) as i32 }
+}
+
+/// Send `sig` to thread `tid` of this process (`tgkill`). The caller must
+/// know the thread is still alive (a dead thread's id may be reused).
+pub fn signal_own_thread(tid: i32, sig: i32) -> io::Result<()> {
+    // SAFETY: plain syscalls; the result is checked.
+    cvt_long(unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, sig) })?;
     Ok(())
 }
