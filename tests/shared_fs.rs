@@ -747,19 +747,21 @@ fn the_incident_heals_on_the_other_node(backend: Backend) {
     let unused = "0000000000000000000000000000000000000000";
     fs::create_dir(n.b.path("_base")).unwrap();
     fs::create_dir(n.b.path(uuid)).unwrap();
+    // Base files made as Nova makes them: a `.part`, renamed into place.
     for (name, pattern) in [(SHA, "0x42"), (unused, "0x11")] {
-        let p = n.b.path(&format!("_base/{name}"));
+        let part = n.b.path(&format!("_base/{name}.part"));
         ok_cmd(
             Command::new("qemu-img")
                 .args(["create", "-q", "-f", "raw"])
-                .arg(&p)
+                .arg(&part)
                 .arg("16M"),
         );
         ok_cmd(
             Command::new("qemu-io")
                 .args(["-f", "raw", "-c", &format!("write -P {pattern} 0 1M")])
-                .arg(&p),
+                .arg(&part),
         );
+        fs::rename(&part, n.b.path(&format!("_base/{name}"))).unwrap();
     }
     let base_b = n.b.path(&format!("_base/{SHA}"));
     let disk = n.b.path(&format!("{uuid}/disk"));
