@@ -1176,9 +1176,15 @@ impl Quarantine {
 
     /// Preserve the contents of the regular file behind `src` (any
     /// descriptor of it, `O_PATH` included: it is reopened read-only through
-    /// `/proc/self/fd`) before a destructive truncate: a reflink where the
+    /// `/proc/self/fd`, so the caller's offset never moves) before anything
+    /// destructive to its bytes (a truncate, and equally an overwrite, a
+    /// hole punch or a zero-range: `why` says which): a reflink where the
     /// filesystem can, else a sparse-aware `copy_file_range` copy. Mode,
-    /// owner and times are preserved. Not a regular file: `EINVAL`.
+    /// owner, times and every extended attribute are preserved (an xattr
+    /// that cannot be copied is logged as an error; the copy still counts).
+    /// The record is written first, the copy arrives complete under its
+    /// final name, so a crash leaves either no entry or a whole one. Not a
+    /// regular file: `EINVAL`.
     pub fn stash_copy(
         &self,
         src: BorrowedFd<'_>,
@@ -1360,8 +1366,10 @@ impl Quarantine {
         (EntryState::Pending, None)
     }
 
-    /// A claim with an owner in its name for `id`, from `names` or a fresh
-    /// listing (only when the entry has neither data nor a plain claim).
+    /// A claim with an owner in its name for `id`, from `names` (a listing
+    /// taken moments ago: a claim made since then is missed, and the entry
+    /// looks pending for that moment) or else a fresh listing (only when the
+    /// entry has neither data nor a plain claim).
     fn find_claim(&self, id: &str, names: Option<&HashSet<Vec<u8>>>) -> Option<Claim> {
         let prefix = format!("{id}.claim.");
         let find = |names: &HashSet<Vec<u8>>| {
@@ -1374,7 +1382,7 @@ impl Quarantine {
                 .min_by_key(|c| c.name.clone())
         };
         match names {
-            Some(n) => find(n).or_else(|| self.names().ok().and_then(|n| find(&n))),
+            Some(n) => find(n),
             None => self.names().ok().and_then(|n| find(&n)),
         }
     }
@@ -1427,6 +1435,13 @@ impl Quarantine {
             .iter()
             .filter_map(|n| n.as_bytes().strip_suffix(b".data"))
             .collect();
+        // Claims only (few): so that an entry without data costs no readdir.
+        let claims: HashSet<Vec<u8>> = names
+            .iter()
+            .map(|n| n.as_bytes())
+            .filter(|n| n.windows(7).any(|w| w == b".claim."))
+            .map(<[u8]>::to_vec)
+            .collect();
         let mut records = Records::with_capacity(known.len() + 16);
         let mut held = Vec::new();
         for n in &names {
@@ -1450,7 +1465,8 @@ impl Quarantine {
             };
             // Not held in this listing: look again (readdir is no snapshot)
             // and recover the claim of a restore that died.
-            if data.contains(id.as_bytes()) || self.observe(id, None).0 == EntryState::Held {
+            if data.contains(id.as_bytes()) || self.observe(id, Some(&claims)).0 == EntryState::Held
+            {
                 held.push(rec.clone());
             }
             records.insert(key, rec);

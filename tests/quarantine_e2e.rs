@@ -928,3 +928,83 @@ fn truncation_preserves_the_old_contents() {
     );
     assert_eq!(fs::read(m.path("_base/a.old")).unwrap(), old_a);
 }
+
+fn getfattr(p: &Path, name: &str) -> Option<Vec<u8>> {
+    let o = Command::new("getfattr")
+        .args(["--absolute-names", "--only-values", "-n", name])
+        .arg(p)
+        .output()
+        .unwrap();
+    o.status.success().then_some(o.stdout)
+}
+
+#[test]
+fn truncation_keeps_the_extended_attributes() {
+    let (_t, backing) = scratch();
+    let m = Mount::new(&backing, &[]);
+    let f = m.path("_base/labelled");
+    fs::write(&f, vec![7u8; 50_000]).unwrap();
+    // libvirt's DAC/SELinux remember labels, and a user attribute, set
+    // through the mount.
+    let attrs = [
+        ("trusted.libvirt.security.dac", "+107:+107"),
+        ("trusted.libvirt.security.ref_dac", "1"),
+        ("user.origin", "glance"),
+    ];
+    for (n, v) in attrs {
+        cmd_ok(Command::new("setfattr").args(["-n", n, "-v", v]).arg(&f));
+    }
+    cmd_ok(Command::new("truncate").args(["-s", "0"]).arg(&f));
+    let l = list(&m.mountpoint, true);
+    assert_eq!(l.len(), 1, "{l:#?}");
+    let data = backing.join(format!(".baseguard/entries/{}.data", id_of(&l[0])));
+    assert_eq!(fs::read(&data).unwrap(), vec![7u8; 50_000]);
+    for (n, v) in attrs {
+        assert_eq!(
+            getfattr(&data, n).as_deref(),
+            Some(v.as_bytes()),
+            "{n} on the copy"
+        );
+    }
+}
+
+#[test]
+fn a_fifo_named_like_a_record_hangs_no_lookup_and_no_list() {
+    let (_t, backing) = scratch();
+    let m = Mount::new(&backing, &[]);
+    fs::write(m.path("_base/x"), b"x").unwrap();
+    fs::remove_file(m.path("_base/x")).unwrap();
+    let fifo = backing.join(".baseguard/entries/20261130-000000-evil-000001.json");
+    cmd_ok(Command::new("mkfifo").arg(&fifo));
+    // A change of the quarantine, then a lookup that misses in _base (the
+    // daemon looks at the quarantine for restore on access), and `list`.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (y, p, mp) = (
+        m.path("_base/y"),
+        m.path("_base/missing"),
+        m.mountpoint.clone(),
+    );
+    std::thread::spawn(move || {
+        fs::write(&y, b"y").unwrap();
+        fs::remove_file(&y).unwrap();
+        let miss = fs::metadata(&p).unwrap_err().kind();
+        let o = bg(&["list", "--json"], &mp);
+        let _ = tx.send((miss, o));
+    });
+    let Ok((miss, o)) = rx.recv_timeout(Duration::from_secs(20)) else {
+        // Free whoever is stuck (so that the mount can end), then fail.
+        use std::os::unix::fs::OpenOptionsExt;
+        for _ in 0..500 {
+            let _ = fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(&fifo);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = fs::remove_file(&fifo);
+        panic!("a FIFO record hung a lookup or list");
+    };
+    assert_eq!(miss, ErrorKind::NotFound);
+    let v: Vec<Value> = serde_json::from_str(&ok("list", &o)).unwrap();
+    assert_eq!(paths_of(&v), ["_base/x", "_base/y"]);
+}

@@ -357,3 +357,40 @@ fn heal_restores_nothing_when_it_cannot_tell_the_versions_apart() {
     assert_eq!(code, 1, "{out}");
     assert_eq!(listed(&m.mountpoint).len(), 2);
 }
+
+#[test]
+fn a_restore_killed_mid_way_does_not_stop_the_heal() {
+    use baseguard::quarantine::{ClaimOwner, Quarantine};
+    let t = scratch();
+    let backing = t.path().join("nfs");
+    std::fs::create_dir_all(backing.join("_base")).unwrap();
+    let m = Mount::new(&backing, &[]);
+    let golden = m.path(&format!("_base/{SHA}"));
+    make_base(&golden, "0x42");
+    std::fs::create_dir(m.path(UUID)).unwrap();
+    overlay(
+        golden.to_str().unwrap(),
+        "raw",
+        &m.path(&format!("{UUID}/disk")),
+    );
+    nova_remove(&golden);
+    let id = listed_ids(&m.mountpoint).pop().unwrap();
+    // `baseguard restore` claimed it on this host and was SIGKILLed.
+    let mut dead = Command::new("true").spawn().unwrap();
+    let mut owner = ClaimOwner::current();
+    owner.pid = dead.id();
+    dead.wait().unwrap();
+    let entries = backing.join(".baseguard/entries");
+    std::fs::rename(
+        entries.join(format!("{id}.data")),
+        entries.join(Quarantine::claim_name_for(&id, &owner)),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(1200));
+    let out = ok(Command::new("qemu-io")
+        .args(["-f", "qcow2", "-t", "none", "-c", "read -P 0x42 0 1M"])
+        .arg(m.path(&format!("{UUID}/disk"))));
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    assert!(backing.join("_base").join(SHA).exists());
+    assert!(listed(&m.mountpoint).is_empty());
+}
