@@ -13,6 +13,9 @@ use std::os::fd::BorrowedFd;
 use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
 use std::thread::{self};
 
@@ -139,6 +142,44 @@ pub struct Session<FS: Filesystem> {
     /// The field is set to `Some` when the init message is received.
     pub(crate) proto_version: Option<Version>,
     pub(crate) config: Config,
+    /// Lets a hand-over stop the event loops from taking requests (baseguard patch).
+    pub(crate) gate: Arc<Gate>,
+}
+
+/// Stops the event loops from taking requests, so that another process can take over the
+/// session (baseguard patch). Once closed, a loop that reads a request leaves it unanswered
+/// and ends: the kernel keeps it and hands it out again after the new server writes
+/// `FUSE_NOTIFY_RESEND`.
+#[derive(Debug, Default)]
+pub struct Gate {
+    closed: AtomicBool,
+    busy: AtomicUsize,
+}
+
+impl Gate {
+    /// Take no new requests. Requests being dispatched finish; wait for [`Gate::busy`] to be 0.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+    }
+
+    /// Number of requests being dispatched now.
+    pub fn busy(&self) -> usize {
+        self.busy.load(Ordering::SeqCst)
+    }
+
+    /// Counts the request in; false (and not counted) if the gate is closed.
+    fn enter(&self) -> bool {
+        self.busy.fetch_add(1, Ordering::SeqCst);
+        if self.closed.load(Ordering::SeqCst) {
+            self.busy.fetch_sub(1, Ordering::SeqCst);
+            return false;
+        }
+        true
+    }
+
+    fn leave(&self) {
+        self.busy.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl<FS: Filesystem> AsFd for Session<FS> {
@@ -186,6 +227,7 @@ impl<FS: Filesystem> Session<FS> {
             session_owner: geteuid(),
             proto_version: None,
             config: options.clone(),
+            gate: Arc::default(),
         };
 
         session.handshake()?;
@@ -214,11 +256,58 @@ impl<FS: Filesystem> Session<FS> {
             session_owner: geteuid(),
             proto_version: None,
             config,
+            gate: Arc::default(),
         };
 
         session.handshake()?;
 
         Ok(session)
+    }
+
+    /// Resume a session on a /dev/fuse descriptor whose INIT was answered by an earlier
+    /// process (baseguard patch): no handshake, and `Filesystem::init` is not called.
+    /// `version` is the protocol version the kernel reported at INIT (see
+    /// [`Session::proto_version`]); the caller restores whatever else it negotiated.
+    pub fn resume(
+        filesystem: FS,
+        fd: OwnedFd,
+        acl: SessionACL,
+        config: Config,
+        version: (u32, u32),
+    ) -> Self {
+        Session {
+            filesystem: FilesystemHolder {
+                fs: Some(filesystem),
+            },
+            ch: Channel::new(Arc::new(DevFuse(File::from(fd)))),
+            mount: UmountOnDrop {
+                mount: Arc::new(Mutex::new(None)),
+            },
+            allowed: acl,
+            session_owner: geteuid(),
+            proto_version: Some(Version(version.0, version.1)),
+            config,
+            gate: Arc::default(),
+        }
+    }
+
+    /// The protocol version the kernel reported at INIT (baseguard patch).
+    pub fn proto_version(&self) -> Option<(u32, u32)> {
+        self.proto_version.map(|v| (v.0, v.1))
+    }
+
+    /// The gate that stops the event loops from taking requests (baseguard patch).
+    pub fn gate(&self) -> Arc<Gate> {
+        Arc::clone(&self.gate)
+    }
+
+    /// Take ownership of a passthrough backing id that an earlier process of this session
+    /// registered (baseguard patch). Dropping the returned value closes it in the kernel, so
+    /// adopt each id once.
+    pub fn adopt_backing(&self, id: u32) -> crate::BackingId {
+        // SAFETY: wrapping an id has no memory-safety consequence; the caller promises
+        // ownership of the id, which is what `wrap_backing` documents as its contract.
+        unsafe { self.ch.sender().wrap_backing(id) }
     }
 
     /// Run the session loop in a background thread. If the returned handle is dropped,
@@ -252,6 +341,7 @@ impl<FS: Filesystem> Session<FS> {
             session_owner,
             proto_version: _,
             config,
+            gate,
         } = self;
 
         let n_threads = config.n_threads.unwrap_or(1);
@@ -298,6 +388,7 @@ impl<FS: Filesystem> Session<FS> {
                 ch,
                 allowed,
                 session_owner,
+                gate: Arc::clone(&gate),
             };
             threads.push(
                 thread::Builder::new()
@@ -518,6 +609,7 @@ pub(crate) struct SessionEventLoop<FS: Filesystem> {
     pub(crate) filesystem: Arc<FilesystemHolder<FS>>,
     pub(crate) allowed: SessionACL,
     pub(crate) session_owner: Uid,
+    pub(crate) gate: Arc<Gate>,
 }
 
 impl<FS: Filesystem> SessionEventLoop<FS> {
@@ -530,18 +622,23 @@ impl<FS: Filesystem> SessionEventLoop<FS> {
             // Read the next request from the given channel to kernel driver
             // The kernel driver makes sure that we get exactly one request per read
             match self.ch.receive_retrying(buf) {
+                // Closed for a hand-over: leave the request to the next server.
+                Ok(_) if !self.gate.enter() => return Ok(()),
                 Ok(size) => match RequestWithSender::new(self.ch.sender(), &buf[..size]) {
                     // Dispatch request
                     Some(req) => {
                         if let Ok(Operation::Destroy(_)) = req.request.operation() {
                             req.reply::<ReplyEmpty>().ok();
+                            self.gate.leave();
                             return Ok(());
                         } else {
-                            req.dispatch(self)
+                            req.dispatch(self);
+                            self.gate.leave();
                         }
                     }
                     // Quit loop on illegal request
                     None => {
+                        self.gate.leave();
                         return Err(io::Error::new(
                             io::ErrorKind::InvalidData,
                             "Invalid request",
