@@ -1153,3 +1153,93 @@ impl Passthrough {
         self.inodes.counts()
     }
 }
+
+// ---- hand-over to a new serving process ------------------------------------
+
+/// An open handle the kernel holds, as a record a supervisor keeps (with the handle's
+/// descriptor) so that a new serving process can take it over: the file (and its locks)
+/// stays open across the hand-over.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Handle {
+    File { fh: u64, inode: u64, flags: i32 },
+    Dir { fh: u64 },
+    /// The lock description of one lock owner of an open file.
+    Lock { fh: u64, owner: u64 },
+}
+
+/// Which handle to export.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum HandleKey {
+    File(u64),
+    Dir(u64),
+    Lock(u64, u64),
+}
+
+impl Passthrough {
+    /// The record and a duplicate descriptor of an open handle (to hand to a keeper).
+    pub fn export_handle(&self, key: HandleKey) -> Option<(Handle, OwnedFd)> {
+        match key {
+            HandleKey::File(fh) => {
+                let f = self.files.get(&fh)?;
+                let fd = f.file.as_fd().try_clone_to_owned().ok()?;
+                let h = Handle::File {
+                    fh,
+                    inode: f.inode,
+                    flags: f.flags,
+                };
+                Some((h, fd))
+            }
+            HandleKey::Dir(fh) => {
+                let d = self.dirs.get(&fh)?;
+                let fd = d.fd.as_fd().try_clone_to_owned().ok()?;
+                Some((Handle::Dir { fh }, fd))
+            }
+            HandleKey::Lock(fh, owner) => {
+                let l = self.locks.get(&(fh, owner))?;
+                let fd = l.as_fd().try_clone_to_owned().ok()?;
+                Some((Handle::Lock { fh, owner }, fd))
+            }
+        }
+    }
+
+    /// Take over a handle exported by an earlier serving process, with its descriptor: the
+    /// handle number stays the same (the kernel uses it), and the inode of an open file is
+    /// known again. Handles numbered after it are allocated past it.
+    pub fn import_handle(&self, h: Handle, fd: OwnedFd) -> Result<()> {
+        self.creds.become_daemon();
+        let fh = match h {
+            Handle::File { fh, flags, .. } => {
+                let st = sys::fstat(fd.as_fd())?;
+                let inode = self.learn(&fd, &st)?;
+                let file = File::from(fd);
+                self.files
+                    .insert(fh, Arc::new(OpenFile { file, inode, flags }));
+                fh
+            }
+            Handle::Dir { fh } => {
+                let st = sys::fstat(fd.as_fd())?;
+                self.learn(&fd, &st)?;
+                let fd = Arc::new(fd);
+                let entries = self.snapshot(&fd)?;
+                let state = Mutex::new((true, Arc::new(entries)));
+                self.dirs.insert(fh, Arc::new(OpenDir { fd, state }));
+                fh
+            }
+            Handle::Lock { fh, owner } => {
+                self.locks.insert((fh, owner), Arc::new(fd));
+                fh
+            }
+        };
+        self.next_fh.fetch_max(fh + 1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Make the inode behind `fd` known (one lookup), for a handle taken over.
+    fn learn(&self, fd: &OwnedFd, st: &Stat) -> Result<u64> {
+        if let Some(i) = self.inodes.known(st) {
+            return Ok(i.id);
+        }
+        let path = sys::reopen(fd.as_fd(), libc::O_PATH)?;
+        Ok(self.inodes.lookup_fd(path, st)?.id)
+    }
+}

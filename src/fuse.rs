@@ -1,11 +1,14 @@
 //! The thin `fuser` adapter: decode a request, call [`Passthrough`], encode
 //! the reply. The only state here is FUSE-specific: the kernel passthrough
-//! backing ids (one per inode while any handle is open).
+//! backing ids (one per inode while any handle is open), and, for the
+//! restartable session ([`crate::session`]), the hand-over of every handle to
+//! the supervisor before the kernel hears of it.
 
 use std::ffi::OsStr;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dashmap::DashMap;
@@ -22,6 +25,7 @@ use fuser::{
 use crate::creds::Caller;
 use crate::fs::{Errno, OpenFile, Passthrough, SetAttr};
 use crate::inode::Inode;
+use crate::session::custody::Custody;
 use crate::stats::Op;
 use crate::sys::{LockRange, Stat, TimeSpec, XattrReply};
 
@@ -30,20 +34,69 @@ use crate::sys::{LockRange, Stat, TimeSpec, XattrReply};
 /// attribute cache does).
 const TTL: Duration = Duration::from_secs(1);
 
+/// Kernel passthrough backing ids by inode, with the number of open handles using each.
+pub type BackingTable = DashMap<u64, (BackingId, usize)>;
+
+/// What the session layer ([`crate::session`]) shares with the adapter.
+#[derive(Default)]
+pub struct Handover {
+    /// The supervisor's keeper of handles (a restartable session only).
+    pub custody: OnceLock<Arc<Custody>>,
+    /// Closed when this server hands the session over.
+    pub gate: OnceLock<Arc<fuser::Gate>>,
+    /// Kernel passthrough was negotiated (set at INIT, or restored on a resume).
+    pub passthrough: AtomicBool,
+    /// The backing ids (adopted from the previous server on a resume).
+    pub backing: BackingTable,
+}
+
 /// The adapter.
 pub struct FuseAdapter {
     fs: Arc<Passthrough>,
     passthrough: bool,
-    backing: DashMap<u64, (BackingId, usize)>,
+    shared: Arc<Handover>,
 }
 
 impl FuseAdapter {
     pub fn new(fs: Arc<Passthrough>, passthrough: bool) -> FuseAdapter {
+        Self::with_handover(fs, passthrough, Arc::default())
+    }
+
+    /// An adapter sharing `shared` with the session layer; `passthrough` is what to ask the
+    /// kernel for at INIT (a resumed session sets `shared.passthrough` itself).
+    pub fn with_handover(
+        fs: Arc<Passthrough>,
+        passthrough: bool,
+        shared: Arc<Handover>,
+    ) -> FuseAdapter {
+        shared.passthrough.store(passthrough, Ordering::Relaxed);
         FuseAdapter {
             fs,
             passthrough,
-            backing: DashMap::new(),
+            shared,
         }
+    }
+
+    fn custody(&self) -> Option<&Custody> {
+        self.shared.custody.get().map(|c| &**c)
+    }
+
+    fn passthrough(&self) -> bool {
+        self.shared.passthrough.load(Ordering::Relaxed)
+    }
+}
+
+/// A request the kernel hands out again after a serving process died with it
+/// (`FUSE_NOTIFY_RESEND` marks its unique id): it may have been carried out already.
+fn resent(req: &Request) -> bool {
+    req.unique().0 & (1 << 63) != 0
+}
+
+/// A resent removal whose name is gone was done by the server that died.
+fn removed(req: &Request, r: crate::fs::Result<()>) -> crate::fs::Result<()> {
+    match r {
+        Err(Errno(libc::ENOENT)) if resent(req) => Ok(()),
+        r => r,
     }
 }
 
@@ -151,11 +204,11 @@ impl FuseAdapter {
         f: &OpenFile,
         register: impl FnOnce(BorrowedFd<'_>) -> std::io::Result<BackingId>,
     ) -> Option<RefMut<'_, u64, (BackingId, usize)>> {
-        if !self.passthrough {
+        if !self.passthrough() {
             return None;
         }
         self.fs.as_daemon();
-        match self.backing.entry(f.inode) {
+        match self.shared.backing.entry(f.inode) {
             Entry::Occupied(mut o) => {
                 o.get_mut().1 += 1;
                 Some(o.into_ref())
@@ -174,11 +227,44 @@ impl FuseAdapter {
     }
 
     fn release_backing(&self, inode: u64) {
-        if let Entry::Occupied(mut o) = self.backing.entry(inode) {
+        if let Entry::Occupied(mut o) = self.shared.backing.entry(inode) {
             o.get_mut().1 -= 1;
             if o.get().1 == 0 {
                 o.remove();
             }
+        }
+    }
+}
+
+impl FuseAdapter {
+    /// Hand a new open file to the supervisor before the kernel hears of it.
+    fn keep_file(&self, fh: u64, backing: Option<u32>) {
+        if let Some(c) = self.custody() {
+            c.keep_file(&self.fs, fh, backing);
+        }
+    }
+
+    /// A lock taken: hand its description to the supervisor before answering.
+    fn keep_lock(&self, fh: u64, owner: u64, typ: i32, r: &crate::fs::Result<()>) {
+        if let (Some(c), Ok(())) = (self.custody(), r) {
+            if typ != libc::F_UNLCK {
+                c.keep_lock(&self.fs, fh, owner);
+            }
+        }
+    }
+
+    /// A resent creation whose name exists was done by the server that died: answer with
+    /// the entry.
+    fn made(
+        &self,
+        req: &Request,
+        parent: u64,
+        name: &OsStr,
+        r: crate::fs::Result<(Arc<Inode>, Stat)>,
+    ) -> crate::fs::Result<(Arc<Inode>, Stat)> {
+        match r {
+            Err(Errno(libc::EEXIST)) if resent(req) => self.fs.lookup(caller(req), parent, name),
+            r => r,
         }
     }
 }
@@ -204,6 +290,9 @@ impl fuser::Filesystem for FuseAdapter {
                 self.passthrough = false;
             }
         }
+        self.shared
+            .passthrough
+            .store(self.passthrough, Ordering::Relaxed);
         tracing::info!(
             passthrough = self.passthrough,
             locks = caps.contains(InitFlags::FUSE_POSIX_LOCKS),
@@ -277,10 +366,8 @@ impl fuser::Filesystem for FuseAdapter {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        entry(
-            reply,
-            self.fs.mknod(caller(req), parent.0, name, mode, rdev),
-        );
+        let r = self.fs.mknod(caller(req), parent.0, name, mode, rdev);
+        entry(reply, self.made(req, parent.0, name, r));
     }
 
     fn mkdir(
@@ -292,15 +379,16 @@ impl fuser::Filesystem for FuseAdapter {
         _umask: u32,
         reply: ReplyEntry,
     ) {
-        entry(reply, self.fs.mkdir(caller(req), parent.0, name, mode));
+        let r = self.fs.mkdir(caller(req), parent.0, name, mode);
+        entry(reply, self.made(req, parent.0, name, r));
     }
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        empty(reply, self.fs.unlink(caller(req), parent.0, name));
+        empty(reply, removed(req, self.fs.unlink(caller(req), parent.0, name)));
     }
 
     fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        empty(reply, self.fs.rmdir(caller(req), parent.0, name));
+        empty(reply, removed(req, self.fs.rmdir(caller(req), parent.0, name)));
     }
 
     fn symlink(
@@ -311,10 +399,8 @@ impl fuser::Filesystem for FuseAdapter {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        entry(
-            reply,
-            self.fs.symlink(caller(req), parent.0, link_name, target),
-        );
+        let r = self.fs.symlink(caller(req), parent.0, link_name, target);
+        entry(reply, self.made(req, parent.0, link_name, r));
     }
 
     fn rename(
@@ -327,17 +413,15 @@ impl fuser::Filesystem for FuseAdapter {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        empty(
-            reply,
-            self.fs.rename(
-                caller(req),
-                parent.0,
-                name,
-                newparent.0,
-                newname,
-                flags.bits(),
-            ),
+        let r = self.fs.rename(
+            caller(req),
+            parent.0,
+            name,
+            newparent.0,
+            newname,
+            flags.bits(),
         );
+        empty(reply, removed(req, r));
     }
 
     fn link(
@@ -348,17 +432,21 @@ impl fuser::Filesystem for FuseAdapter {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        entry(
-            reply,
-            self.fs.link(caller(req), ino.0, newparent.0, newname),
-        );
+        let r = self.fs.link(caller(req), ino.0, newparent.0, newname);
+        entry(reply, self.made(req, newparent.0, newname, r));
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         match self.fs.open(caller(req), ino.0, flags.0) {
             Ok((fh, f)) => match self.backing(&f, |fd| reply.open_backing(fd)) {
-                Some(b) => reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &b.0),
-                None => reply.opened(FileHandle(fh), FopenFlags::empty()),
+                Some(b) => {
+                    self.keep_file(fh, Some(b.0.id()));
+                    reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &b.0)
+                }
+                None => {
+                    self.keep_file(fh, None);
+                    reply.opened(FileHandle(fh), FopenFlags::empty())
+                }
             },
             Err(e) => reply.error(ferr(e)),
         }
@@ -374,13 +462,26 @@ impl fuser::Filesystem for FuseAdapter {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        // A resent exclusive create may have made the file already.
+        let flags = if resent(req) {
+            flags & !libc::O_EXCL
+        } else {
+            flags
+        };
         match self.fs.create(caller(req), parent.0, name, mode, flags) {
             Ok((inode, st, fh, f)) => {
-                let (a, fh) = (attr(&st, inode.id), FileHandle(fh));
+                let a = attr(&st, inode.id);
                 let flags = FopenFlags::empty();
                 match self.backing(&f, |fd| reply.open_backing(fd)) {
-                    Some(b) => reply.created_passthrough(&TTL, &a, Generation(0), fh, flags, &b.0),
-                    None => reply.created(&TTL, &a, Generation(0), fh, flags),
+                    Some(b) => {
+                        self.keep_file(fh, Some(b.0.id()));
+                        let fh = FileHandle(fh);
+                        reply.created_passthrough(&TTL, &a, Generation(0), fh, flags, &b.0)
+                    }
+                    None => {
+                        self.keep_file(fh, None);
+                        reply.created(&TTL, &a, Generation(0), FileHandle(fh), flags)
+                    }
                 }
             }
             Err(e) => reply.error(ferr(e)),
@@ -431,7 +532,11 @@ impl fuser::Filesystem for FuseAdapter {
         lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        empty(reply, self.fs.flush(fh.0, lock_owner.0));
+        let r = self.fs.flush(fh.0, lock_owner.0);
+        if let Some(c) = self.custody() {
+            c.forget_lock(fh.0, lock_owner.0);
+        }
+        empty(reply, r);
     }
 
     fn release(
@@ -444,9 +549,12 @@ impl fuser::Filesystem for FuseAdapter {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        if let Some(c) = self.custody() {
+            c.forget_file(fh.0);
+        }
         match self.fs.release(fh.0) {
             Ok(Some(f)) => {
-                if self.passthrough {
+                if self.passthrough() {
                     self.release_backing(f.inode);
                 }
                 reply.ok()
@@ -469,7 +577,12 @@ impl fuser::Filesystem for FuseAdapter {
 
     fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.fs.opendir(caller(req), ino.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Ok(fh) => {
+                if let Some(c) = self.custody() {
+                    c.keep_dir(&self.fs, fh);
+                }
+                reply.opened(FileHandle(fh), FopenFlags::empty())
+            }
             Err(e) => reply.error(ferr(e)),
         }
     }
@@ -540,6 +653,9 @@ impl fuser::Filesystem for FuseAdapter {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
+        if let Some(c) = self.custody() {
+            c.forget_dir(fh.0);
+        }
         self.fs.releasedir(fh.0);
         reply.ok();
     }
@@ -646,23 +762,48 @@ impl fuser::Filesystem for FuseAdapter {
             end,
             pid,
         };
+        let (fh, owner) = (fh.0, lock_owner.0);
         if !sleep || typ == libc::F_UNLCK {
-            return empty(reply, self.fs.setlk(fh.0, lock_owner.0, l, false));
+            let r = self.fs.setlk(fh, owner, l, false);
+            self.keep_lock(fh, owner, typ, &r);
+            return empty(reply, r);
         }
         // A blocking lock may wait for another node for a long time: try
         // once here, and wait on a thread of its own so no request thread is
         // held up.
-        match self.fs.setlk(fh.0, lock_owner.0, l, false) {
+        match self.fs.setlk(fh, owner, l, false) {
             Err(Errno(e)) if e == libc::EAGAIN || e == libc::EACCES => {
                 let fs = Arc::clone(&self.fs);
+                let shared = Arc::clone(&self.shared);
                 let spawned = std::thread::Builder::new()
                     .name("lock-wait".into())
-                    .spawn(move || empty(reply, fs.setlk(fh.0, lock_owner.0, l, true)));
+                    .spawn(move || {
+                        let r = fs.setlk(fh, owner, l, true);
+                        // Handed over meanwhile: the next server answers the
+                        // resent request (the lock, if kept, is still held).
+                        let gate = shared.gate.get();
+                        if gate.is_some_and(|g| !g.enter()) {
+                            std::mem::forget(reply);
+                            return;
+                        }
+                        if let Some(c) = shared.custody.get() {
+                            if r.is_ok() {
+                                c.keep_lock(&fs, fh, owner);
+                            }
+                        }
+                        empty(reply, r);
+                        if let Some(g) = gate {
+                            g.leave();
+                        }
+                    });
                 if let Err(e) = spawned {
                     tracing::error!(error = %e, "cannot start a lock-wait thread");
                 }
             }
-            r => empty(reply, r),
+            r => {
+                self.keep_lock(fh, owner, typ, &r);
+                empty(reply, r)
+            }
         }
     }
 

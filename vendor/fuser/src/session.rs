@@ -167,8 +167,9 @@ impl Gate {
         self.busy.load(Ordering::SeqCst)
     }
 
-    /// Counts the request in; false (and not counted) if the gate is closed.
-    fn enter(&self) -> bool {
+    /// Counts a request (or a reply sent from another thread) in; false, and not counted,
+    /// if the gate is closed. Pair with [`Gate::leave`].
+    pub fn enter(&self) -> bool {
         self.busy.fetch_add(1, Ordering::SeqCst);
         if self.closed.load(Ordering::SeqCst) {
             self.busy.fetch_sub(1, Ordering::SeqCst);
@@ -177,7 +178,8 @@ impl Gate {
         true
     }
 
-    fn leave(&self) {
+    /// Counts a request out.
+    pub fn leave(&self) {
         self.busy.fetch_sub(1, Ordering::SeqCst);
     }
 }
