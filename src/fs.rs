@@ -1161,10 +1161,19 @@ impl Passthrough {
 /// stays open across the hand-over.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Handle {
-    File { fh: u64, inode: u64, flags: i32 },
-    Dir { fh: u64 },
+    File {
+        fh: u64,
+        inode: u64,
+        flags: i32,
+    },
+    Dir {
+        fh: u64,
+    },
     /// The lock description of one lock owner of an open file.
-    Lock { fh: u64, owner: u64 },
+    Lock {
+        fh: u64,
+        owner: u64,
+    },
 }
 
 /// Which handle to export.

@@ -384,11 +384,17 @@ impl fuser::Filesystem for FuseAdapter {
     }
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        empty(reply, removed(req, self.fs.unlink(caller(req), parent.0, name)));
+        empty(
+            reply,
+            removed(req, self.fs.unlink(caller(req), parent.0, name)),
+        );
     }
 
     fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        empty(reply, removed(req, self.fs.rmdir(caller(req), parent.0, name)));
+        empty(
+            reply,
+            removed(req, self.fs.rmdir(caller(req), parent.0, name)),
+        );
     }
 
     fn symlink(
@@ -775,27 +781,28 @@ impl fuser::Filesystem for FuseAdapter {
             Err(Errno(e)) if e == libc::EAGAIN || e == libc::EACCES => {
                 let fs = Arc::clone(&self.fs);
                 let shared = Arc::clone(&self.shared);
-                let spawned = std::thread::Builder::new()
-                    .name("lock-wait".into())
-                    .spawn(move || {
-                        let r = fs.setlk(fh, owner, l, true);
-                        // Handed over meanwhile: the next server answers the
-                        // resent request (the lock, if kept, is still held).
-                        let gate = shared.gate.get();
-                        if gate.is_some_and(|g| !g.enter()) {
-                            std::mem::forget(reply);
-                            return;
-                        }
-                        if let Some(c) = shared.custody.get() {
-                            if r.is_ok() {
-                                c.keep_lock(&fs, fh, owner);
+                let spawned =
+                    std::thread::Builder::new()
+                        .name("lock-wait".into())
+                        .spawn(move || {
+                            let r = fs.setlk(fh, owner, l, true);
+                            // Handed over meanwhile: the next server answers the
+                            // resent request (the lock, if kept, is still held).
+                            let gate = shared.gate.get();
+                            if gate.is_some_and(|g| !g.enter()) {
+                                std::mem::forget(reply);
+                                return;
                             }
-                        }
-                        empty(reply, r);
-                        if let Some(g) = gate {
-                            g.leave();
-                        }
-                    });
+                            if let Some(c) = shared.custody.get() {
+                                if r.is_ok() {
+                                    c.keep_lock(&fs, fh, owner);
+                                }
+                            }
+                            empty(reply, r);
+                            if let Some(g) = gate {
+                                g.leave();
+                            }
+                        });
                 if let Err(e) = spawned {
                     tracing::error!(error = %e, "cannot start a lock-wait thread");
                 }

@@ -2,3 +2,4 @@
 pub mod check;
 pub mod mount;
 pub mod quarantine;
+pub mod upgrade;

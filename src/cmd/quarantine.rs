@@ -766,9 +766,13 @@ impl StatusArgs {
             let v = serde_json::json!({
                 "near_misses": near.iter().map(|e| entry_json(e, Some(self.retain), now)).collect::<Vec<_>>(),
                 "referenced_base_files": referenced.len(),
-                "mounts": mounts.iter().map(|m| serde_json::json!({
-                    "mountpoint": m.mountpoint, "backing": m.source,
-                })).collect::<Vec<_>>(),
+                "mounts": mounts.iter().map(|m| {
+                    let mut v = serde_json::json!({
+                        "mountpoint": m.mountpoint, "backing": m.source,
+                    });
+                    crate::session::registry::add_status_fields(&mut v, &m.mountpoint);
+                    v
+                }).collect::<Vec<_>>(),
                 "dir": b.dir,
                 "backing": b.path,
                 "mounted": b.mount.is_some(),

@@ -36,10 +36,7 @@ pub enum ToServer {
         backing: std::path::PathBuf,
     },
     /// One kept record (with its descriptor, if it has one).
-    Kept {
-        key: String,
-        rec: serde_json::Value,
-    },
+    Kept { key: String, rec: serde_json::Value },
     /// All records sent: resume.
     Go,
     /// Stop taking requests, finish the ones started, say `Drained` and exit.
@@ -55,10 +52,7 @@ pub enum ToSupervisor {
     /// Negotiated at INIT (first server only).
     Params { params: Params },
     /// Keep this record (and its descriptor) until deleted.
-    Put {
-        key: String,
-        rec: serde_json::Value,
-    },
+    Put { key: String, rec: serde_json::Value },
     /// Forget these records and close their descriptors; with `ack`, say `Ack` once closed.
     Del { keys: Vec<String>, ack: bool },
     /// The server answers requests.

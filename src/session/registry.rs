@@ -48,7 +48,10 @@ pub fn write(dir: &Path, e: &Entry) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     let path = entry_path(dir, e.supervisor_pid);
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(e).map_err(std::io::Error::other)?)?;
+    std::fs::write(
+        &tmp,
+        serde_json::to_vec_pretty(e).map_err(std::io::Error::other)?,
+    )?;
     std::fs::rename(&tmp, &path)
 }
 
@@ -104,4 +107,14 @@ pub fn status_json(mountpoint: &Path) -> Option<serde_json::Value> {
         "restarts": e.restarts,
         "upgrades": e.upgrades,
     }))
+}
+
+/// Add [`status_json`]'s fields to a mount's object in `baseguard status --json` (nothing
+/// when no supervisor is published for it).
+pub fn add_status_fields(v: &mut serde_json::Value, mountpoint: &Path) {
+    if let (Some(o), Some(serde_json::Value::Object(extra))) =
+        (v.as_object_mut(), status_json(mountpoint))
+    {
+        o.extend(extra);
+    }
 }

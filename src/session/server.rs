@@ -131,7 +131,9 @@ impl Attached {
                 let params = Params {
                     major,
                     minor,
-                    passthrough: shared.passthrough.load(std::sync::atomic::Ordering::Relaxed),
+                    passthrough: shared
+                        .passthrough
+                        .load(std::sync::atomic::Ordering::Relaxed),
                 };
                 link.send(&ToSupervisor::Params { params }, &[])
                     .map_err(|e| format!("cannot reach the supervisor: {e}"))?;

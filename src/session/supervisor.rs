@@ -363,7 +363,10 @@ impl Supervisor<'_> {
                 Event::Exited(..) | Event::Serving(_) => {}
                 Event::Upgrade(binary, reply) => {
                     if upgrade.is_some() || upgraded.is_some() || unmounting || !cur.serving {
-                        let _ = reply.send(Err("the mount is busy (starting, upgrading or unmounting); try again".into()));
+                        let _ = reply.send(Err(
+                            "the mount is busy (starting, upgrading or unmounting); try again"
+                                .into(),
+                        ));
                         continue;
                     }
                     tracing::info!(binary = %binary.display(), "upgrade: draining the serving process");
@@ -508,14 +511,22 @@ pub fn upgrade(mountpoint: &Path, binary: &Path) -> Result<u32, String> {
             mountpoint.display()
         )
     })?;
-    let conn = std::os::unix::net::UnixStream::connect(&e.control)
-        .map_err(|err| format!("cannot reach the supervisor at {}: {err}", e.control.display()))?;
+    let conn = std::os::unix::net::UnixStream::connect(&e.control).map_err(|err| {
+        format!(
+            "cannot reach the supervisor at {}: {err}",
+            e.control.display()
+        )
+    })?;
     let req = Request::Upgrade {
         binary: binary.to_path_buf(),
     };
     let mut w = &conn;
-    writeln!(w, "{}", serde_json::to_string(&req).map_err(|e| e.to_string())?)
-        .map_err(|e| e.to_string())?;
+    writeln!(
+        w,
+        "{}",
+        serde_json::to_string(&req).map_err(|e| e.to_string())?
+    )
+    .map_err(|e| e.to_string())?;
     let mut line = String::new();
     BufReader::new(&conn)
         .read_line(&mut line)
