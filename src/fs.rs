@@ -1176,6 +1176,19 @@ pub enum Handle {
     },
 }
 
+/// A node the kernel knows (by id), as a record a supervisor keeps so that a new serving
+/// process can answer requests on it: its identity and file handle (or, where the backing
+/// filesystem has no handles, its descriptor alongside).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct InodeRecord {
+    pub id: u64,
+    pub dev: u64,
+    pub ino: u64,
+    pub kind: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handle: Option<(i32, Vec<u8>)>,
+}
+
 /// Which handle to export.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum HandleKey {
@@ -1241,6 +1254,61 @@ impl Passthrough {
         };
         self.next_fh.fetch_max(fh + 1, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// The record of a node the kernel knows, and its descriptor if it has no file handle.
+    pub fn export_inode(&self, id: u64) -> Option<(InodeRecord, Option<OwnedFd>)> {
+        if id == ROOT_ID {
+            return None;
+        }
+        let inode = self.inodes.get(id)?;
+        self.creds.become_daemon();
+        let fd = self.fd(&inode).ok()?;
+        let handle = if self.inodes.handles_for(inode.dev) {
+            sys::name_to_handle(fd.as_fd()).ok()
+        } else {
+            None
+        };
+        let rec = InodeRecord {
+            id,
+            dev: inode.dev,
+            ino: inode.ino,
+            kind: inode.kind,
+            handle: handle.map(|h| h.to_parts()),
+        };
+        let fd = match rec.handle {
+            Some(_) => None,
+            None => Some(fd.as_fd().try_clone_to_owned().ok()?),
+        };
+        Some((rec, fd))
+    }
+
+    /// Know a node again that an earlier serving process exported (one lookup: the kernel
+    /// forgets it with its own count, all at once).
+    pub fn import_inode(&self, rec: InodeRecord, fd: Option<OwnedFd>) -> Result<u64> {
+        self.creds.become_daemon();
+        let root = self.root_fd();
+        let mut st = sys::fstat(root.as_fd())?;
+        st.st_dev = rec.dev;
+        st.st_ino = rec.ino;
+        st.st_mode = rec.kind;
+        if let Some(i) = self.inodes.known(&st) {
+            return Ok(i.id);
+        }
+        let inode = match (rec.handle, fd) {
+            (_, Some(fd)) => {
+                let st = sys::fstat(fd.as_fd())?;
+                if st.st_dev != rec.dev || st.st_ino != rec.ino {
+                    return Err(Errno(libc::ESTALE));
+                }
+                self.inodes.lookup_fd(fd, &st)?
+            }
+            (Some((t, b)), None) => self
+                .inodes
+                .lookup_handle(sys::FileHandle::from_parts(t, b), &st)?,
+            (None, None) => return Err(Errno(libc::ESTALE)),
+        };
+        Ok(inode.id)
     }
 
     /// Make the inode behind `fd` known (one lookup), for a handle taken over.

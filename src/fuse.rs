@@ -94,6 +94,9 @@ fn resent(req: &Request) -> bool {
 
 /// A resent removal whose name is gone was done by the server that died.
 fn removed(req: &Request, r: crate::fs::Result<()>) -> crate::fs::Result<()> {
+    if resent(req) {
+        tracing::info!(unique = req.unique().0, ok = r.is_ok(), "resent removal");
+    }
     match r {
         Err(Errno(libc::ENOENT)) if resent(req) => Ok(()),
         r => r,
@@ -173,13 +176,6 @@ fn timespec(t: TimeOrNow) -> TimeSpec {
     }
 }
 
-fn entry(reply: ReplyEntry, r: crate::fs::Result<(Arc<Inode>, Stat)>) {
-    match r {
-        Ok((inode, st)) => reply.entry(&TTL, &attr(&st, inode.id), Generation(0)),
-        Err(e) => reply.error(ferr(e)),
-    }
-}
-
 fn empty(reply: ReplyEmpty, r: crate::fs::Result<()>) {
     match r {
         Ok(()) => reply.ok(),
@@ -237,6 +233,24 @@ impl FuseAdapter {
 }
 
 impl FuseAdapter {
+    /// An entry reply; `fresh`: the node was just made (its number may be a reused one).
+    fn entry(&self, reply: ReplyEntry, r: crate::fs::Result<(Arc<Inode>, Stat)>, fresh: bool) {
+        match r {
+            Ok((inode, st)) => {
+                self.keep_inode(inode.id, fresh);
+                reply.entry(&TTL, &attr(&st, inode.id), Generation(0))
+            }
+            Err(e) => reply.error(ferr(e)),
+        }
+    }
+
+    /// Hand a node the kernel is about to learn to the supervisor.
+    fn keep_inode(&self, id: u64, fresh: bool) {
+        if let Some(c) = self.custody() {
+            c.keep_inode(&self.fs, id, fresh);
+        }
+    }
+
     /// Hand a new open file to the supervisor before the kernel hears of it.
     fn keep_file(&self, fh: u64, backing: Option<u32>) {
         if let Some(c) = self.custody() {
@@ -303,11 +317,16 @@ impl fuser::Filesystem for FuseAdapter {
     }
 
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        entry(reply, self.fs.lookup(caller(req), parent.0, name));
+        self.entry(reply, self.fs.lookup(caller(req), parent.0, name), false);
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
         self.fs.forget(ino.0, nlookup);
+        if let Some(c) = self.custody() {
+            if self.fs.inode(ino.0).is_err() {
+                c.forget_inode(ino.0);
+            }
+        }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -367,7 +386,7 @@ impl fuser::Filesystem for FuseAdapter {
         reply: ReplyEntry,
     ) {
         let r = self.fs.mknod(caller(req), parent.0, name, mode, rdev);
-        entry(reply, self.made(req, parent.0, name, r));
+        self.entry(reply, self.made(req, parent.0, name, r), true);
     }
 
     fn mkdir(
@@ -380,7 +399,7 @@ impl fuser::Filesystem for FuseAdapter {
         reply: ReplyEntry,
     ) {
         let r = self.fs.mkdir(caller(req), parent.0, name, mode);
-        entry(reply, self.made(req, parent.0, name, r));
+        self.entry(reply, self.made(req, parent.0, name, r), true);
     }
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -406,7 +425,7 @@ impl fuser::Filesystem for FuseAdapter {
         reply: ReplyEntry,
     ) {
         let r = self.fs.symlink(caller(req), parent.0, link_name, target);
-        entry(reply, self.made(req, parent.0, link_name, r));
+        self.entry(reply, self.made(req, parent.0, link_name, r), true);
     }
 
     fn rename(
@@ -439,7 +458,7 @@ impl fuser::Filesystem for FuseAdapter {
         reply: ReplyEntry,
     ) {
         let r = self.fs.link(caller(req), ino.0, newparent.0, newname);
-        entry(reply, self.made(req, newparent.0, newname, r));
+        self.entry(reply, self.made(req, newparent.0, newname, r), false);
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -476,6 +495,7 @@ impl fuser::Filesystem for FuseAdapter {
         };
         match self.fs.create(caller(req), parent.0, name, mode, flags) {
             Ok((inode, st, fh, f)) => {
+                self.keep_inode(inode.id, true);
                 let a = attr(&st, inode.id);
                 let flags = FopenFlags::empty();
                 match self.backing(&f, |fd| reply.open_backing(fd)) {
@@ -646,6 +666,9 @@ impl fuser::Filesystem for FuseAdapter {
                     self.fs.forget(inode.id, 1);
                 }
                 break;
+            }
+            if let Some(inode) = &inode {
+                self.keep_inode(inode.id, false);
             }
         }
         reply.ok()

@@ -871,3 +871,19 @@ pub fn umount(path: &std::path::Path) -> io::Result<()> {
     cvt(unsafe { libc::umount2(c.as_ptr(), 0) })?;
     Ok(())
 }
+
+impl FileHandle {
+    /// The handle's type and bytes, to be saved (a supervisor keeps them for the next
+    /// serving process).
+    pub fn to_parts(&self) -> (i32, Vec<u8>) {
+        (self.handle_type, self.bytes.to_vec())
+    }
+
+    /// A handle saved with [`FileHandle::to_parts`]. The kernel checks it when it is used.
+    pub fn from_parts(handle_type: i32, bytes: Vec<u8>) -> FileHandle {
+        FileHandle {
+            handle_type,
+            bytes: bytes.into_boxed_slice(),
+        }
+    }
+}

@@ -26,6 +26,11 @@ pub struct Kept {
     pub backing: Option<u32>,
 }
 
+/// The record key of a node the kernel knows.
+pub fn inode_key(id: u64) -> String {
+    format!("i/{id}")
+}
+
 /// The record key of a handle.
 pub fn key(k: HandleKey) -> String {
     match k {
@@ -45,6 +50,8 @@ pub struct Custody {
     acks: Mutex<Receiver<()>>,
     /// Lock descriptions handed to the supervisor, by (fh, owner).
     locks: Mutex<HashSet<(u64, u64)>>,
+    /// Nodes handed to the supervisor.
+    inodes: dashmap::DashSet<u64>,
 }
 
 impl Custody {
@@ -53,6 +60,7 @@ impl Custody {
             link,
             acks: Mutex::new(acks),
             locks: Mutex::new(HashSet::new()),
+            inodes: dashmap::DashSet::new(),
         }
     }
 
@@ -131,6 +139,50 @@ impl Custody {
 
     pub fn forget_dir(&self, fh: u64) {
         self.del(vec![key(HandleKey::Dir(fh))], false);
+    }
+
+    /// The kernel is about to learn node `id`: keep its record (once; again when `fresh`,
+    /// as a new file may reuse a number whose old file the kernel has not forgotten yet).
+    pub fn keep_inode(&self, fs: &Passthrough, id: u64, fresh: bool) {
+        if id == crate::inode::ROOT_ID {
+            return;
+        }
+        let new = self.inodes.insert(id);
+        if !new && !fresh {
+            return;
+        }
+        let Some((rec, fd)) = fs.export_inode(id) else {
+            self.inodes.remove(&id);
+            return;
+        };
+        let r = serde_json::to_value(&rec)
+            .map_err(std::io::Error::other)
+            .and_then(|rec| {
+                let fds: Vec<_> = fd.iter().map(|f| f.as_fd()).collect();
+                self.link.send(
+                    &ToSupervisor::Put {
+                        key: inode_key(id),
+                        rec,
+                    },
+                    &fds,
+                )
+            });
+        if let Err(e) = r {
+            self.inodes.remove(&id);
+            tracing::error!(id, error = %e, "cannot hand a node to the supervisor");
+        }
+    }
+
+    /// The kernel forgot node `id` (and this process dropped it).
+    pub fn forget_inode(&self, id: u64) {
+        if self.inodes.remove(&id).is_some() {
+            self.del(vec![inode_key(id)], false);
+        }
+    }
+
+    /// A node taken over from an earlier server.
+    pub fn adopt_inode(&self, id: u64) {
+        self.inodes.insert(id);
     }
 
     /// A lock description taken over from an earlier server.

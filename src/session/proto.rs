@@ -99,7 +99,8 @@ impl Link {
         if n == 0 && fds.is_empty() {
             return Ok(None);
         }
-        let msg = serde_json::from_slice(&buf[..n]).map_err(io::Error::other)?;
+        let msg = serde_json::from_slice(&buf[..n])
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         Ok(Some((msg, fds)))
     }
 }

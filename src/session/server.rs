@@ -12,7 +12,7 @@ use fuser::{Config, Session, SessionACL};
 
 use super::custody::{Custody, Kept};
 use super::proto::{Link, Params, ToServer, ToSupervisor};
-use crate::fs::{Handle, Passthrough};
+use crate::fs::{Handle, InodeRecord, Passthrough};
 use crate::fuse::{FuseAdapter, Handover};
 
 /// `FUSE_NOTIFY_RESEND`: the kernel puts every request a server read and did not answer
@@ -190,6 +190,26 @@ fn take_over(
 ) {
     let mut lost = Vec::new();
     for (key, rec, fd) in kept {
+        if key.starts_with("i/") {
+            let r = serde_json::from_value::<InodeRecord>(rec)
+                .map_err(|e| e.to_string())
+                .and_then(|rec| {
+                    let id = rec.id;
+                    match fs.import_inode(rec, fd) {
+                        Ok(got) if got == id => Ok(got),
+                        Ok(got) => Err(format!("came back as {got}")),
+                        Err(e) => Err(format!("errno {}", e.0)),
+                    }
+                });
+            match r {
+                Ok(id) => custody.adopt_inode(id),
+                Err(e) => {
+                    tracing::warn!(key, "cannot know a kept node again: {e}");
+                    lost.push(key);
+                }
+            }
+            continue;
+        }
         let k: Kept = match serde_json::from_value(rec) {
             Ok(k) => k,
             Err(e) => {
@@ -258,7 +278,13 @@ fn listen(link: &Arc<Link>, gate: &Arc<fuser::Gate>, acks: mpsc::Sender<()>) {
                         tracing::warn!("the supervisor is gone; serving on without it");
                         return;
                     }
-                    Err(e) => tracing::warn!(error = %e, "bad message from the supervisor"),
+                    Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                        tracing::warn!(error = %e, "bad message from the supervisor")
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "lost the supervisor; serving on without it");
+                        return;
+                    }
                 }
             }
         });

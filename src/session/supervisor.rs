@@ -272,6 +272,7 @@ impl Supervisor<'_> {
         let mut upgrade: Option<(PathBuf, Sender<Result<u32, String>>)> = None;
         let mut upgraded: Option<(Sender<Result<u32, String>>, PathBuf, Instant)> = None;
         let mut failures = 0u32;
+        let mut failed_upgrade: Option<(Sender<Result<u32, String>>, String)> = None;
         loop {
             let Ok(ev) = rx.recv() else {
                 return Ok(());
@@ -295,6 +296,7 @@ impl Supervisor<'_> {
                     tracing::info!(pid = cur.pid, generation = g, "serving process answers");
                 }
                 Event::Failed(g, msg) if g == cur.generation && !ready => {
+                    // It cannot start (a configuration error): say why, once.
                     let _ = sys::kill(cur.pid as i32, libc::SIGKILL);
                     return Err(msg);
                 }
@@ -307,7 +309,11 @@ impl Supervisor<'_> {
                         tracing::info!(mountpoint = %self.plan.mountpoint.display(), "unmounted");
                         return Ok(());
                     }
-                    if !ready {
+                    // Before the first server answers, a server that exits on its own
+                    // cannot start (it said why with `Failed`); one killed is replaced, a
+                    // few times.
+                    let killed = status.is_some_and(|s| s.code().is_none());
+                    if !ready && (!killed || failures >= 5) {
                         return Err(format!(
                             "the serving process {} before it answered",
                             describe(status)
@@ -319,12 +325,14 @@ impl Supervisor<'_> {
                         binary = next;
                         self.entry.upgrades += 1;
                     } else if let Some((reply, previous, _)) = upgraded.take() {
-                        // The new binary died before it answered: back to the old one.
-                        let _ = reply.send(Err(format!(
+                        // The new binary died before it answered: back to the old one
+                        // (the caller hears of it once that one runs).
+                        let msg = format!(
                             "the new serving process {} before it answered; {} serves again",
                             describe(status),
                             previous.display()
-                        )));
+                        );
+                        failed_upgrade = Some((reply, msg));
                         binary = previous;
                     } else {
                         self.entry.restarts += 1;
@@ -359,6 +367,9 @@ impl Supervisor<'_> {
                     self.entry.server_started = cur.started;
                     self.entry.binary = cur.binary.clone();
                     self.publish();
+                    if let Some((reply, msg)) = failed_upgrade.take() {
+                        let _ = reply.send(Err(msg));
+                    }
                 }
                 Event::Exited(..) | Event::Serving(_) => {}
                 Event::Upgrade(binary, reply) => {
@@ -423,10 +434,12 @@ fn keep(link: &Link, store: &Mutex<Store>, tx: &Sender<Event>, generation: u64) 
         let (msg, mut fds) = match link.recv::<ToSupervisor>() {
             Ok(Some(m)) => m,
             Ok(None) => return,
-            Err(e) => {
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
                 tracing::warn!(error = %e, "bad message from the serving process");
                 continue;
             }
+            // The server is gone (ECONNRESET when it died with messages unread).
+            Err(_) => return,
         };
         match msg {
             ToSupervisor::Params { params } => {
