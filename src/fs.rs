@@ -1257,13 +1257,34 @@ impl Passthrough {
     }
 
     /// The record of a node the kernel knows, and its descriptor if it has no file handle.
-    pub fn export_inode(&self, id: u64) -> Option<(InodeRecord, Option<OwnedFd>)> {
+    /// `file`: a descriptor of the node just opened (a file just created), which names it
+    /// for sure; otherwise the node's cached descriptor is used, unless it is a removed file
+    /// whose number a new file may have taken (`None` then: nothing sure to keep).
+    pub fn export_inode(
+        &self,
+        id: u64,
+        file: Option<std::os::fd::BorrowedFd<'_>>,
+    ) -> Option<(InodeRecord, Option<OwnedFd>)> {
         if id == ROOT_ID {
             return None;
         }
         let inode = self.inodes.get(id)?;
         self.creds.become_daemon();
-        let fd = self.fd(&inode).ok()?;
+        let fd = match file {
+            Some(f) => f.try_clone_to_owned().ok()?,
+            None => {
+                let fd = self.fd(&inode).ok()?;
+                let st = sys::fstat(fd.as_fd()).ok()?;
+                if st.st_nlink == 0 {
+                    return None;
+                }
+                fd.as_fd().try_clone_to_owned().ok()?
+            }
+        };
+        let st = sys::fstat(fd.as_fd()).ok()?;
+        if st.st_dev != inode.dev || st.st_ino != inode.ino {
+            return None;
+        }
         let handle = if self.inodes.handles_for(inode.dev) {
             sys::name_to_handle(fd.as_fd()).ok()
         } else {
@@ -1278,7 +1299,7 @@ impl Passthrough {
         };
         let fd = match rec.handle {
             Some(_) => None,
-            None => Some(fd.as_fd().try_clone_to_owned().ok()?),
+            None => Some(fd),
         };
         Some((rec, fd))
     }
@@ -1295,20 +1316,22 @@ impl Passthrough {
         if let Some(i) = self.inodes.known(&st) {
             return Ok(i.id);
         }
-        let inode = match (rec.handle, fd) {
-            (_, Some(fd)) => {
-                let st = sys::fstat(fd.as_fd())?;
-                if st.st_dev != rec.dev || st.st_ino != rec.ino {
-                    return Err(Errno(libc::ESTALE));
-                }
-                self.inodes.lookup_fd(fd, &st)?
+        // Open it now: a handle of a file removed since (whose number a new file may
+        // have taken) must not come back as that number.
+        let fd = match (rec.handle, fd) {
+            (_, Some(fd)) => fd,
+            (Some((t, b)), None) => {
+                let mount_fd = sys::reopen(root.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY)?;
+                let h = sys::FileHandle::from_parts(t, b);
+                sys::open_by_handle(mount_fd.as_fd(), &h, libc::O_PATH | libc::O_NOFOLLOW)?
             }
-            (Some((t, b)), None) => self
-                .inodes
-                .lookup_handle(sys::FileHandle::from_parts(t, b), &st)?,
             (None, None) => return Err(Errno(libc::ESTALE)),
         };
-        Ok(inode.id)
+        let st = sys::fstat(fd.as_fd())?;
+        if st.st_dev != rec.dev || st.st_ino != rec.ino {
+            return Err(Errno(libc::ESTALE));
+        }
+        Ok(self.inodes.lookup_fd(fd, &st)?.id)
     }
 
     /// Make the inode behind `fd` known (one lookup), for a handle taken over.

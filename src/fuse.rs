@@ -237,7 +237,7 @@ impl FuseAdapter {
     fn entry(&self, reply: ReplyEntry, r: crate::fs::Result<(Arc<Inode>, Stat)>, fresh: bool) {
         match r {
             Ok((inode, st)) => {
-                self.keep_inode(inode.id, fresh);
+                self.keep_inode(inode.id, fresh, None);
                 reply.entry(&TTL, &attr(&st, inode.id), Generation(0))
             }
             Err(e) => reply.error(ferr(e)),
@@ -245,9 +245,9 @@ impl FuseAdapter {
     }
 
     /// Hand a node the kernel is about to learn to the supervisor.
-    fn keep_inode(&self, id: u64, fresh: bool) {
+    fn keep_inode(&self, id: u64, fresh: bool, file: Option<BorrowedFd<'_>>) {
         if let Some(c) = self.custody() {
-            c.keep_inode(&self.fs, id, fresh);
+            c.keep_inode(&self.fs, id, fresh, file);
         }
     }
 
@@ -495,7 +495,7 @@ impl fuser::Filesystem for FuseAdapter {
         };
         match self.fs.create(caller(req), parent.0, name, mode, flags) {
             Ok((inode, st, fh, f)) => {
-                self.keep_inode(inode.id, true);
+                self.keep_inode(inode.id, true, Some(f.file.as_fd()));
                 let a = attr(&st, inode.id);
                 let flags = FopenFlags::empty();
                 match self.backing(&f, |fd| reply.open_backing(fd)) {
@@ -668,7 +668,7 @@ impl fuser::Filesystem for FuseAdapter {
                 break;
             }
             if let Some(inode) = &inode {
-                self.keep_inode(inode.id, false);
+                self.keep_inode(inode.id, false, None);
             }
         }
         reply.ok()

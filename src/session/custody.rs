@@ -143,7 +143,13 @@ impl Custody {
 
     /// The kernel is about to learn node `id`: keep its record (once; again when `fresh`,
     /// as a new file may reuse a number whose old file the kernel has not forgotten yet).
-    pub fn keep_inode(&self, fs: &Passthrough, id: u64, fresh: bool) {
+    pub fn keep_inode(
+        &self,
+        fs: &Passthrough,
+        id: u64,
+        fresh: bool,
+        file: Option<std::os::fd::BorrowedFd<'_>>,
+    ) {
         if id == crate::inode::ROOT_ID {
             return;
         }
@@ -151,7 +157,7 @@ impl Custody {
         if !new && !fresh {
             return;
         }
-        let Some((rec, fd)) = fs.export_inode(id) else {
+        let Some((rec, fd)) = fs.export_inode(id, file) else {
             self.inodes.remove(&id);
             return;
         };
