@@ -71,11 +71,14 @@ struct Store {
     kept: BTreeMap<String, (serde_json::Value, Option<OwnedFd>)>,
 }
 
+/// Where the answer to `baseguard upgrade` goes: the new server's pid, or why not.
+type Answer = Sender<Result<u32, String>>;
+
 enum Event {
     Serving(u64),
     Failed(u64, String),
     Exited(u64, Option<ExitStatus>),
-    Upgrade(PathBuf, Sender<Result<u32, String>>),
+    Upgrade(PathBuf, Answer),
     Signal(i32),
 }
 
@@ -269,10 +272,10 @@ impl Supervisor<'_> {
         let mut unmounting = false;
         // An upgrade in progress: the binary to start next, who asked, and the one to fall
         // back to.
-        let mut upgrade: Option<(PathBuf, Sender<Result<u32, String>>)> = None;
-        let mut upgraded: Option<(Sender<Result<u32, String>>, PathBuf, Instant)> = None;
+        let mut upgrade: Option<(PathBuf, Answer)> = None;
+        let mut upgraded: Option<(Answer, PathBuf, Instant)> = None;
         let mut failures = 0u32;
-        let mut failed_upgrade: Option<(Sender<Result<u32, String>>, String)> = None;
+        let mut failed_upgrade: Option<(Answer, String)> = None;
         loop {
             let Ok(ev) = rx.recv() else {
                 return Ok(());
