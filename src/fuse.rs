@@ -226,7 +226,12 @@ impl FuseAdapter {
         if let Entry::Occupied(mut o) = self.shared.backing.entry(inode) {
             o.get_mut().1 -= 1;
             if o.get().1 == 0 {
-                o.remove();
+                let (id, _) = o.remove();
+                // Closed in the kernel once the supervisor no longer names it.
+                match self.custody() {
+                    Some(c) => c.drop_after_flush(Box::new(id)),
+                    None => drop(id),
+                }
             }
         }
     }

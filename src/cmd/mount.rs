@@ -53,6 +53,10 @@ pub struct MountArgs {
     /// Internal: the serving process of a detached mount (logs as a detached daemon).
     #[arg(long, hide = true)]
     pub log_target_detached: bool,
+    /// Benchmarking only: do not hand handles to the supervisor (a killed server then loses
+    /// open files and locks), to measure what the hand-over costs.
+    #[arg(long, hide = true)]
+    pub no_handover: bool,
     /// Worker threads serving requests, so a slow NFS call or a blocked lock
     /// does not hold up the rest [default: 8].
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
@@ -352,26 +356,34 @@ impl MountArgs {
         };
         let generation = att.generation();
         let detached = self.log_target_detached;
-        let r = att.serve(Arc::clone(&fs), !self.no_passthrough, acl, threads, || {
-            tracing::info!(
-                backing = %backing.display(),
-                mountpoint = %mountpoint.display(),
-                threads,
-                generation,
-                pid = std::process::id(),
-                "serving"
-            );
-            if detached {
-                if let Err(e) = sys::redirect_stdio_to_devnull() {
-                    tracing::warn!(error = %e, "cannot detach from the starting terminal");
+        let handover = !self.no_handover;
+        let r = att.serve(
+            Arc::clone(&fs),
+            !self.no_passthrough,
+            acl,
+            threads,
+            handover,
+            || {
+                tracing::info!(
+                    backing = %backing.display(),
+                    mountpoint = %mountpoint.display(),
+                    threads,
+                    generation,
+                    pid = std::process::id(),
+                    "serving"
+                );
+                if detached {
+                    if let Err(e) = sys::redirect_stdio_to_devnull() {
+                        tracing::warn!(error = %e, "cannot detach from the starting terminal");
+                    }
                 }
-            }
-            if let Some(q) = quarantine {
-                if let Err(e) = spawn_expiry(q, self.retain.unwrap_or(DEFAULT_RETAIN), refs) {
-                    tracing::error!("{e}");
+                if let Some(q) = quarantine {
+                    if let Err(e) = spawn_expiry(q, self.retain.unwrap_or(DEFAULT_RETAIN), refs) {
+                        tracing::error!("{e}");
+                    }
                 }
-            }
-        });
+            },
+        );
         if let Some(p) = &self.stats_file {
             write_stats(p, &fs);
         }

@@ -43,9 +43,89 @@ pub fn key(k: HandleKey) -> String {
 /// How long to wait for the supervisor to confirm it closed a lock description.
 const ACK_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a forgotten handle may wait to be sent with others.
+const BATCH: Duration = Duration::from_millis(1);
+
+/// Everything sent to the supervisor goes out in order through here. Forgetting a handle
+/// (no lock) is only queued, and sent with the next message or by the flusher within
+/// [`BATCH`]: a lost one only leaks a descriptor until unmount, and queuing keeps the
+/// close path to one cross-process message per open file instead of two.
+struct Outbox {
+    link: Arc<Link>,
+    pending: Mutex<Pending>,
+    wake: parking_lot::Condvar,
+}
+
+/// Deletions not sent yet, and what may only be dropped once they are (a passthrough
+/// backing id: closed in the kernel only after the supervisor no longer names it, so a
+/// new server never adopts an id the kernel gave to another file).
+#[derive(Default)]
+struct Pending {
+    keys: Vec<String>,
+    after: Vec<Box<dyn Send>>,
+}
+
+impl Pending {
+    fn is_empty(&self) -> bool {
+        self.keys.is_empty() && self.after.is_empty()
+    }
+}
+
+impl Outbox {
+    /// Send `msg` after every queued deletion (the caller holds `pending`).
+    fn send_locked(
+        &self,
+        pending: &mut Pending,
+        msg: &ToSupervisor,
+        fds: &[std::os::fd::BorrowedFd<'_>],
+    ) -> io::Result<()> {
+        self.flush_locked(pending)?;
+        self.link.send(msg, fds)
+    }
+
+    fn flush_locked(&self, pending: &mut Pending) -> io::Result<()> {
+        if !pending.keys.is_empty() {
+            let keys = std::mem::take(&mut pending.keys);
+            self.link
+                .send(&ToSupervisor::Del { keys, ack: false }, &[])?;
+        }
+        pending.after.clear();
+        Ok(())
+    }
+
+    fn send(&self, msg: &ToSupervisor, fds: &[std::os::fd::BorrowedFd<'_>]) -> io::Result<()> {
+        let mut p = self.pending.lock();
+        self.send_locked(&mut p, msg, fds)
+    }
+
+    fn queue(&self, keys: Vec<String>, after: Option<Box<dyn Send>>) {
+        let mut p = self.pending.lock();
+        let was_empty = p.is_empty();
+        p.keys.extend(keys);
+        p.after.extend(after);
+        if was_empty {
+            self.wake.notify_one();
+        }
+    }
+
+    fn flusher(self: Arc<Self>) {
+        let mut p = self.pending.lock();
+        loop {
+            if p.is_empty() {
+                self.wake.wait(&mut p);
+                continue;
+            }
+            self.wake.wait_for(&mut p, BATCH);
+            if let Err(e) = self.flush_locked(&mut p) {
+                tracing::warn!(error = %e, "cannot reach the supervisor");
+            }
+        }
+    }
+}
+
 /// The serving process's link to the supervisor's keeper.
 pub struct Custody {
-    link: Arc<Link>,
+    out: Arc<Outbox>,
     /// Serialises the messages that wait for an `Ack`, and receives the acks.
     acks: Mutex<Receiver<()>>,
     /// Lock descriptions handed to the supervisor, by (fh, owner).
@@ -56,8 +136,20 @@ pub struct Custody {
 
 impl Custody {
     pub fn new(link: Arc<Link>, acks: Receiver<()>) -> Custody {
-        Custody {
+        let out = Arc::new(Outbox {
             link,
+            pending: Mutex::new(Pending::default()),
+            wake: parking_lot::Condvar::new(),
+        });
+        let o = Arc::clone(&out);
+        if let Err(e) = std::thread::Builder::new()
+            .name("custody".into())
+            .spawn(move || o.flusher())
+        {
+            tracing::error!(error = %e, "cannot start the custody flusher");
+        }
+        Custody {
+            out,
             acks: Mutex::new(acks),
             locks: Mutex::new(HashSet::new()),
             inodes: dashmap::DashSet::new(),
@@ -70,22 +162,25 @@ impl Custody {
         };
         let rec = serde_json::to_value(Kept { handle, backing }).map_err(io::Error::other)?;
         let msg = ToSupervisor::Put { key: key(k), rec };
-        self.link.send(&msg, &[fd.as_fd()])
+        self.out.send(&msg, &[fd.as_fd()])
     }
 
     fn del(&self, keys: Vec<String>, ack: bool) {
-        let r = if ack {
+        if !ack {
+            self.out.queue(keys, None);
+            return;
+        }
+        // A lock's description: closed in the supervisor before the caller hears back.
+        let r = {
             let acks = self.acks.lock();
             while acks.try_recv().is_ok() {}
-            self.link
+            self.out
                 .send(&ToSupervisor::Del { keys, ack }, &[])
                 .and_then(|_| match acks.recv_timeout(ACK_TIMEOUT) {
                     Ok(()) => Ok(()),
                     Err(RecvTimeoutError::Timeout) => Err(io::ErrorKind::TimedOut.into()),
                     Err(RecvTimeoutError::Disconnected) => Err(io::ErrorKind::BrokenPipe.into()),
                 })
-        } else {
-            self.link.send(&ToSupervisor::Del { keys, ack }, &[])
         };
         if let Err(e) = r {
             tracing::error!(error = %e, "the supervisor did not take back a handle");
@@ -165,7 +260,7 @@ impl Custody {
             .map_err(std::io::Error::other)
             .and_then(|rec| {
                 let fds: Vec<_> = fd.iter().map(|f| f.as_fd()).collect();
-                self.link.send(
+                self.out.send(
                     &ToSupervisor::Put {
                         key: inode_key(id),
                         rec,
@@ -183,6 +278,20 @@ impl Custody {
     pub fn forget_inode(&self, id: u64) {
         if self.inodes.remove(&id).is_some() {
             self.del(vec![inode_key(id)], false);
+        }
+    }
+
+    /// Drop `item` (a passthrough backing id) only once the supervisor has forgotten the
+    /// handles queued so far.
+    pub fn drop_after_flush(&self, item: Box<dyn Send>) {
+        self.out.queue(Vec::new(), Some(item));
+    }
+
+    /// Send every queued deletion now (before a hand-over).
+    pub fn flush(&self) {
+        let mut p = self.out.pending.lock();
+        if let Err(e) = self.out.flush_locked(&mut p) {
+            tracing::warn!(error = %e, "cannot reach the supervisor");
         }
     }
 

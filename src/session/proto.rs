@@ -94,14 +94,23 @@ impl Link {
 
     /// The next message; `None` when the peer has closed its end.
     pub fn recv<T: DeserializeOwned>(&self) -> io::Result<Option<(T, Vec<OwnedFd>)>> {
-        let mut buf = vec![0u8; MAX_MESSAGE];
-        let (n, fds) = sys::recv_with_fds(self.fd.as_fd(), &mut buf)?;
-        if n == 0 && fds.is_empty() {
-            return Ok(None);
+        // One buffer per thread, reused: a fresh one per message would cost more than the
+        // message (the supervisor takes one per open and close).
+        thread_local! {
+            static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
-        let msg = serde_json::from_slice(&buf[..n])
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-        Ok(Some((msg, fds)))
+        BUF.with_borrow_mut(|buf| {
+            if buf.len() < MAX_MESSAGE {
+                buf.resize(MAX_MESSAGE, 0);
+            }
+            let (n, fds) = sys::recv_with_fds(self.fd.as_fd(), buf)?;
+            if n == 0 && fds.is_empty() {
+                return Ok(None);
+            }
+            let msg = serde_json::from_slice(&buf[..n])
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            Ok(Some((msg, fds)))
+        })
     }
 }
 

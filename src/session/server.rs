@@ -98,6 +98,7 @@ impl Attached {
         passthrough: bool,
         acl: SessionACL,
         threads: usize,
+        handover: bool,
         on_serving: impl FnOnce(),
     ) -> Result<(), String> {
         let Attached {
@@ -112,7 +113,9 @@ impl Attached {
         let (ack_tx, ack_rx) = mpsc::channel();
         let custody = Arc::new(Custody::new(Arc::clone(&link), ack_rx));
         let shared = Arc::new(Handover::default());
-        let _ = shared.custody.set(Arc::clone(&custody));
+        if handover {
+            let _ = shared.custody.set(Arc::clone(&custody));
+        }
         let adapter = FuseAdapter::with_handover(Arc::clone(&fs), passthrough, Arc::clone(&shared));
         let mut config = Config::default();
         config.acl = acl;
@@ -157,7 +160,7 @@ impl Attached {
             }
         };
         let _ = shared.gate.set(session.gate());
-        listen(&link, &session.gate(), ack_tx);
+        listen(&link, &session.gate(), &custody, ack_tx);
         if params.is_some() {
             let mut f = std::fs::File::from(notify);
             let mut msg = Vec::with_capacity(16);
@@ -189,6 +192,7 @@ fn take_over(
     kept: Vec<(String, serde_json::Value, Option<OwnedFd>)>,
 ) {
     let mut lost = Vec::new();
+    let mut adopted = std::collections::HashSet::new();
     for (key, rec, fd) in kept {
         if key.starts_with("i/") {
             let r = serde_json::from_value::<InodeRecord>(rec)
@@ -232,11 +236,16 @@ fn take_over(
             Handle::Lock { fh, owner } => custody.adopt_lock(fh, owner),
             Handle::File { fh, .. } => {
                 if let (Some(id), Ok(f)) = (k.backing, fs.file(fh)) {
-                    shared
-                        .backing
-                        .entry(f.inode)
-                        .and_modify(|e| e.1 += 1)
-                        .or_insert_with(|| (s.adopt_backing(id), 1));
+                    match shared.backing.entry(f.inode) {
+                        dashmap::mapref::entry::Entry::Occupied(mut o) => o.get_mut().1 += 1,
+                        // One owner per id, whatever the records say.
+                        dashmap::mapref::entry::Entry::Vacant(v) if adopted.insert(id) => {
+                            v.insert((s.adopt_backing(id), 1));
+                        }
+                        dashmap::mapref::entry::Entry::Vacant(_) => {
+                            tracing::warn!(fh, id, "a backing id named twice; not adopted again");
+                        }
+                    }
                 }
             }
             Handle::Dir { .. } => {}
@@ -254,8 +263,13 @@ fn take_over(
 }
 
 /// Messages from the supervisor: acknowledgements, and the order to hand over.
-fn listen(link: &Arc<Link>, gate: &Arc<fuser::Gate>, acks: mpsc::Sender<()>) {
-    let (link, gate) = (Arc::clone(link), Arc::clone(gate));
+fn listen(
+    link: &Arc<Link>,
+    gate: &Arc<fuser::Gate>,
+    custody: &Arc<Custody>,
+    acks: mpsc::Sender<()>,
+) {
+    let (link, gate, custody) = (Arc::clone(link), Arc::clone(gate), Arc::clone(custody));
     let spawned = std::thread::Builder::new()
         .name("supervisor".into())
         .spawn(move || {
@@ -269,6 +283,7 @@ fn listen(link: &Arc<Link>, gate: &Arc<fuser::Gate>, acks: mpsc::Sender<()>) {
                         while gate.busy() > 0 {
                             std::thread::sleep(Duration::from_micros(200));
                         }
+                        custody.flush();
                         tracing::info!("handed over: every request started is answered");
                         let _ = link.send(&ToSupervisor::Drained, &[]);
                         std::process::exit(0);
