@@ -312,6 +312,14 @@ impl fuser::Filesystem for FuseAdapter {
         self.shared
             .passthrough
             .store(self.passthrough, Ordering::Relaxed);
+        if let Some(c) = self.custody() {
+            let v = config.kernel_abi();
+            c.keep_params(crate::session::proto::Params {
+                major: v.0,
+                minor: v.1,
+                passthrough: self.passthrough,
+            });
+        }
         tracing::info!(
             passthrough = self.passthrough,
             locks = caps.contains(InitFlags::FUSE_POSIX_LOCKS),

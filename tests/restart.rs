@@ -536,3 +536,18 @@ fn sigterm_unmounts_and_both_processes_exit() {
     }
     assert!(registry::find(&mp).is_none());
 }
+
+#[test]
+fn a_first_server_killed_at_once_is_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let backing = dir.path().join("backing");
+    std::fs::create_dir(&backing).unwrap();
+    std::fs::write(backing.join("f"), b"x").unwrap();
+    // Mounted (the supervisor mounts before the first server answers INIT): kill that
+    // server at once, before or after INIT.
+    let m = Mount::new(&backing, &[]);
+    let e = kill_server(&m.mountpoint);
+    assert_eq!(e.restarts, 1);
+    assert_eq!(std::fs::read(m.path("f")).unwrap(), b"x");
+    assert_eq!(m.unmount().code(), Some(0));
+}

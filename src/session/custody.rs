@@ -287,6 +287,14 @@ impl Custody {
         self.out.queue(Vec::new(), Some(item));
     }
 
+    /// What INIT negotiated, sent before the kernel gets the INIT reply: a server killed
+    /// right after it must not leave the next one waiting for an INIT that never comes.
+    pub fn keep_params(&self, params: super::proto::Params) {
+        if let Err(e) = self.out.send(&ToSupervisor::Params { params }, &[]) {
+            tracing::error!(error = %e, "cannot reach the supervisor");
+        }
+    }
+
     /// Send every queued deletion now (before a hand-over).
     pub fn flush(&self) {
         let mut p = self.out.pending.lock();
