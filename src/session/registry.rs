@@ -35,12 +35,16 @@ pub fn run_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/run/baseguard"))
 }
 
+/// Prefix of a supervisor's files in the run directory (other parts of baseguard keep
+/// files there too).
+const PREFIX: &str = "session-";
+
 pub fn entry_path(dir: &Path, supervisor_pid: u32) -> PathBuf {
-    dir.join(format!("{supervisor_pid}.json"))
+    dir.join(format!("{PREFIX}{supervisor_pid}.json"))
 }
 
 pub fn control_path(dir: &Path, supervisor_pid: u32) -> PathBuf {
-    dir.join(format!("{supervisor_pid}.sock"))
+    dir.join(format!("{PREFIX}{supervisor_pid}.sock"))
 }
 
 /// Publish (atomically replace) a supervisor's entry.
@@ -71,7 +75,8 @@ fn alive(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
-/// Every published entry whose supervisor still runs.
+/// Every published entry whose supervisor still runs (the files of one that was killed
+/// are removed on the way).
 pub fn list() -> Vec<Entry> {
     let dir = run_dir();
     let Ok(rd) = std::fs::read_dir(&dir) else {
@@ -79,10 +84,20 @@ pub fn list() -> Vec<Entry> {
     };
     let mut out: Vec<Entry> = rd
         .flatten()
-        .filter(|d| d.path().extension().is_some_and(|x| x == "json"))
-        .filter_map(|d| std::fs::read(d.path()).ok())
+        .map(|d| d.path())
+        .filter(|p| {
+            let name = p.file_name().unwrap_or_default().to_string_lossy();
+            name.starts_with(PREFIX) && name.ends_with(".json")
+        })
+        .filter_map(|p| std::fs::read(p).ok())
         .filter_map(|b| serde_json::from_slice::<Entry>(&b).ok())
-        .filter(|e| alive(e.supervisor_pid))
+        .filter(|e| {
+            let live = alive(e.supervisor_pid);
+            if !live {
+                remove(&dir, e.supervisor_pid);
+            }
+            live
+        })
         .collect();
     out.sort_by(|a, b| a.mountpoint.cmp(&b.mountpoint));
     out
