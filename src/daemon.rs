@@ -17,6 +17,9 @@
 //!
 //! The parent is what mount(8) (and systemd's mount unit) waits on, so `mount -a` returns only
 //! once the filesystem answers, and fails with the child's own sentence when it can't start.
+//!
+//! The child is the session's supervisor ([`crate::session::supervisor`]): it mounts and
+//! starts the serving process, and says READY once that one answers.
 
 use std::ffi::OsString;
 use std::io::{self, BufRead, BufReader, Read, Write};

@@ -73,6 +73,23 @@ impl OpenFile {
 }
 
 impl OpenFile {
+    /// An open file; `guard` its state for the guard ([`UNGUARDED`]...).
+    pub fn new(file: File, inode: u64, flags: i32, guard: u8) -> OpenFile {
+        let kills_privs = flags & libc::O_ACCMODE != libc::O_RDONLY
+            && sys::fstat(file.as_fd()).is_ok_and(|st| {
+                st.st_mode & libc::S_ISUID != 0
+                    || st.st_mode & (libc::S_ISGID | libc::S_IXGRP)
+                        == (libc::S_ISGID | libc::S_IXGRP)
+            });
+        OpenFile {
+            file,
+            inode,
+            flags,
+            guard: AtomicU8::new(guard),
+            kills_privs,
+        }
+    }
+
     /// Opened with `O_DIRECT`.
     pub fn direct(&self) -> bool {
         self.flags & libc::O_DIRECT != 0
@@ -1266,19 +1283,7 @@ impl Passthrough {
 
     fn register_file(&self, file: File, inode: u64, flags: i32, guard: u8) -> (u64, Arc<OpenFile>) {
         let fh = self.new_fh();
-        let kills_privs = flags & libc::O_ACCMODE != libc::O_RDONLY
-            && sys::fstat(file.as_fd()).is_ok_and(|st| {
-                st.st_mode & libc::S_ISUID != 0
-                    || st.st_mode & (libc::S_ISGID | libc::S_IXGRP)
-                        == (libc::S_ISGID | libc::S_IXGRP)
-            });
-        let f = Arc::new(OpenFile {
-            file,
-            inode,
-            flags,
-            guard: AtomicU8::new(guard),
-            kills_privs,
-        });
+        let f = Arc::new(OpenFile::new(file, inode, flags, guard));
         self.files.insert(fh, Arc::clone(&f));
         self.mind_descriptors();
         (fh, f)
@@ -1916,5 +1921,205 @@ impl Passthrough {
     /// Inodes known and descriptors held.
     pub fn inode_counts(&self) -> (usize, usize) {
         self.inodes.counts()
+    }
+}
+
+// ---- hand-over to a new serving process ------------------------------------
+
+/// An open handle the kernel holds, as a record a supervisor keeps (with the handle's
+/// descriptor) so that a new serving process can take it over: the file (and its locks)
+/// stays open across the hand-over.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Handle {
+    File {
+        fh: u64,
+        inode: u64,
+        flags: i32,
+    },
+    Dir {
+        fh: u64,
+    },
+    /// The lock description of one lock owner of an open file.
+    Lock {
+        fh: u64,
+        owner: u64,
+    },
+}
+
+/// A node the kernel knows (by id), as a record a supervisor keeps so that a new serving
+/// process can answer requests on it: its identity and file handle (or, where the backing
+/// filesystem has no handles, its descriptor alongside).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct InodeRecord {
+    pub id: u64,
+    pub dev: u64,
+    pub ino: u64,
+    pub kind: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handle: Option<(i32, Vec<u8>)>,
+}
+
+/// Which handle to export.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum HandleKey {
+    File(u64),
+    Dir(u64),
+    Lock(u64, u64),
+}
+
+impl Passthrough {
+    /// The record and a duplicate descriptor of an open handle (to hand to a keeper).
+    pub fn export_handle(&self, key: HandleKey) -> Option<(Handle, OwnedFd)> {
+        match key {
+            HandleKey::File(fh) => {
+                let f = self.files.get(&fh)?;
+                let fd = f.file.as_fd().try_clone_to_owned().ok()?;
+                let h = Handle::File {
+                    fh,
+                    inode: f.inode,
+                    flags: f.flags,
+                };
+                Some((h, fd))
+            }
+            HandleKey::Dir(fh) => {
+                let d = self.dirs.get(&fh)?;
+                let fd = d.dir.fd.as_fd().try_clone_to_owned().ok()?;
+                Some((Handle::Dir { fh }, fd))
+            }
+            HandleKey::Lock(fh, owner) => {
+                let l = self.locks.get(&(fh, owner))?;
+                let fd = l.as_fd().try_clone_to_owned().ok()?;
+                Some((Handle::Lock { fh, owner }, fd))
+            }
+        }
+    }
+
+    /// Take over a handle exported by an earlier serving process, with its descriptor: the
+    /// handle number stays the same (the kernel uses it), and the inode of an open file is
+    /// known again. Handles numbered after it are allocated past it.
+    pub fn import_handle(&self, h: Handle, fd: OwnedFd) -> Result<()> {
+        self.creds.become_daemon();
+        let fh = match h {
+            Handle::File { fh, flags, .. } => {
+                let st = sys::fstat(fd.as_fd())?;
+                let inode = self.learn(&fd, &st)?;
+                let file = File::from(fd);
+                // The guard's state of the handle is not kept: a write
+                // handle of a protected file starts guarded again (its next
+                // destructive write copies the file first).
+                let guard = match self.inode(inode) {
+                    Ok(i) if flags & libc::O_ACCMODE != libc::O_RDONLY => {
+                        self.guard_open(&i, file.as_fd(), flags).unwrap_or(GUARDED)
+                    }
+                    _ => UNGUARDED,
+                };
+                self.files
+                    .insert(fh, Arc::new(OpenFile::new(file, inode, flags, guard)));
+                fh
+            }
+            Handle::Dir { fh } => {
+                let st = sys::fstat(fd.as_fd())?;
+                let id = self.learn(&fd, &st)?;
+                let fd = Arc::new(fd);
+                let entries = self.snapshot(&fd)?;
+                let state = Mutex::new((true, Arc::new(entries)));
+                let dir = DirRef { id, fd };
+                self.dirs.insert(fh, Arc::new(OpenDir { dir, state }));
+                fh
+            }
+            Handle::Lock { fh, owner } => {
+                self.locks.insert((fh, owner), Arc::new(fd));
+                fh
+            }
+        };
+        self.next_fh.fetch_max(fh + 1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The record of a node the kernel knows, and its descriptor if it has no file handle.
+    /// `file`: a descriptor of the node just opened (a file just created), which names it
+    /// for sure; otherwise the node's cached descriptor is used, unless it is a removed file
+    /// whose number a new file may have taken (`None` then: nothing sure to keep).
+    pub fn export_inode(
+        &self,
+        id: u64,
+        file: Option<std::os::fd::BorrowedFd<'_>>,
+    ) -> Option<(InodeRecord, Option<OwnedFd>)> {
+        if id == ROOT_ID {
+            return None;
+        }
+        let inode = self.inodes.get(id)?;
+        self.creds.become_daemon();
+        let fd = match file {
+            Some(f) => f.try_clone_to_owned().ok()?,
+            None => {
+                let fd = self.fd(&inode).ok()?;
+                let st = sys::fstat(fd.as_fd()).ok()?;
+                if st.st_nlink == 0 {
+                    return None;
+                }
+                fd.as_fd().try_clone_to_owned().ok()?
+            }
+        };
+        let st = sys::fstat(fd.as_fd()).ok()?;
+        if st.st_dev != inode.dev || st.st_ino != inode.ino {
+            return None;
+        }
+        let handle = if self.inodes.handles_for(inode.dev) {
+            sys::name_to_handle(fd.as_fd()).ok()
+        } else {
+            None
+        };
+        let rec = InodeRecord {
+            id,
+            dev: inode.dev,
+            ino: inode.ino,
+            kind: inode.kind,
+            handle: handle.map(|h| h.to_parts()),
+        };
+        let fd = match rec.handle {
+            Some(_) => None,
+            None => Some(fd),
+        };
+        Some((rec, fd))
+    }
+
+    /// Know a node again that an earlier serving process exported (one lookup: the kernel
+    /// forgets it with its own count, all at once).
+    pub fn import_inode(&self, rec: InodeRecord, fd: Option<OwnedFd>) -> Result<u64> {
+        self.creds.become_daemon();
+        let root = self.root_fd();
+        let mut st = sys::fstat(root.as_fd())?;
+        st.st_dev = rec.dev;
+        st.st_ino = rec.ino;
+        st.st_mode = rec.kind;
+        if let Some(i) = self.inodes.known(&st) {
+            return Ok(i.id);
+        }
+        // Open it now: a handle of a file removed since (whose number a new file may
+        // have taken) must not come back as that number.
+        let fd = match (rec.handle, fd) {
+            (_, Some(fd)) => fd,
+            (Some((t, b)), None) => {
+                let mount_fd = sys::reopen(root.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY)?;
+                let h = sys::FileHandle::from_parts(t, b);
+                sys::open_by_handle(mount_fd.as_fd(), &h, libc::O_PATH | libc::O_NOFOLLOW)?
+            }
+            (None, None) => return Err(Errno(libc::ESTALE)),
+        };
+        let st = sys::fstat(fd.as_fd())?;
+        if st.st_dev != rec.dev || st.st_ino != rec.ino {
+            return Err(Errno(libc::ESTALE));
+        }
+        Ok(self.inodes.lookup_fd(fd, &st, None)?.id)
+    }
+
+    /// Make the inode behind `fd` known (one lookup), for a handle taken over.
+    fn learn(&self, fd: &OwnedFd, st: &Stat) -> Result<u64> {
+        if let Some(i) = self.inodes.known(st) {
+            return Ok(i.id);
+        }
+        let path = sys::reopen(fd.as_fd(), libc::O_PATH)?;
+        Ok(self.inodes.lookup_fd(path, st, None)?.id)
     }
 }

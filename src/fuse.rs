@@ -1,10 +1,13 @@
 //! The thin `fuser` adapter: decode a request, call [`Passthrough`], encode
 //! the reply. The only state here is FUSE-specific: the kernel passthrough
-//! backing ids (one per inode while any handle is open).
+//! backing ids (one per inode while any handle is open), and, for the
+//! restartable session ([`crate::session`]), the hand-over of every handle to
+//! the supervisor before the kernel hears of it.
 
 use std::ffi::OsStr;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -23,6 +26,7 @@ use crate::creds::Caller;
 use crate::fs::{Errno, OpenFile, Passthrough, SetAttr};
 use crate::inode::Inode;
 use crate::lockwait::LockWaits;
+use crate::session::custody::Custody;
 use crate::stats::Op;
 use crate::sys::{LockRange, Stat, TimeSpec, XattrReply};
 
@@ -31,26 +35,77 @@ use crate::sys::{LockRange, Stat, TimeSpec, XattrReply};
 /// attribute cache does).
 const TTL: Duration = Duration::from_secs(1);
 
+/// Kernel passthrough backing ids by inode, with the number of open handles using each.
+pub type BackingTable = DashMap<u64, (BackingId, usize)>;
+
+/// What the session layer ([`crate::session`]) shares with the adapter.
+#[derive(Default)]
+pub struct Handover {
+    /// The supervisor's keeper of handles (a restartable session only).
+    pub custody: OnceLock<Arc<Custody>>,
+    /// Closed when this server hands the session over.
+    pub gate: OnceLock<Arc<fuser::Gate>>,
+    /// Kernel passthrough was negotiated (set at INIT, or restored on a resume).
+    pub passthrough: AtomicBool,
+    /// The backing ids (adopted from the previous server on a resume).
+    pub backing: BackingTable,
+    /// Set once the session exists: tells the kernel when an attribute it
+    /// caches changed behind its back (a write that cleared set-ID bits).
+    pub notifier: OnceLock<Notifier>,
+}
+
 /// The adapter.
 pub struct FuseAdapter {
     fs: Arc<Passthrough>,
     passthrough: bool,
-    backing: DashMap<u64, (BackingId, usize)>,
-    /// Set once the session exists: tells the kernel when an attribute it
-    /// caches changed behind its back (a write that cleared set-ID bits).
-    notifier: Arc<OnceLock<Notifier>>,
+    shared: Arc<Handover>,
     lock_waits: Arc<LockWaits>,
 }
 
 impl FuseAdapter {
     pub fn new(fs: Arc<Passthrough>, passthrough: bool) -> FuseAdapter {
+        Self::with_handover(fs, passthrough, Arc::default())
+    }
+
+    /// An adapter sharing `shared` with the session layer; `passthrough` is what to ask the
+    /// kernel for at INIT (a resumed session sets `shared.passthrough` itself).
+    pub fn with_handover(
+        fs: Arc<Passthrough>,
+        passthrough: bool,
+        shared: Arc<Handover>,
+    ) -> FuseAdapter {
+        shared.passthrough.store(passthrough, Ordering::Relaxed);
         FuseAdapter {
             fs,
             passthrough,
-            backing: DashMap::new(),
-            notifier: Arc::default(),
+            shared,
             lock_waits: Arc::new(LockWaits::new()),
         }
+    }
+
+    fn custody(&self) -> Option<&Custody> {
+        self.shared.custody.get().map(|c| &**c)
+    }
+
+    fn passthrough(&self) -> bool {
+        self.shared.passthrough.load(Ordering::Relaxed)
+    }
+}
+
+/// A request the kernel hands out again after a serving process died with it
+/// (`FUSE_NOTIFY_RESEND` marks its unique id): it may have been carried out already.
+fn resent(req: &Request) -> bool {
+    req.unique().0 & (1 << 63) != 0
+}
+
+/// A resent removal whose name is gone was done by the server that died.
+fn removed(req: &Request, r: crate::fs::Result<()>) -> crate::fs::Result<()> {
+    if resent(req) {
+        tracing::info!(unique = req.unique().0, ok = r.is_ok(), "resent removal");
+    }
+    match r {
+        Err(Errno(libc::ENOENT)) if resent(req) => Ok(()),
+        r => r,
     }
 }
 
@@ -128,13 +183,6 @@ fn timespec(t: TimeOrNow) -> TimeSpec {
     }
 }
 
-fn entry(reply: ReplyEntry, r: crate::fs::Result<(Arc<Inode>, Stat)>) {
-    match r {
-        Ok((inode, st)) => reply.entry(&TTL, &attr(&st, inode.id), Generation(0)),
-        Err(e) => reply.error(ferr(e)),
-    }
-}
-
 fn empty(reply: ReplyEmpty, r: crate::fs::Result<()>) {
     match r {
         Ok(()) => reply.ok(),
@@ -159,11 +207,11 @@ impl FuseAdapter {
         f: &OpenFile,
         register: impl FnOnce(BorrowedFd<'_>) -> std::io::Result<BackingId>,
     ) -> Option<RefMut<'_, u64, (BackingId, usize)>> {
-        if !self.passthrough {
+        if !self.passthrough() {
             return None;
         }
         self.fs.as_daemon();
-        match self.backing.entry(f.inode) {
+        match self.shared.backing.entry(f.inode) {
             Entry::Occupied(mut o) => {
                 o.get_mut().1 += 1;
                 Some(o.into_ref())
@@ -195,25 +243,78 @@ impl FuseAdapter {
         }
     }
 
-    /// Where the session's notifier goes once the session exists.
-    pub fn notifier_slot(&self) -> Arc<OnceLock<Notifier>> {
-        Arc::clone(&self.notifier)
-    }
-
     /// Should this open file bypass kernel passthrough? (A guarded handle,
     /// or one whose writes must clear set-ID bits, of an inode the kernel
     /// does not pass through yet: it wants every open of an inode it passes
     /// through passed through too.)
     fn unpassed(&self, f: &OpenFile) -> bool {
-        (f.guarded() || f.kills_privs) && self.passthrough && !self.backing.contains_key(&f.inode)
+        (f.guarded() || f.kills_privs)
+            && self.passthrough()
+            && !self.shared.backing.contains_key(&f.inode)
     }
 
     fn release_backing(&self, inode: u64) {
-        if let Entry::Occupied(mut o) = self.backing.entry(inode) {
+        if let Entry::Occupied(mut o) = self.shared.backing.entry(inode) {
             o.get_mut().1 -= 1;
             if o.get().1 == 0 {
-                o.remove();
+                let (id, _) = o.remove();
+                // Closed in the kernel once the supervisor no longer names it.
+                match self.custody() {
+                    Some(c) => c.drop_after_flush(Box::new(id)),
+                    None => drop(id),
+                }
             }
+        }
+    }
+}
+
+impl FuseAdapter {
+    /// An entry reply; `fresh`: the node was just made (its number may be a reused one).
+    fn entry(&self, reply: ReplyEntry, r: crate::fs::Result<(Arc<Inode>, Stat)>, fresh: bool) {
+        match r {
+            Ok((inode, st)) => {
+                self.keep_inode(inode.id, fresh, None);
+                reply.entry(&TTL, &attr(&st, inode.id), Generation(0))
+            }
+            Err(e) => reply.error(ferr(e)),
+        }
+    }
+
+    /// Hand a node the kernel is about to learn to the supervisor.
+    fn keep_inode(&self, id: u64, fresh: bool, file: Option<BorrowedFd<'_>>) {
+        if let Some(c) = self.custody() {
+            c.keep_inode(&self.fs, id, fresh, file);
+        }
+    }
+
+    /// Hand a new open file to the supervisor before the kernel hears of it.
+    fn keep_file(&self, fh: u64, backing: Option<u32>) {
+        if let Some(c) = self.custody() {
+            c.keep_file(&self.fs, fh, backing);
+        }
+    }
+
+    /// A lock taken: hand its description to the supervisor before answering.
+    fn keep_lock(&self, fh: u64, owner: u64, typ: i32, r: &crate::fs::Result<()>) {
+        if let (Some(c), Ok(())) = (self.custody(), r) {
+            if typ != libc::F_UNLCK {
+                c.keep_lock(&self.fs, fh, owner);
+            }
+        }
+    }
+
+    /// A resent creation whose name exists was done by the server that died: answer with
+    /// the entry.
+    fn made(
+        &self,
+        req: &Request,
+        parent: u64,
+        name: &OsStr,
+        r: crate::fs::Result<(Arc<Inode>, Stat)>,
+    ) -> crate::fs::Result<(Arc<Inode>, Stat)> {
+        match r {
+            Err(Errno(libc::EEXIST)) if resent(req) => self.fs.lookup(caller(req), parent, name),
+            r => r,
         }
     }
 }
@@ -258,6 +359,17 @@ impl fuser::Filesystem for FuseAdapter {
                 self.passthrough = false;
             }
         }
+        self.shared
+            .passthrough
+            .store(self.passthrough, Ordering::Relaxed);
+        if let Some(c) = self.custody() {
+            let v = config.kernel_abi();
+            c.keep_params(crate::session::proto::Params {
+                major: v.0,
+                minor: v.1,
+                passthrough: self.passthrough,
+            });
+        }
         tracing::info!(
             passthrough = self.passthrough,
             locks = caps.contains(InitFlags::FUSE_POSIX_LOCKS),
@@ -268,11 +380,16 @@ impl fuser::Filesystem for FuseAdapter {
     }
 
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        entry(reply, self.fs.lookup(caller(req), parent.0, name));
+        self.entry(reply, self.fs.lookup(caller(req), parent.0, name), false);
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
         self.fs.forget(ino.0, nlookup);
+        if let Some(c) = self.custody() {
+            if self.fs.inode(ino.0).is_err() {
+                c.forget_inode(ino.0);
+            }
+        }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -331,11 +448,10 @@ impl fuser::Filesystem for FuseAdapter {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        entry(
-            reply,
-            self.fs
-                .mknod(caller(req), parent.0, name, mode, umask, rdev),
-        );
+        let r = self
+            .fs
+            .mknod(caller(req), parent.0, name, mode, umask, rdev);
+        self.entry(reply, self.made(req, parent.0, name, r), true);
     }
 
     fn mkdir(
@@ -347,18 +463,22 @@ impl fuser::Filesystem for FuseAdapter {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        entry(
-            reply,
-            self.fs.mkdir(caller(req), parent.0, name, mode, umask),
-        );
+        let r = self.fs.mkdir(caller(req), parent.0, name, mode, umask);
+        self.entry(reply, self.made(req, parent.0, name, r), true);
     }
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        empty(reply, self.fs.unlink(caller(req), parent.0, name));
+        empty(
+            reply,
+            removed(req, self.fs.unlink(caller(req), parent.0, name)),
+        );
     }
 
     fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        empty(reply, self.fs.rmdir(caller(req), parent.0, name));
+        empty(
+            reply,
+            removed(req, self.fs.rmdir(caller(req), parent.0, name)),
+        );
     }
 
     fn symlink(
@@ -369,10 +489,8 @@ impl fuser::Filesystem for FuseAdapter {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        entry(
-            reply,
-            self.fs.symlink(caller(req), parent.0, link_name, target),
-        );
+        let r = self.fs.symlink(caller(req), parent.0, link_name, target);
+        self.entry(reply, self.made(req, parent.0, link_name, r), true);
     }
 
     fn rename(
@@ -396,7 +514,7 @@ impl fuser::Filesystem for FuseAdapter {
         if r.is_ok() {
             self.fs.renamed(parent.0, name, newparent.0, newname);
         }
-        empty(reply, r);
+        empty(reply, removed(req, r));
     }
 
     fn link(
@@ -407,10 +525,8 @@ impl fuser::Filesystem for FuseAdapter {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        entry(
-            reply,
-            self.fs.link(caller(req), ino.0, newparent.0, newname),
-        );
+        let r = self.fs.link(caller(req), ino.0, newparent.0, newname);
+        self.entry(reply, self.made(req, newparent.0, newname, r), false);
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -420,21 +536,34 @@ impl fuser::Filesystem for FuseAdapter {
             // refused (unless the kernel already passes the inode through:
             // it wants every open of it passed through then).
             Ok((fh, f)) if self.unpassed(&f) => {
+                self.keep_file(fh, None);
                 reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO)
             }
-            Ok((fh, f)) if f.guarded() && self.passthrough => {
+            Ok((fh, f)) if f.guarded() && self.passthrough() => {
                 if let Err(e) = self.fs.unseen_writes(caller(req), &f) {
                     let _ = self.fs.release(fh);
                     return reply.error(ferr(e));
                 }
                 match self.backing(&f, |fd| reply.open_backing(fd)) {
-                    Some(b) => reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &b.0),
-                    None => reply.opened(FileHandle(fh), FopenFlags::empty()),
+                    Some(b) => {
+                        self.keep_file(fh, Some(b.0.id()));
+                        reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &b.0)
+                    }
+                    None => {
+                        self.keep_file(fh, None);
+                        reply.opened(FileHandle(fh), FopenFlags::empty())
+                    }
                 }
             }
             Ok((fh, f)) => match self.backing(&f, |fd| reply.open_backing(fd)) {
-                Some(b) => reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &b.0),
-                None => reply.opened(FileHandle(fh), self.served_flags(&f)),
+                Some(b) => {
+                    self.keep_file(fh, Some(b.0.id()));
+                    reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &b.0)
+                }
+                None => {
+                    self.keep_file(fh, None);
+                    reply.opened(FileHandle(fh), self.served_flags(&f))
+                }
             },
             Err(e) => reply.error(ferr(e)),
         }
@@ -450,25 +579,42 @@ impl fuser::Filesystem for FuseAdapter {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        // A resent exclusive create may have made the file already.
+        let flags = if resent(req) {
+            flags & !libc::O_EXCL
+        } else {
+            flags
+        };
         match self
             .fs
             .create(caller(req), parent.0, name, mode, umask, flags)
         {
             Ok((inode, st, fh, f)) => {
-                let (a, fh) = (attr(&st, inode.id), FileHandle(fh));
+                self.keep_inode(inode.id, true, Some(f.file.as_fd()));
+                let a = attr(&st, inode.id);
                 let flags = FopenFlags::empty();
                 if self.unpassed(&f) {
-                    return reply.created(&TTL, &a, Generation(0), fh, FopenFlags::FOPEN_DIRECT_IO);
+                    self.keep_file(fh, None);
+                    let direct = FopenFlags::FOPEN_DIRECT_IO;
+                    return reply.created(&TTL, &a, Generation(0), FileHandle(fh), direct);
                 }
-                if f.guarded() && self.passthrough {
+                if f.guarded() && self.passthrough() {
                     if let Err(e) = self.fs.unseen_writes(caller(req), &f) {
-                        let _ = self.fs.release(fh.0);
+                        let _ = self.fs.release(fh);
                         return reply.error(ferr(e));
                     }
                 }
                 match self.backing(&f, |fd| reply.open_backing(fd)) {
-                    Some(b) => reply.created_passthrough(&TTL, &a, Generation(0), fh, flags, &b.0),
-                    None => reply.created(&TTL, &a, Generation(0), fh, self.served_flags(&f)),
+                    Some(b) => {
+                        self.keep_file(fh, Some(b.0.id()));
+                        let fh = FileHandle(fh);
+                        reply.created_passthrough(&TTL, &a, Generation(0), fh, flags, &b.0)
+                    }
+                    None => {
+                        self.keep_file(fh, None);
+                        let served = self.served_flags(&f);
+                        reply.created(&TTL, &a, Generation(0), FileHandle(fh), served)
+                    }
                 }
             }
             Err(e) => reply.error(ferr(e)),
@@ -507,7 +653,7 @@ impl fuser::Filesystem for FuseAdapter {
         let kill = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
         match self.fs.write(caller(req), fh.0, offset, data, kill) {
             Ok((n, killed)) => {
-                if killed && let Some(nt) = self.notifier.get() {
+                if killed && let Some(nt) = self.shared.notifier.get() {
                     // Before the reply, so the writer's next stat is fresh;
                     // attributes only (a negative offset keeps the pages).
                     let _ = nt.inval_inode(ino, -1, 0);
@@ -526,7 +672,11 @@ impl fuser::Filesystem for FuseAdapter {
         lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        empty(reply, self.fs.flush(fh.0, lock_owner.0));
+        let r = self.fs.flush(fh.0, lock_owner.0);
+        if let Some(c) = self.custody() {
+            c.forget_lock(fh.0, lock_owner.0);
+        }
+        empty(reply, r);
     }
 
     fn release(
@@ -539,9 +689,12 @@ impl fuser::Filesystem for FuseAdapter {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        if let Some(c) = self.custody() {
+            c.forget_file(fh.0);
+        }
         match self.fs.release(fh.0) {
             Ok(Some(f)) => {
-                if self.passthrough {
+                if self.passthrough() {
                     self.release_backing(f.inode);
                 }
                 reply.ok()
@@ -564,7 +717,12 @@ impl fuser::Filesystem for FuseAdapter {
 
     fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.fs.opendir(caller(req), ino.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Ok(fh) => {
+                if let Some(c) = self.custody() {
+                    c.keep_dir(&self.fs, fh);
+                }
+                reply.opened(FileHandle(fh), FopenFlags::empty())
+            }
             Err(e) => reply.error(ferr(e)),
         }
     }
@@ -623,6 +781,9 @@ impl fuser::Filesystem for FuseAdapter {
                 }
                 break;
             }
+            if let Some(inode) = &inode {
+                self.keep_inode(inode.id, false, None);
+            }
         }
         reply.ok()
     }
@@ -635,6 +796,9 @@ impl fuser::Filesystem for FuseAdapter {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
+        if let Some(c) = self.custody() {
+            c.forget_dir(fh.0);
+        }
         self.fs.releasedir(fh.0);
         reply.ok();
     }
@@ -741,32 +905,53 @@ impl fuser::Filesystem for FuseAdapter {
             end,
             pid,
         };
+        let (fh, owner) = (fh.0, lock_owner.0);
         if !sleep || typ == libc::F_UNLCK {
-            return empty(reply, self.fs.setlk(fh.0, lock_owner.0, l, false));
+            let r = self.fs.setlk(fh, owner, l, false);
+            self.keep_lock(fh, owner, typ, &r);
+            return empty(reply, r);
         }
         // A blocking lock may wait for another node for a long time: try
         // once here, and wait on a thread of its own so no request thread is
         // held up, until the lock comes or the waiting process is
         // interrupted (see `lockwait`).
-        match self.fs.setlk(fh.0, lock_owner.0, l, false) {
+        match self.fs.setlk(fh, owner, l, false) {
             Err(Errno(e)) if e == libc::EAGAIN || e == libc::EACCES => {
                 let fs = Arc::clone(&self.fs);
+                let shared = Arc::clone(&self.shared);
                 let waits = Arc::clone(&self.lock_waits);
                 let caller = req.pid();
-                let mode = self.fs.lock_wait_mode(fh.0);
+                let mode = self.fs.lock_wait_mode(fh);
                 let spawned =
                     std::thread::Builder::new()
                         .name("lock-wait".into())
                         .spawn(move || {
-                            let r = waits
-                                .wait(caller, mode, |block| fs.setlk(fh.0, lock_owner.0, l, block));
-                            empty(reply, r)
+                            let r = waits.wait(caller, mode, |block| fs.setlk(fh, owner, l, block));
+                            // Handed over meanwhile: the next server answers the
+                            // resent request (the lock, if kept, is still held).
+                            let gate = shared.gate.get();
+                            if gate.is_some_and(|g| !g.enter()) {
+                                std::mem::forget(reply);
+                                return;
+                            }
+                            if let Some(c) = shared.custody.get() {
+                                if r.is_ok() {
+                                    c.keep_lock(&fs, fh, owner);
+                                }
+                            }
+                            empty(reply, r);
+                            if let Some(g) = gate {
+                                g.leave();
+                            }
                         });
                 if let Err(e) = spawned {
                     tracing::error!(error = %e, "cannot start a lock-wait thread");
                 }
             }
-            r => empty(reply, r),
+            r => {
+                self.keep_lock(fh, owner, typ, &r);
+                empty(reply, r)
+            }
         }
     }
 

@@ -35,5 +35,6 @@ pub mod mountopts;
 pub mod qcow2;
 pub mod quarantine;
 pub mod refs;
+pub mod session;
 pub mod stats;
 pub mod sys;

@@ -6,6 +6,7 @@ use baseguard::cmd::check::CheckArgs;
 use baseguard::cmd::health::UmountArgs;
 use baseguard::cmd::mount::MountArgs;
 use baseguard::cmd::quarantine::{ListArgs, PurgeArgs, RestoreArgs, ShowArgs, StatusArgs};
+use baseguard::cmd::upgrade::UpgradeArgs;
 
 /// baseguard stands guard over Nova's shared instances directory: every
 /// operation passes through to the real directory at native speed, but a
@@ -29,6 +30,7 @@ enum Cmd {
     Purge(PurgeArgs),
     Status(StatusArgs),
     Check(CheckArgs),
+    Upgrade(UpgradeArgs),
     /// Write the man pages and shell completions into DIR.
     #[command(hide = true)]
     GenDocs {
@@ -47,6 +49,7 @@ fn main() -> ExitCode {
         Cmd::Purge(a) => a.run(),
         Cmd::Status(a) => a.run(),
         Cmd::Check(a) => a.run(),
+        Cmd::Upgrade(a) => a.run(),
         Cmd::GenDocs { dir } => {
             match baseguard::docgen::write_completions_and_man(Cli::command(), &dir) {
                 Ok(_) => ExitCode::SUCCESS,

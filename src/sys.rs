@@ -921,3 +921,163 @@ pub fn signal_own_thread(tid: i32, sig: i32) -> io::Result<()> {
     cvt_long(unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, sig) })?;
     Ok(())
 }
+
+// ---- the restartable session (src/session/) ---------------------------------
+
+/// A connected pair of `AF_UNIX` `SOCK_SEQPACKET` sockets (message boundaries kept, EOF when
+/// the peer closes), close-on-exec.
+pub fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: `fds` has room for the two descriptors socketpair writes.
+    cvt(unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    })?;
+    Ok((owned(fds[0]), owned(fds[1])))
+}
+
+/// Most descriptors one message carries.
+pub const MAX_FDS_PER_MESSAGE: usize = 8;
+
+/// Send one message on a Unix socket with descriptors attached (`SCM_RIGHTS`). The receiver
+/// gets its own descriptors of the same open file descriptions.
+pub fn send_with_fds(sock: BorrowedFd<'_>, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+    if fds.len() > MAX_FDS_PER_MESSAGE {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    let raw: Vec<libc::c_int> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    // Aligned room for one SCM_RIGHTS header with up to MAX_FDS_PER_MESSAGE descriptors.
+    let mut cbuf = [0u64; 8];
+    // SAFETY: msghdr is plain data; every pointer set below points at live local buffers
+    // of the stated sizes; CMSG_* walk inside `cbuf`.
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        if !raw.is_empty() {
+            let bytes = std::mem::size_of_val(raw.as_slice()) as u32;
+            msg.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
+            msg.msg_controllen = libc::CMSG_SPACE(bytes) as usize;
+            let c = libc::CMSG_FIRSTHDR(&msg);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = libc::CMSG_LEN(bytes) as usize;
+            std::ptr::copy_nonoverlapping(
+                raw.as_ptr() as *const u8,
+                libc::CMSG_DATA(c),
+                bytes as usize,
+            );
+        }
+        loop {
+            let n = libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL);
+            if n >= 0 {
+                return Ok(());
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+    }
+}
+
+/// Receive one message (and its descriptors, close-on-exec) from a Unix socket. `Ok((0, []))`
+/// is end of file on a `SOCK_SEQPACKET` socket.
+pub fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr() as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    let mut cbuf = [0u64; 8];
+    // SAFETY: as in `send_with_fds`; the kernel writes at most `msg_controllen` bytes of
+    // control data and the descriptors it installed are ours to own.
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
+        msg.msg_controllen = std::mem::size_of_val(&cbuf);
+        let n = loop {
+            let n = libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC);
+            if n >= 0 {
+                break n as usize;
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        };
+        let mut fds = Vec::new();
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(c);
+                let len = (*c).cmsg_len - libc::CMSG_LEN(0) as usize;
+                let count = len / std::mem::size_of::<libc::c_int>();
+                for i in 0..count {
+                    let mut fd: libc::c_int = 0;
+                    std::ptr::copy_nonoverlapping(
+                        data.add(i * std::mem::size_of::<libc::c_int>()),
+                        &mut fd as *mut libc::c_int as *mut u8,
+                        std::mem::size_of::<libc::c_int>(),
+                    );
+                    fds.push(owned(fd));
+                }
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+        if msg.msg_flags & (libc::MSG_TRUNC | libc::MSG_CTRUNC) != 0 {
+            return Err(io::Error::from_raw_os_error(libc::EMSGSIZE));
+        }
+        Ok((n, fds))
+    }
+}
+
+/// `mount(2)` of a FUSE filesystem: `data` carries `fd=N,rootmode=...` and the options.
+pub fn mount_fuse(
+    source: &str,
+    target: &std::path::Path,
+    fstype: &str,
+    flags: u64,
+    data: &str,
+) -> io::Result<()> {
+    let src = CString::new(source).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let tgt = cstr(target.as_os_str())?;
+    let ty = CString::new(fstype).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let dat = CString::new(data).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: valid C strings.
+    cvt(unsafe {
+        libc::mount(
+            src.as_ptr(),
+            tgt.as_ptr(),
+            ty.as_ptr(),
+            flags as libc::c_ulong,
+            dat.as_ptr() as *const libc::c_void,
+        )
+    })?;
+    Ok(())
+}
+
+impl FileHandle {
+    /// The handle's type and bytes, to be saved (a supervisor keeps them for the next
+    /// serving process).
+    pub fn to_parts(&self) -> (i32, Vec<u8>) {
+        (self.handle_type, self.bytes.to_vec())
+    }
+
+    /// A handle saved with [`FileHandle::to_parts`]. The kernel checks it when it is used.
+    pub fn from_parts(handle_type: i32, bytes: Vec<u8>) -> FileHandle {
+        FileHandle {
+            handle_type,
+            bytes: bytes.into_boxed_slice(),
+        }
+    }
+}

@@ -184,7 +184,8 @@ fn an_fstab_line_mounts_detached_and_umount_ends_it() {
     assert!(line.contains("noatime"), "{line}");
     let df = run(Command::new("df").arg("--output=source,target").arg(&s.mp));
     assert!(String::from_utf8_lossy(&df.stdout).contains(&s.backing.display().to_string()));
-    assert_eq!(daemons_for(&s.mp), 1);
+    // One supervisor (owns the connection) and one serving process.
+    assert_eq!(daemons_for(&s.mp), 2);
     let st = Command::new("umount").arg(&s.mp).status().unwrap();
     assert!(st.success());
     assert!(!is_mounted(&s.mp));

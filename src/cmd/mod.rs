@@ -3,3 +3,4 @@ pub mod check;
 pub mod health;
 pub mod mount;
 pub mod quarantine;
+pub mod upgrade;

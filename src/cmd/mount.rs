@@ -1,6 +1,5 @@
 //! `baseguard mount`: serve BACKING at MOUNTPOINT until unmounted or signalled.
 
-use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -8,17 +7,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
-use fuser::{Config, MountOption, SessionACL};
+use fuser::{MountOption, SessionACL};
 
 use crate::cmd::health;
 use crate::daemon;
 use crate::fs::{FsOptions, Passthrough, Protection};
-use crate::fuse::FuseAdapter;
 use crate::guard::{DEFAULT_IGNORE, DEFAULT_PROTECT, Guard};
 use crate::heal::{BaseLayout, References};
 use crate::logging::{self, LogTarget};
 use crate::mountopts::{FstabOptions, parse_duration};
 use crate::quarantine::Quarantine;
+use crate::session::{server, supervisor};
 use crate::sys;
 
 /// Options of `baseguard mount`.
@@ -59,6 +58,16 @@ pub struct MountArgs {
     /// Internal: tell the detaching parent when the mount is ready.
     #[arg(long, hide = true)]
     pub notify_ready: bool,
+    /// Internal: this process serves a session its supervisor hands it on stdin.
+    #[arg(long, hide = true)]
+    pub session_server: bool,
+    /// Internal: the serving process of a detached mount (logs as a detached daemon).
+    #[arg(long, hide = true)]
+    pub log_target_detached: bool,
+    /// Benchmarking only: do not hand handles to the supervisor (a killed server then loses
+    /// open files and locks), to measure what the hand-over costs.
+    #[arg(long, hide = true)]
+    pub no_handover: bool,
     /// Worker threads serving requests, so a slow NFS call or a blocked lock
     /// does not hold up the rest [default: 8].
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
@@ -271,6 +280,9 @@ impl MountArgs {
     }
 
     pub fn run(mut self) -> ExitCode {
+        if self.session_server {
+            return self.serve();
+        }
         daemon::set_notify(self.notify_ready);
         let kernel = match self.apply_options() {
             Ok(k) => k,
@@ -305,12 +317,153 @@ impl MountArgs {
         }
     }
 
+    /// The supervisor: mount, and keep a serving process answering until unmounted.
     fn mount(&self, kernel: Vec<MountOption>) -> Result<(), String> {
         let (root, backing, mountpoint) = preflight(self)?;
+        let (flags, options) = mount_data(&kernel, self.ro, !self.root_only);
+        let exe = std::env::current_exe()
+            .map_err(|e| format!("cannot find the running baseguard binary: {e}"))?;
+        // The server gets the same arguments, minus the READY handshake (the supervisor
+        // answers the parent), plus the flag that makes it a server.
+        let mut server_args: Vec<std::ffi::OsString> = std::env::args_os()
+            .skip(1)
+            .filter(|a| a != daemon::NOTIFY_FLAG)
+            .collect();
+        let at = server_args
+            .iter()
+            .position(|a| a == "--")
+            .unwrap_or(server_args.len());
+        server_args.insert(at, supervisor::SERVER_FLAG.into());
+        if self.notify_ready {
+            server_args.insert(at, "--log-target-detached".into());
+        }
+        supervisor::run(supervisor::Plan {
+            mountpoint,
+            backing,
+            root,
+            flags,
+            options,
+            exe,
+            server_args,
+            notify_ready: self.notify_ready,
+        })
+    }
+
+    /// A serving process: take the session from the supervisor and answer it.
+    fn serve(mut self) -> ExitCode {
+        // A panic must not leave a half-working server: die, and the supervisor starts
+        // another at once.
+        std::panic::set_hook(Box::new(|info| {
+            tracing::error!("serving process panicked: {info}");
+            eprintln!("baseguard: serving process panicked: {info}");
+            std::process::abort();
+        }));
+        let detached = self.log_target_detached;
+        let target = LogTarget::choose(!detached, self.log_file.as_deref());
+        if let Err(e) = logging::init(target, None) {
+            eprintln!("baseguard: {e}");
+        }
+        let att = match server::attach() {
+            Ok(a) => a,
+            Err(msg) => {
+                eprintln!("baseguard: {msg}");
+                return ExitCode::FAILURE;
+            }
+        };
+        if let Err(msg) = self.apply_options().and_then(|_| self.serve_on(att)) {
+            tracing::error!("{msg}");
+            return ExitCode::FAILURE;
+        }
+        ExitCode::SUCCESS
+    }
+
+    fn serve_on(&self, att: server::Attached) -> Result<(), String> {
+        let r = self.build(&att);
+        let (fs, quarantine, refs) = match r {
+            Ok(x) => x,
+            Err(msg) => {
+                att.failed(&msg);
+                return Err(msg);
+            }
+        };
+        let (backing, mountpoint) = (att.backing.clone(), att.mountpoint.clone());
+        // SIGUSR1 (forwarded by the supervisor) writes the stats; SIGINT is the
+        // supervisor's (a terminal's Ctrl-C reaches the whole process group).
+        let sigs = [libc::SIGUSR1, libc::SIGINT, libc::SIGHUP];
+        sys::block_signals(&sigs).map_err(|e| format!("cannot set up signals: {e}"))?;
+        let stats_path = self.stats_file.clone();
+        let fs_sig = Arc::clone(&fs);
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                while let Ok(sig) = sys::wait_signal(&sigs) {
+                    if sig == libc::SIGUSR1 {
+                        if let Some(p) = &stats_path {
+                            write_stats(p, &fs_sig);
+                        }
+                    }
+                }
+            })
+            .map_err(|e| format!("cannot start the signal thread: {e}"))?;
+        let threads = self.threads.unwrap_or(8) as usize;
+        let acl = if self.root_only {
+            SessionACL::Owner
+        } else {
+            SessionACL::All
+        };
+        let generation = att.generation();
+        let detached = self.log_target_detached;
+        let handover = !self.no_handover;
+        let r = att.serve(
+            Arc::clone(&fs),
+            !self.no_passthrough,
+            acl,
+            threads,
+            handover,
+            || {
+                tracing::info!(
+                    backing = %backing.display(),
+                    mountpoint = %mountpoint.display(),
+                    threads,
+                    generation,
+                    pid = std::process::id(),
+                    "serving"
+                );
+                if detached {
+                    if let Err(e) = sys::redirect_stdio_to_devnull() {
+                        tracing::warn!(error = %e, "cannot detach from the starting terminal");
+                    }
+                }
+                if let Some(q) = quarantine {
+                    if let Err(e) = spawn_expiry(q, self.retain.unwrap_or(DEFAULT_RETAIN), refs) {
+                        tracing::error!("{e}");
+                    }
+                }
+            },
+        );
+        if let Some(p) = &self.stats_file {
+            write_stats(p, &fs);
+        }
+        r?;
+        tracing::info!(mountpoint = %mountpoint.display(), "unmounted");
+        Ok(())
+    }
+
+    /// The filesystem over the backing directory the supervisor handed over.
+    #[allow(clippy::type_complexity)]
+    fn build(
+        &self,
+        att: &server::Attached,
+    ) -> Result<(Arc<Passthrough>, Option<Arc<Quarantine>>, Arc<References>), String> {
+        let root = att
+            .root
+            .try_clone()
+            .map_err(|e| format!("cannot duplicate the backing directory's descriptor: {e}"))?;
+        let (backing, mountpoint) = (&att.backing, &att.mountpoint);
         let limit = sys::raise_nofile_limit().unwrap_or(1024);
         // Half of the descriptors for cached inodes, the rest for open files.
         let fd_cache = (limit.saturating_sub(512) / 2).clamp(64, 1 << 16) as usize;
-        let layout = BaseLayout::detect(&backing, self.instances.as_deref())?;
+        let layout = BaseLayout::detect(backing, self.instances.as_deref())?;
         let guard = self.guard(layout.is_some())?;
         if let Some(l) = &layout {
             tracing::info!(
@@ -350,102 +503,44 @@ impl MountArgs {
                 quarantined: Default::default(),
             });
         }
-        let fs = Arc::new(fs);
-        let mut opts = vec![
-            MountOption::FSName(backing.display().to_string()),
-            MountOption::CUSTOM("subtype=baseguard".into()),
-        ];
-        if self.ro {
-            opts.push(MountOption::RO);
-        }
-        opts.extend(kernel);
-        let mut config = Config::default();
-        config.mount_options = opts;
-        config.acl = if self.root_only {
-            SessionACL::Owner
-        } else {
-            SessionACL::All
-        };
-        let threads = self.threads.unwrap_or(8);
-        config.n_threads = Some(threads as usize);
-        config.clone_fd = true;
-
-        // Signals are handled by one thread with sigwait; block them first
-        // so every thread started from here on inherits the mask.
-        let sigs = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGUSR1];
-        sys::block_signals(&sigs).map_err(|e| format!("cannot set up signals: {e}"))?;
-
-        let adapter = FuseAdapter::new(Arc::clone(&fs), !self.no_passthrough);
-        let notifier = adapter.notifier_slot();
-        let session = fuser::Session::new(adapter, &mountpoint, &config)
-            .map_err(|e| mount_error(&mountpoint, e))?;
-        let _ = notifier.set(session.notifier());
-        tracing::info!(
-            backing = %backing.display(),
-            mountpoint = %mountpoint.display(),
-            threads,
-            "mounted"
-        );
-        if self.notify_ready {
-            daemon::notify_ready();
-            if let Err(e) = sys::redirect_stdio_to_devnull() {
-                tracing::warn!(error = %e, "cannot detach from the starting terminal");
-            }
-        }
-        let stats_path = self.stats_file.clone();
-        let fs_sig = Arc::clone(&fs);
-        let mp = mountpoint.clone();
-        std::thread::Builder::new()
-            .name("signals".into())
-            .spawn(move || {
-                loop {
-                    match sys::wait_signal(&sigs) {
-                        Ok(libc::SIGUSR1) => {
-                            if let Some(p) = &stats_path {
-                                write_stats(p, &fs_sig);
-                            }
-                        }
-                        // A "reload" must never unmount the instances
-                        // directory under running VMs.
-                        Ok(libc::SIGHUP) => {
-                            tracing::info!("SIGHUP ignored (stop with SIGTERM or umount)");
-                        }
-                        // Never detach a busy mount: the directory
-                        // underneath would show while VMs run.
-                        Ok(sig) => match health::unmount_unless_busy(&mp) {
-                            health::Unmount::Done => {
-                                tracing::info!(signal = sig, "unmounted");
-                            }
-                            health::Unmount::Busy(h) => {
-                                tracing::warn!(
-                                    signal = sig,
-                                    error = "EBUSY",
-                                    holders = %health::describe_holders(&h),
-                                    "not unmounting: files are open through the mount; still serving \
-                                     (stop the holders, or detach with 'baseguard umount --lazy {}')",
-                                    mp.display()
-                                );
-                            }
-                            health::Unmount::Failed(e) => {
-                                tracing::warn!(signal = sig, error = %e, "cannot unmount; still serving");
-                            }
-                        },
-                        Err(_) => return,
-                    }
-                }
-            })
-            .map_err(|e| format!("cannot start the signal thread: {e}"))?;
-        if let Some(q) = quarantine {
-            spawn_expiry(q, self.retain.unwrap_or(DEFAULT_RETAIN), refs)?;
-        }
-        let r = session.run();
-        if let Some(p) = &self.stats_file {
-            write_stats(p, &fs);
-        }
-        r.map_err(|e| format!("the FUSE session ended with an error: {e}"))?;
-        tracing::info!(mountpoint = %mountpoint.display(), "unmounted");
-        Ok(())
+        Ok((Arc::new(fs), quarantine, refs))
     }
+}
+
+/// `MS_*` flags and the option string for mount(2) (after `fd=,rootmode=,user_id=,
+/// group_id=`): nosuid and nodev unless asked otherwise, as fuser does.
+fn mount_data(kernel: &[MountOption], ro: bool, allow_other: bool) -> (u64, String) {
+    let mut flags = 0u64;
+    if !kernel.contains(&MountOption::Dev) {
+        flags |= libc::MS_NODEV;
+    }
+    if !kernel.contains(&MountOption::Suid) {
+        flags |= libc::MS_NOSUID;
+    }
+    if ro {
+        flags |= libc::MS_RDONLY;
+    }
+    let mut opts: Vec<&str> = Vec::new();
+    for k in kernel {
+        flags |= match k {
+            MountOption::NoDev => libc::MS_NODEV,
+            MountOption::NoSuid => libc::MS_NOSUID,
+            MountOption::RO => libc::MS_RDONLY,
+            MountOption::NoExec => libc::MS_NOEXEC,
+            MountOption::NoAtime => libc::MS_NOATIME,
+            MountOption::Sync => libc::MS_SYNCHRONOUS,
+            MountOption::DirSync => libc::MS_DIRSYNC,
+            MountOption::DefaultPermissions => {
+                opts.push("default_permissions");
+                0
+            }
+            _ => 0,
+        };
+    }
+    if allow_other {
+        opts.push("allow_other");
+    }
+    (flags, opts.join(","))
 }
 
 /// Purge expired quarantine entries now and then: often enough that an
@@ -479,15 +574,3 @@ fn fail(msg: &str) -> ExitCode {
 
 /// How long quarantined files are kept by default.
 pub const DEFAULT_RETAIN: Duration = Duration::from_secs(14 * 86400);
-
-fn mount_error(mountpoint: &Path, e: io::Error) -> String {
-    match e.raw_os_error() {
-        Some(libc::EBUSY) => format!("mountpoint {} is busy.", mountpoint.display()),
-        Some(libc::ENOENT) => format!("mountpoint {} does not exist.", mountpoint.display()),
-        Some(libc::EPERM) => format!(
-            "not permitted to mount on {} (need root and access to /dev/fuse): {e}",
-            mountpoint.display()
-        ),
-        _ => format!("cannot mount on {}: {e}", mountpoint.display()),
-    }
-}

@@ -920,7 +920,13 @@ impl StatusArgs {
             let v = serde_json::json!({
                 "near_misses": near.iter().map(|e| entry_json(e, Some(self.retain), now)).collect::<Vec<_>>(),
                 "referenced_base_files": referenced.len(),
-                "mounts": mounts,
+                "mounts": mounts.iter().map(|m| {
+                    // Health (alive, state) and, from the session registry,
+                    // the supervisor and server (pids, start, restarts).
+                    let mut v = serde_json::to_value(m).unwrap_or_default();
+                    crate::session::registry::add_status_fields(&mut v, &m.mountpoint);
+                    v
+                }).collect::<Vec<_>>(),
                 "dir": b.dir,
                 "backing": b.path,
                 "instances": b.instances,
