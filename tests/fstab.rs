@@ -260,6 +260,7 @@ fn remount_read_only_and_back_through_the_helper() {
         String::from_utf8_lossy(&out.stderr)
     );
     let mp = s.mp.to_str().unwrap();
+    let daemons = daemons_for(&s.mp);
     let out = mount(&["-o", "remount,ro", mp]);
     assert!(
         out.status.success(),
@@ -275,5 +276,5 @@ fn remount_read_only_and_back_through_the_helper() {
         String::from_utf8_lossy(&out.stderr)
     );
     std::fs::write(s.mp.join("_base/rw"), "x").unwrap();
-    assert_eq!(daemons_for(&s.mp), 1, "a remount starts no daemon");
+    assert_eq!(daemons_for(&s.mp), daemons, "a remount starts no daemon");
 }

@@ -77,9 +77,11 @@ pub fn probe(mp: &Path, timeout: Duration) -> Probe {
             state: Liveness::Alive,
             errno: None,
         },
-        Ok(Err(libc::ENOTCONN)) => Probe {
+        // ECONNABORTED: the connection was aborted under a request (the
+        // last holder of /dev/fuse died meanwhile): dead all the same.
+        Ok(Err(e @ (libc::ENOTCONN | libc::ECONNABORTED))) => Probe {
             state: Liveness::NotConnected,
-            errno: Some(libc::ENOTCONN),
+            errno: Some(e),
         },
         Ok(Err(e)) => Probe {
             state: Liveness::Error,

@@ -151,17 +151,39 @@ impl Mount {
     /// mount is still cleaned up on drop).
     pub fn kill9(&mut self) {
         if let Some(c) = self.child.as_mut() {
+            // The whole daemon: the supervisor (stopped first, so that it
+            // starts no new serving process) and its serving process.
+            let pid = c.id().to_string();
+            let _ = Command::new("kill").args(["-STOP", &pid]).status();
+            for p in children(c.id()) {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &p.to_string()])
+                    .status();
+            }
             let _ = c.kill();
             let _ = c.wait();
         }
     }
 
-    /// Send a signal to the daemon without waiting for it.
+    /// The serving process(es) of the daemon (its supervisor's children).
+    pub fn servers(&self) -> Vec<u32> {
+        children(self.pid())
+    }
+
+    /// Send a signal to the daemon without waiting for it: to the
+    /// supervisor, and STOP/CONT to its serving process too (a stopped
+    /// daemon is one that answers nothing).
     pub fn send(&self, sig: &str) {
-        Command::new("kill")
-            .args([&format!("-{sig}"), &self.pid().to_string()])
-            .status()
-            .unwrap();
+        let mut pids = vec![self.pid()];
+        if sig == "STOP" || sig == "CONT" {
+            pids.extend(self.servers());
+        }
+        for p in pids {
+            Command::new("kill")
+                .args([&format!("-{sig}"), &p.to_string()])
+                .status()
+                .unwrap();
+        }
     }
 
     /// Whether the daemon process has exited (and its status).
@@ -173,14 +195,23 @@ impl Mount {
 
     /// Kill the daemon with SIGKILL (crash) and clean the dead mount.
     pub fn crash(mut self) {
-        let mut c = self.child.take().unwrap();
-        let _ = c.kill();
-        let _ = c.wait();
+        self.kill9();
+        let _ = self.child.take();
         let _ = Command::new("umount")
             .arg("-l")
             .arg(&self.mountpoint)
             .status();
     }
+}
+
+/// The child processes of `pid`.
+pub fn children(pid: u32) -> Vec<u32> {
+    let out = Command::new("pgrep")
+        .args(["-P", &pid.to_string()])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    out.lines().filter_map(|l| l.trim().parse().ok()).collect()
 }
 
 pub fn wait_timeout(c: &mut Child, t: Duration) -> Option<std::process::ExitStatus> {
