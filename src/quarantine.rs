@@ -579,7 +579,11 @@ impl Quarantine {
         let dflags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW;
         let shown = match dir {
             Some(p) => p.display().to_string(),
-            None => format!("<backing>/{DEFAULT_DIR_NAME}"),
+            None => std::fs::read_link(Path::new(OsStr::from_bytes(
+                sys::proc_fd_path(root.as_fd()).as_bytes(),
+            )))
+            .map(|b| b.join(DEFAULT_DIR_NAME).display().to_string())
+            .unwrap_or_else(|_| format!("(the backing directory)/{DEFAULT_DIR_NAME}")),
         };
         let missing = |e: io::Error| {
             if e.kind() == io::ErrorKind::NotFound {

@@ -1,4 +1,6 @@
 //! The `baseguard` subcommands.
 pub mod check;
 pub mod mount;
+pub mod policy;
 pub mod quarantine;
+pub mod text;

@@ -17,6 +17,7 @@ use crate::guard::Guard;
 use crate::heal::References;
 use crate::logging::{self, LogTarget};
 use crate::mountopts::{FstabOptions, parse_duration};
+use crate::policy::{self, MinFree, Note, Policy};
 use crate::quarantine::Quarantine;
 use crate::sys;
 
@@ -92,6 +93,20 @@ pub struct MountArgs {
     /// 30m, 12h, 14d [default: 14d].
     #[arg(long, value_name = "AGE", value_parser = parse_duration)]
     pub retain: Option<Duration>,
+    /// Free-space floor: when the backing filesystem has less available
+    /// space than this (`10%`, `20G`), the oldest quarantined files no
+    /// instance disk references are purged until it is back above. Stored in
+    /// the shared policy.
+    #[arg(long, value_name = "N%|SIZE")]
+    pub min_free: Option<String>,
+    /// Log level (`warn`, `info`, `debug`, or a tracing directive such as
+    /// `baseguard=debug`) [default: RUST_LOG, else info].
+    #[arg(long, value_name = "LEVEL")]
+    pub log_level: Option<String>,
+    /// Write metrics in Prometheus text format to this file every 15 s (for
+    /// node_exporter's textfile collector: a `*.prom` file in its directory).
+    #[arg(long, value_name = "PATH")]
+    pub metrics_file: Option<PathBuf>,
     /// Do not restore quarantined base files that an instance disk still
     /// references when they are looked up (restore on access is on by default).
     #[arg(long)]
@@ -216,6 +231,9 @@ impl MountArgs {
         self.no_passthrough |= o.passthrough == Some(false);
         self.log_file = self.log_file.take().or(o.log_file);
         self.stats_file = self.stats_file.take().or(o.stats_file);
+        self.min_free = self.min_free.take().or(o.min_free);
+        self.log_level = self.log_level.take().or(o.log_level);
+        self.metrics_file = self.metrics_file.take().or(o.metrics_file);
         self.ro |= o.read_only == Some(true);
         Ok(o.kernel.iter().filter_map(|k| kernel_option(k)).collect())
     }
@@ -226,6 +244,28 @@ impl MountArgs {
             Ok(k) => k,
             Err(msg) => return fail(&msg),
         };
+        if let Err(why) = self.min_free.as_deref().map(MinFree::parse).transpose() {
+            return fail(&format!("--min-free is invalid: {why}."));
+        }
+        if let Some(l) = &self.log_level
+            && let Err(why) = logging::filter(Some(l))
+        {
+            return fail(&why);
+        }
+        // A log file that cannot be written would leave a detached daemon
+        // logging nowhere: refuse before mounting.
+        if let Some(p) = &self.log_file
+            && let Err(e) = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+        {
+            return fail(&format!(
+                "log file {} cannot be written: {}.",
+                p.display(),
+                crate::cmd::text::io_reason(&e)
+            ));
+        }
         if !self.foreground {
             // Detach: run ourselves again in the foreground and return once
             // it says the filesystem answers (or why it could not start).
@@ -236,8 +276,8 @@ impl MountArgs {
             };
         }
         let target = LogTarget::choose(!self.notify_ready, self.log_file.as_deref());
-        if let Err(e) = logging::init(target, None) {
-            eprintln!("baseguard: {e}");
+        if let Err(e) = logging::init(target, self.log_level.as_deref()) {
+            return fail(&e);
         }
         match self.mount(kernel) {
             Ok(()) => ExitCode::SUCCESS,
@@ -257,13 +297,26 @@ impl MountArgs {
             (!self.protect.is_empty()).then_some(&self.protect[..]),
             (!self.ignore.is_empty()).then_some(&self.ignore[..]),
         )?;
+        // A relative quarantine= is relative to the backing directory, never
+        // to wherever `mount -a` happened to run.
+        let qdir = self.quarantine.as_ref().map(|p| backing.join(p));
         let quarantine = if self.unguarded {
             None
         } else {
-            let q = Quarantine::open(root.as_fd(), self.quarantine.as_deref())
-                .map_err(|e| e.to_string())?;
+            let q = Quarantine::open(root.as_fd(), qdir.as_deref()).map_err(|e| e.to_string())?;
             Some(Arc::new(q))
         };
+        let min_free = self
+            .min_free
+            .as_deref()
+            .map(MinFree::parse)
+            .transpose()
+            .map_err(|why| format!("--min-free is invalid: {why}."))?;
+        let shared = quarantine.as_ref().map(|q| {
+            let r = policy::reconcile_stored(q, self.retain, min_free);
+            log_policy_notes(&r.notes, &r.policy);
+            r.policy
+        });
         let mut fs = Passthrough::new(
             root,
             FsOptions {
@@ -356,7 +409,21 @@ impl MountArgs {
             })
             .map_err(|e| format!("cannot start the signal thread: {e}"))?;
         if let Some(q) = quarantine {
-            spawn_expiry(q, self.retain.unwrap_or(DEFAULT_RETAIN), refs)?;
+            let backing_fd = fs
+                .root_fd()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|e| format!("cannot start the expiry thread: {e}"))?;
+            spawn_sweeper(Sweeper {
+                q,
+                own_retain: self.retain,
+                own_min_free: min_free,
+                policy: shared.unwrap_or_else(|| {
+                    Policy::new(self.retain.unwrap_or(DEFAULT_RETAIN), min_free, "mount")
+                }),
+                refs,
+                backing: backing_fd,
+            })?;
         }
         let r = session.run();
         if let Some(p) = &self.stats_file {
@@ -368,21 +435,110 @@ impl MountArgs {
     }
 }
 
-/// Purge expired quarantine entries now and then: often enough that an
-/// entry outlives `retain` by at most a tenth of it (1 s to 1 h).
-/// Entries that an instance disk still references are kept (and logged).
-fn spawn_expiry(q: Arc<Quarantine>, retain: Duration, refs: Arc<References>) -> Result<(), String> {
-    let every = (retain / 10).clamp(Duration::from_secs(1), Duration::from_secs(3600));
+/// Log what reconciling this node's options with the shared policy found:
+/// conflicts loudly (warn), changes as info.
+fn log_policy_notes(notes: &[Note], p: &Policy) {
+    for n in notes {
+        match n {
+            Note::Conflict { .. } | Note::FloorConflict { .. } | Note::WriteFailed(_) => {
+                tracing::warn!(retain_secs = p.retain_secs, "{n}")
+            }
+            _ => tracing::info!(retain_secs = p.retain_secs, "{n}"),
+        }
+    }
+}
+
+/// The daemon's housekeeping thread and what it needs.
+struct Sweeper {
+    q: Arc<Quarantine>,
+    /// This node's `retain=`/`min_free=` (proposals to the shared policy).
+    own_retain: Option<Duration>,
+    own_min_free: Option<MinFree>,
+    /// The policy in force (re-read before each sweep).
+    policy: Policy,
+    refs: Arc<References>,
+    backing: OwnedFd,
+}
+
+/// How often the free-space floor is checked (one statvfs).
+const FLOOR_TICK: Duration = Duration::from_secs(1);
+/// The shared policy is re-read every this many ticks.
+const POLICY_TICKS: u64 = 2;
+
+/// Purge expired quarantine entries now and then (often enough that an entry
+/// outlives the retention by at most a tenth of it, 1 s to 1 h), applying
+/// the shared policy as it is when each sweep starts; and check the
+/// free-space floor every second. Entries that an instance disk still
+/// references are kept (and logged).
+fn spawn_sweeper(mut s: Sweeper) -> Result<(), String> {
     std::thread::Builder::new()
         .name("expiry".into())
         .spawn(move || {
+            let mut next_sweep = std::time::Instant::now();
+            let mut ticks: u64 = 0;
             loop {
-                q.purge_expired(retain, &|e| refs.keep_reason(&e.orig_path()));
-                std::thread::sleep(every);
+                // Another node or `policy set` may change the policy: look
+                // every few seconds, and sweep at once when it changed.
+                if ticks % POLICY_TICKS == 0 && s.refresh_policy() {
+                    next_sweep = std::time::Instant::now();
+                }
+                ticks += 1;
+                if std::time::Instant::now() >= next_sweep {
+                    let retain = s.policy.retain();
+                    s.q.purge_expired(retain, &|e| s.refs.keep_reason(&e.orig_path()));
+                    let every =
+                        (retain / 10).clamp(Duration::from_secs(1), Duration::from_secs(3600));
+                    next_sweep = std::time::Instant::now() + every;
+                }
+                if let Some(floor) = s.policy.min_free {
+                    let run = crate::floor::enforce(&s.q, s.backing.as_fd(), floor, &|e| {
+                        s.refs.keep_reason(&e.orig_path())
+                    });
+                    if run.still_below && !run.purged.is_empty() {
+                        tracing::warn!(
+                            min_free = %floor,
+                            "still below the free-space floor: every remaining quarantined file is referenced by an instance disk"
+                        );
+                    }
+                }
+                std::thread::sleep(FLOOR_TICK);
             }
         })
         .map(|_| ())
         .map_err(|e| format!("cannot start the expiry thread: {e}"))
+}
+
+impl Sweeper {
+    /// Re-read the shared policy; re-apply this node's options to it the way
+    /// mounting does (a longer retain raises it, a conflict is logged once).
+    /// Returns whether the policy in force changed.
+    fn refresh_policy(&mut self) -> bool {
+        match Policy::read(&self.q) {
+            Ok(Some(p)) if p == self.policy => false,
+            Ok(stored) => {
+                let r = policy::reconcile_stored(&self.q, self.own_retain, self.own_min_free);
+                let _ = stored;
+                if r.policy.retain_secs != self.policy.retain_secs
+                    || r.policy.min_free != self.policy.min_free
+                {
+                    tracing::warn!(
+                        from_secs = self.policy.retain_secs,
+                        to_secs = r.policy.retain_secs,
+                        min_free = %r.policy.min_free.map(|m| m.to_string()).unwrap_or_else(|| "none".into()),
+                        "the shared policy changed"
+                    );
+                    log_policy_notes(&r.notes, &r.policy);
+                }
+                let changed = r.policy != self.policy;
+                self.policy = r.policy;
+                changed
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the shared policy; keeping the last one");
+                false
+            }
+        }
+    }
 }
 
 /// Report a start-up failure: to the detaching parent if there is one, and
@@ -397,7 +553,7 @@ fn fail(msg: &str) -> ExitCode {
 }
 
 /// How long quarantined files are kept by default.
-pub const DEFAULT_RETAIN: Duration = Duration::from_secs(14 * 86400);
+pub const DEFAULT_RETAIN: Duration = policy::DEFAULT_RETAIN;
 
 fn mount_error(mountpoint: &Path, e: io::Error) -> String {
     match e.raw_os_error() {
