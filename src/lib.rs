@@ -15,6 +15,8 @@
 //! - [`space`]: what the quarantine holds on disk (allocated, hard links once) and free space.
 //! - [`floor`]: the free-space floor (`min_free=`): purge the oldest unreferenced entries.
 //! - [`cmd`]: the `baseguard` subcommands.
+//! - [`audit`]: the audit trail of restores and purges (`list --history`).
+//! - [`metrics`]: Prometheus text format metrics and the daemons' run files.
 //! - [`mountopts`]: fstab-style `-o` option parsing and `parse_duration`.
 //! - [`mountinfo`]: `/proc/self/mountinfo` parsing.
 //! - [`policy`]: the shared policy (retention, free-space floor) stored with the quarantine.
@@ -22,6 +24,7 @@
 //! - [`logging`]: tracing to stderr, a log file or syslog, with `log` bridged.
 //! - [`docgen`]: shell completions and man pages from the clap command.
 
+pub mod audit;
 pub mod cmd;
 pub mod creds;
 pub mod daemon;
@@ -33,6 +36,7 @@ pub mod guard;
 pub mod heal;
 pub mod inode;
 pub mod logging;
+pub mod metrics;
 pub mod mountinfo;
 pub mod mountopts;
 pub mod policy;

@@ -3,6 +3,7 @@ use std::process::ExitCode;
 use clap::{CommandFactory, Parser, Subcommand};
 
 use baseguard::cmd::check::CheckArgs;
+use baseguard::cmd::metrics::MetricsArgs;
 use baseguard::cmd::mount::MountArgs;
 use baseguard::cmd::policy::PolicyArgs;
 use baseguard::cmd::quarantine::{ListArgs, PurgeArgs, RestoreArgs, ShowArgs, StatusArgs};
@@ -29,6 +30,7 @@ enum Cmd {
     Status(StatusArgs),
     Check(CheckArgs),
     Policy(PolicyArgs),
+    Metrics(MetricsArgs),
     /// Write the man pages and shell completions into DIR.
     #[command(hide = true)]
     GenDocs {
@@ -70,6 +72,7 @@ fn main() -> ExitCode {
         Cmd::Status(a) => a.run(),
         Cmd::Check(a) => a.run(),
         Cmd::Policy(a) => a.run(),
+        Cmd::Metrics(a) => a.run(),
         Cmd::GenDocs { dir } => {
             match baseguard::docgen::write_completions_and_man(Cli::command(), &dir) {
                 Ok(_) => ExitCode::SUCCESS,

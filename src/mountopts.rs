@@ -224,6 +224,15 @@ impl FstabOptions {
                 self.min_free = Some(v.to_string());
             }
             ("log_level", Some(v)) => {
+                const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+                if !v.contains(['=', ',']) && !LEVELS.contains(&v.to_ascii_lowercase().as_str()) {
+                    return Err(err(
+                        item,
+                        format!(
+                            "Mount option `{item}` is invalid: use error, warn, info, debug or trace (or a directive such as baseguard=debug)."
+                        ),
+                    ));
+                }
                 crate::logging::filter(Some(v)).map_err(|why| {
                     err(item, format!("Mount option `{item}` is invalid: {why}."))
                 })?;

@@ -1383,6 +1383,7 @@ impl Quarantine {
             host = %who.host,
             "restored"
         );
+        crate::audit::record(self, "restored", &e, who, Some(&dest), None);
         Ok(Restored {
             entry: e,
             dest,
@@ -1417,6 +1418,7 @@ impl Quarantine {
             by_host = %e.who.host,
             "purged"
         );
+        crate::audit::record(self, "purged", &e, &Who::current(), None, None);
         Ok(e)
     }
 

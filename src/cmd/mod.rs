@@ -1,5 +1,6 @@
 //! The `baseguard` subcommands.
 pub mod check;
+pub mod metrics;
 pub mod mount;
 pub mod policy;
 pub mod quarantine;

@@ -5,6 +5,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use clap::Args;
@@ -16,6 +17,7 @@ use crate::fuse::FuseAdapter;
 use crate::guard::Guard;
 use crate::heal::References;
 use crate::logging::{self, LogTarget};
+use crate::metrics::RunFile;
 use crate::mountopts::{FstabOptions, parse_duration};
 use crate::policy::{self, MinFree, Note, Policy};
 use crate::quarantine::Quarantine;
@@ -275,11 +277,16 @@ impl MountArgs {
                 Err(msg) => fail(&msg),
             };
         }
-        let target = LogTarget::choose(!self.notify_ready, self.log_file.as_deref());
-        if let Err(e) = logging::init(target, self.log_level.as_deref()) {
-            return fail(&e);
+        let mut target = LogTarget::choose(!self.notify_ready, self.log_file.as_deref());
+        if matches!(target, LogTarget::Syslog { .. }) {
+            // Detached: syslog, else journald, else a file; never nowhere.
+            target = logging::detached_target();
         }
-        match self.mount(kernel) {
+        let used = match logging::init(target, self.log_level.as_deref()) {
+            Ok(u) => u,
+            Err(e) => return fail(&e),
+        };
+        match self.mount(kernel, log_destination(&used)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(msg) => {
                 tracing::error!("{msg}");
@@ -288,7 +295,7 @@ impl MountArgs {
         }
     }
 
-    fn mount(&self, kernel: Vec<MountOption>) -> Result<(), String> {
+    fn mount(&self, kernel: Vec<MountOption>, log: String) -> Result<(), String> {
         let (root, backing, mountpoint) = preflight(self)?;
         let limit = sys::raise_nofile_limit().unwrap_or(1024);
         // Half of the descriptors for cached inodes, the rest for open files.
@@ -408,14 +415,31 @@ impl MountArgs {
                 }
             })
             .map_err(|e| format!("cannot start the signal thread: {e}"))?;
+        tracing::info!(log = %log, mountpoint = %mountpoint.display(), "logging to {log}");
+        let purged = Arc::new(AtomicU64::new(0));
         if let Some(q) = quarantine {
             let backing_fd = fs
                 .root_fd()
                 .as_fd()
                 .try_clone_to_owned()
                 .map_err(|e| format!("cannot start the expiry thread: {e}"))?;
+            spawn_reporter(Reporter {
+                q: Arc::clone(&q),
+                fs: Arc::clone(&fs),
+                refs: Arc::clone(&refs),
+                run: RunFile {
+                    pid: std::process::id(),
+                    mountpoint: mountpoint.clone(),
+                    backing: backing.clone(),
+                    log: log.clone(),
+                    ..Default::default()
+                },
+                metrics_file: self.metrics_file.clone(),
+                purged: Arc::clone(&purged),
+            })?;
             spawn_sweeper(Sweeper {
                 q,
+                purged,
                 own_retain: self.retain,
                 own_min_free: min_free,
                 policy: shared.unwrap_or_else(|| {
@@ -426,6 +450,7 @@ impl MountArgs {
             })?;
         }
         let r = session.run();
+        let _ = std::fs::remove_file(RunFile::path(std::process::id()));
         if let Some(p) = &self.stats_file {
             write_stats(p, &fs);
         }
@@ -451,6 +476,8 @@ fn log_policy_notes(notes: &[Note], p: &Policy) {
 /// The daemon's housekeeping thread and what it needs.
 struct Sweeper {
     q: Arc<Quarantine>,
+    /// Entries this daemon's sweeps purged (for the metrics).
+    purged: Arc<AtomicU64>,
     /// This node's `retain=`/`min_free=` (proposals to the shared policy).
     own_retain: Option<Duration>,
     own_min_free: Option<MinFree>,
@@ -485,7 +512,14 @@ fn spawn_sweeper(mut s: Sweeper) -> Result<(), String> {
                 ticks += 1;
                 if std::time::Instant::now() >= next_sweep {
                     let retain = s.policy.retain();
-                    s.q.purge_expired(retain, &|e| s.refs.keep_reason(&e.orig_path()));
+                    let n = s
+                        .q
+                        .purge_expired(retain, &|e| s.refs.keep_reason(&e.orig_path()))
+                        .iter()
+                        .filter(|o| matches!(o, crate::quarantine::PurgeOutcome::Purged(_)))
+                        .count();
+                    s.purged.fetch_add(n as u64, Ordering::Relaxed);
+                    crate::audit::trim(&s.q);
                     let every =
                         (retain / 10).clamp(Duration::from_secs(1), Duration::from_secs(3600));
                     next_sweep = std::time::Instant::now() + every;
@@ -494,6 +528,8 @@ fn spawn_sweeper(mut s: Sweeper) -> Result<(), String> {
                     let run = crate::floor::enforce(&s.q, s.backing.as_fd(), floor, &|e| {
                         s.refs.keep_reason(&e.orig_path())
                     });
+                    s.purged
+                        .fetch_add(run.purged.len() as u64, Ordering::Relaxed);
                     if run.still_below && !run.purged.is_empty() {
                         tracing::warn!(
                             min_free = %floor,
@@ -538,6 +574,102 @@ impl Sweeper {
                 false
             }
         }
+    }
+}
+
+/// Where the log goes, for people: a path, `syslog` or `stderr`.
+fn log_destination(t: &LogTarget) -> String {
+    match t {
+        LogTarget::Stderr => "stderr".into(),
+        LogTarget::File(p) => p.display().to_string(),
+        LogTarget::Syslog {
+            socket,
+            format: logging::SyslogFormat::Journald,
+        } => format!("journald ({})", socket.display()),
+        LogTarget::Syslog { socket, .. } => format!("syslog ({})", socket.display()),
+    }
+}
+
+/// The daemon's publishing thread and what it needs.
+struct Reporter {
+    q: Arc<Quarantine>,
+    fs: Arc<Passthrough>,
+    refs: Arc<References>,
+    run: RunFile,
+    metrics_file: Option<PathBuf>,
+    purged: Arc<AtomicU64>,
+}
+
+/// How often the run file (tmpfs, a few hundred bytes) is rewritten.
+const RUN_FILE_EVERY: Duration = Duration::from_secs(2);
+/// How often (in run-file periods) the metrics file is rewritten (~15 s:
+/// it lists the quarantine).
+const METRICS_EVERY: u32 = 7;
+
+/// Publish this daemon's counters (run file, for `baseguard metrics` and
+/// `status`) every [`RUN_FILE_EVERY`] and, with `metrics_file=`, the
+/// Prometheus textfile about every 15 s; both at once at start.
+fn spawn_reporter(mut r: Reporter) -> Result<(), String> {
+    std::thread::Builder::new()
+        .name("metrics".into())
+        .spawn(move || {
+            let mut warned = false;
+            let mut n: u32 = 0;
+            loop {
+                r.run.counters = r.fs.stats.to_json();
+                r.run.purged = r.purged.load(Ordering::Relaxed);
+                if let Err(e) = r.run.write()
+                    && !warned
+                {
+                    warned = true;
+                    tracing::warn!(error = %e, dir = crate::metrics::RUN_DIR, "cannot publish this daemon's counters");
+                }
+                if let Some(p) = &r.metrics_file
+                    && n % METRICS_EVERY == 0
+                {
+                    let text = r.metrics_text();
+                    let tmp = p.with_extension("prom.tmp");
+                    let w = std::fs::write(&tmp, text).and_then(|_| std::fs::rename(&tmp, p));
+                    if let Err(e) = w {
+                        tracing::warn!(path = %p.display(), error = %e, "cannot write the metrics file");
+                    }
+                }
+                n = n.wrapping_add(1);
+                std::thread::sleep(RUN_FILE_EVERY);
+            }
+        })
+        .map(|_| ())
+        .map_err(|e| format!("cannot start the metrics thread: {e}"))
+}
+
+impl Reporter {
+    fn metrics_text(&self) -> String {
+        let mp = (
+            self.run.mountpoint.clone(),
+            self.run.backing.display().to_string(),
+            true,
+        );
+        let mut fams = crate::metrics::daemon_families(&[mp], std::slice::from_ref(&self.run));
+        let root = PathBuf::from(format!("/proc/self/fd/{}", self.fs.root_fd().as_raw_fd()));
+        let referenced = self.refs.referenced();
+        let near = self
+            .q
+            .list()
+            .unwrap_or_default()
+            .iter()
+            .filter(|e| referenced.contains(&e.orig_path()))
+            .filter(|e| std::fs::symlink_metadata(root.join(e.orig_path())).is_err())
+            .count();
+        let retain = Policy::read(&self.q)
+            .ok()
+            .flatten()
+            .map_or(DEFAULT_RETAIN, |p| p.retain());
+        fams.extend(crate::metrics::quarantine_families(
+            &self.q,
+            near,
+            retain.as_secs(),
+        ));
+        crate::metrics::render(&fams)
     }
 }
 

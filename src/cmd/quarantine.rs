@@ -232,14 +232,17 @@ impl Backing {
 }
 
 /// Logging for the quarantine commands: restores and purges are audit events,
-/// so they go to syslog (`info`) when `/dev/log` is there; otherwise only
-/// warnings reach stderr (the commands print their own results). `RUST_LOG`
+/// so they go where a detached daemon's log goes (syslog, journald or the
+/// fallback file, `info`); otherwise only warnings reach stderr (the commands print their own results). `RUST_LOG`
 /// overrides the level. Installs no thread (the namespace step needs none).
 pub fn init_logging() {
     use crate::logging::{self, LogTarget};
     let env = std::env::var("RUST_LOG").is_ok_and(|v| !v.trim().is_empty());
-    if let Ok((d, LogTarget::Syslog { .. })) =
-        logging::build(&LogTarget::syslog(), if env { None } else { Some("info") })
+    // The same destination as a detached daemon's (syslog, journald, file).
+    let target = logging::detached_target();
+    if target != LogTarget::Stderr
+        && let Ok((d, used)) = logging::build(&target, if env { None } else { Some("info") })
+        && used != LogTarget::Stderr
     {
         let _ = tracing::dispatcher::set_global_default(d);
         return;
@@ -372,6 +375,10 @@ pub struct ListArgs {
     /// interrupted (state pending/restoring).
     #[arg(long)]
     pub all: bool,
+    /// Show the audit trail instead: every restore and purge of the last 90
+    /// days (when, what, who), oldest first.
+    #[arg(long, conflicts_with = "all")]
+    pub history: bool,
     /// Retention time for the EXPIRES column (30m, 12h, 14d, 2w) [default:
     /// the shared policy's, see 'baseguard policy'].
     #[arg(long, value_name = "DUR", value_parser = parse_duration)]
@@ -384,6 +391,9 @@ impl ListArgs {
             Ok(x) => x,
             Err(e) => return cannot(e),
         };
+        if self.history {
+            return self.history(q.as_ref());
+        }
         let entries = match &q {
             None => Vec::new(),
             Some(q) => match if self.all { q.list_all() } else { q.list() } {
@@ -441,6 +451,51 @@ impl ListArgs {
             human_size(held),
             human_size(alloc)
         );
+        ExitCode::SUCCESS
+    }
+}
+
+impl ListArgs {
+    fn history(&self, q: Option<&Quarantine>) -> ExitCode {
+        let events = match q.map(crate::audit::read).transpose() {
+            Ok(v) => v.unwrap_or_default(),
+            Err(e) => return cannot(format!("cannot read the audit trail: {e}")),
+        };
+        if self.json {
+            let v: Vec<_> = events
+                .iter()
+                .map(|e| {
+                    let mut v = serde_json::to_value(e).unwrap_or_default();
+                    v["at_rfc3339"] = rfc3339(e.at).into();
+                    v
+                })
+                .collect();
+            print_json(serde_json::json!({ "history": v }));
+            return ExitCode::SUCCESS;
+        }
+        if events.is_empty() {
+            println!("No restores or purges recorded.");
+            return ExitCode::SUCCESS;
+        }
+        let rows: Vec<[String; 5]> = events
+            .iter()
+            .map(|e| {
+                let what = match &e.dest {
+                    Some(d) if *d != e.path => {
+                        format!("{} -> {}", text::quote_str(&e.path), text::quote_str(d))
+                    }
+                    _ => text::quote_str(&e.path),
+                };
+                [
+                    fmt_utc(e.at),
+                    e.action.clone(),
+                    e.id.clone(),
+                    what,
+                    visible(&e.who.to_string()),
+                ]
+            })
+            .collect();
+        print_table(&["WHEN", "ACTION", "ID", "PATH", "BY"], &rows);
         ExitCode::SUCCESS
     }
 }
@@ -1073,6 +1128,7 @@ impl StatusArgs {
             None => Vec::new(),
         };
         let qpath = quarantine_path(&b, &self.loc).display().to_string();
+        let runs = crate::metrics::RunFile::all();
         let code = if near.is_empty() {
             ExitCode::SUCCESS
         } else {
@@ -1082,9 +1138,14 @@ impl StatusArgs {
             let v = serde_json::json!({
                 "near_misses": near.iter().map(|e| entry_json(e, Some(retain), now, Some(&usage))).collect::<Vec<_>>(),
                 "referenced_base_files": referenced.len(),
-                "mounts": mounts.iter().map(|m| serde_json::json!({
-                    "mountpoint": m.mountpoint, "backing": m.source,
-                })).collect::<Vec<_>>(),
+                "mounts": mounts.iter().map(|m| {
+                    let run = runs.iter().find(|r| r.mountpoint == m.mountpoint);
+                    serde_json::json!({
+                        "mountpoint": m.mountpoint, "backing": m.source,
+                        "pid": run.map(|r| r.pid),
+                        "log": run.map(|r| r.log.clone()),
+                    })
+                }).collect::<Vec<_>>(),
                 "dir": b.dir,
                 "backing": b.path,
                 "mounted": b.mount.is_some(),
@@ -1121,8 +1182,13 @@ impl StatusArgs {
             println!("mounts:      none (no fuse.baseguard mount on this host)");
         } else {
             for (i, m) in mounts.iter().enumerate() {
+                let log = runs
+                    .iter()
+                    .find(|r| r.mountpoint == m.mountpoint)
+                    .map(|r| format!(", log {}", r.log))
+                    .unwrap_or_default();
                 println!(
-                    "{:<13}{} (backing {})",
+                    "{:<13}{} (backing {}{log})",
                     if i == 0 { "mounts:" } else { "" },
                     quote(m.mountpoint.as_os_str()),
                     text::quote_str(&m.source)
