@@ -13,7 +13,7 @@ use baseguard::cmd::quarantine::{ListArgs, PurgeArgs, RestoreArgs, ShowArgs, Sta
 /// deletion under _base/ becomes a move into a quarantine, listed and restored
 /// with this command.
 #[derive(Parser)]
-#[command(name = "baseguard", version, propagate_version = true, after_help = baseguard::cmd::text::EXIT_HELP)]
+#[command(name = "baseguard", version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("BASEGUARD_COMMIT"), ")"), propagate_version = true, after_help = baseguard::cmd::text::EXIT_HELP)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,

@@ -32,7 +32,9 @@ Examples:
   baseguard mount --threads 16 --stats-file /run/baseguard.stats /srv/nfs /mnt/guarded
 
 Stop it with `umount MOUNTPOINT`, Ctrl-C or SIGTERM: it unmounts and exits 0.
-SIGUSR1 writes the request counters to --stats-file.")]
+SIGUSR1 writes the request counters to --stats-file.
+
+Exit status: 0 mounted (detached) or unmounted cleanly (foreground); 1 could not mount (the reason in one sentence) or a usage error; mount.fuse.baseguard maps these to mount(8)'s codes.")]
 pub struct MountArgs {
     /// The real directory (e.g. the NFS-shared instances directory).
     pub backing: PathBuf,
