@@ -106,7 +106,7 @@ fn extra_sections(cmd: &Command) -> String {
     out.push_str(&roff(exit));
     out.push_str("\n.SH FILES\n");
     out.push_str(&roff(
-        "BACKING/.baseguard/ is the quarantine (mode 0700): entries/<id>.json (the record: original path, size, mtime, when, who) and entries/<id>.data (the file), policy.json (the shared retention and min_free), history/*.json (the audit trail of restores and purges, 90 days). /run/baseguard/<pid>.json: each daemon's counters and log destination. /var/log/baseguard.log: the log when neither syslog nor journald listens.",
+        "BACKING/.baseguard/ is the quarantine (mode 0700): entries/<id>.json (the record: original path, size, mtime, when, who) and entries/<id>.data (the file), policy.json (the shared retention and min_free), history/*.json (the audit trail of restores and purges, 90 days). /run/baseguard/counters-<pid>.json: each daemon's counters and log destination. /var/log/baseguard.log: the log when neither syslog nor journald listens.",
     ));
     out.push_str("\n.SH ENVIRONMENT\n");
     out.push_str(&roff(

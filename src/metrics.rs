@@ -4,7 +4,8 @@
 //! collector.
 //!
 //! What a daemon counts itself (quarantined, healed, errors since it
-//! started) it also publishes in its run file, `/run/baseguard/<pid>.json`,
+//! started) it also publishes in its run file,
+//! `/run/baseguard/counters-<pid>.json`,
 //! with its mountpoint and where its log goes, so `baseguard metrics` and
 //! `baseguard status` can report every mount of the host.
 
@@ -21,6 +22,8 @@ use crate::space::{FsSpace, Usage};
 
 /// Where daemons publish their run files.
 pub const RUN_DIR: &str = "/run/baseguard";
+/// Run files are `counters-<pid>.json` (other files there are not ours).
+const RUN_PREFIX: &str = "counters-";
 
 /// One metric family.
 pub struct Family {
@@ -93,7 +96,7 @@ pub struct RunFile {
 
 impl RunFile {
     pub fn path(pid: u32) -> PathBuf {
-        Path::new(RUN_DIR).join(format!("{pid}.json"))
+        Path::new(RUN_DIR).join(format!("{RUN_PREFIX}{pid}.json"))
     }
 
     /// Write atomically (errors are the caller's to log).
@@ -115,7 +118,11 @@ impl RunFile {
         };
         let mut v: Vec<RunFile> = rd
             .flatten()
-            .filter(|d| d.file_name().to_string_lossy().ends_with(".json"))
+            .filter(|d| {
+                let n = d.file_name();
+                let n = n.to_string_lossy();
+                n.starts_with(RUN_PREFIX) && n.ends_with(".json")
+            })
             .filter_map(|d| std::fs::read(d.path()).ok())
             .filter_map(|b| serde_json::from_slice::<RunFile>(&b).ok())
             .filter(|r| Path::new(&format!("/proc/{}", r.pid)).exists())

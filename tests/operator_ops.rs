@@ -236,6 +236,7 @@ fn log_level_from_fstab_options() {
         .args(["mount", "-o", "log_level=loud"])
         .arg(&b2)
         .arg(&mp));
+    let _guard = Detached { mp: mp.clone() };
     assert!(!o.status.success());
     assert!(!is_mounted(&mp));
     assert!(

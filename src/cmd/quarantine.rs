@@ -1185,10 +1185,10 @@ impl StatusArgs {
                 let log = runs
                     .iter()
                     .find(|r| r.mountpoint == m.mountpoint)
-                    .map(|r| format!(", log {}", r.log))
+                    .map(|r| format!(", logging to {}", r.log))
                     .unwrap_or_default();
                 println!(
-                    "{:<13}{} (backing {}{log})",
+                    "{:<13}{} (backing {}){log}",
                     if i == 0 { "mounts:" } else { "" },
                     quote(m.mountpoint.as_os_str()),
                     text::quote_str(&m.source)
@@ -1227,11 +1227,12 @@ impl StatusArgs {
         }
         println!("{:<13}{}", "entries:", st.entries);
         println!(
-            "{:<13}{} on disk, {:.1}% of the filesystem ({} bytes apparent; {} free)",
+            "{:<13}{} ({} bytes); {} on disk, {:.1}% of the filesystem ({} free)",
             "held:",
+            human_size(usage.apparent),
+            usage.apparent,
             human_size(usage.allocated),
             space.percent(usage.allocated),
-            usage.apparent,
             human_size(space.available)
         );
         match &st.oldest {
