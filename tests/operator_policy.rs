@@ -257,3 +257,45 @@ fn the_free_space_floor_purges_oldest_unreferenced_first() {
     drop(m);
     drop(fs);
 }
+
+#[test]
+fn an_expired_displaced_copy_of_an_image_in_use_is_not_kept_forever() {
+    if !have("qemu-img") {
+        eprintln!("skipped: qemu-img missing");
+        return;
+    }
+    let (_t, b) = scratch();
+    let m = Mount::new(&b, &["-o", "retain=2s", "--no-heal"]);
+    let uuid2 = "0d1e2f3a-4b5c-4d6e-8f70-0a1b2c3d4e5f";
+    for (name, uuid) in [("gone", UUID), ("rewritten", uuid2)] {
+        let base = m.path(&format!("_base/{name}"));
+        std::fs::write(m.path(&format!("_base/{name}.part")), vec![3u8; 65536]).unwrap();
+        std::fs::rename(m.path(&format!("_base/{name}.part")), &base).unwrap();
+        std::fs::create_dir(m.path(uuid)).unwrap();
+        let o = run(Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+            .arg(&base)
+            .arg(m.path(&format!("{uuid}/disk"))));
+        assert!(o.status.success(), "{o:?}");
+    }
+    // One is deleted (its path is empty), the other truncated in place (a
+    // copy of the old bytes is quarantined; the path holds a file).
+    std::fs::remove_file(m.path("_base/gone")).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(m.path("_base/rewritten"))
+        .unwrap();
+    let mut p = paths(&b);
+    p.sort();
+    assert_eq!(p, vec!["_base/gone", "_base/rewritten"]);
+    let start = Instant::now();
+    while paths(&b).contains(&"_base/rewritten".to_string()) {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "the displaced copy is kept past its retention"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(paths(&b), vec!["_base/gone"], "a needed file was purged");
+}

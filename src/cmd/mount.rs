@@ -516,7 +516,7 @@ fn spawn_sweeper(mut s: Sweeper) -> Result<(), String> {
                     let retain = s.policy.retain();
                     let n = s
                         .q
-                        .purge_expired(retain, &|e| s.refs.keep_reason(&e.orig_path()))
+                        .purge_expired(retain, &|e| s.expiry_keep(e))
                         .iter()
                         .filter(|o| matches!(o, crate::quarantine::PurgeOutcome::Purged(_)))
                         .count();
@@ -547,6 +547,18 @@ fn spawn_sweeper(mut s: Sweeper) -> Result<(), String> {
 }
 
 impl Sweeper {
+    /// Why an expired entry must stay: an instance disk references its path
+    /// and the path is empty (restoring it may be needed). A displaced copy
+    /// whose path holds a file again (rename-over, truncation of an image in
+    /// use) is not kept past the retention.
+    fn expiry_keep(&self, e: &crate::quarantine::Entry) -> Option<String> {
+        let root = PathBuf::from(format!("/proc/self/fd/{}", self.backing.as_raw_fd()));
+        if std::fs::symlink_metadata(root.join(e.orig_path())).is_ok() {
+            return None;
+        }
+        self.refs.keep_reason(&e.orig_path())
+    }
+
     /// Re-read the shared policy; re-apply this node's options to it the way
     /// mounting does (a longer retain raises it, a conflict is logged once).
     /// Returns whether the policy in force changed.

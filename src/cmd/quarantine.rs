@@ -869,8 +869,11 @@ impl PurgeArgs {
             Err(e) => return cannot(e),
         };
         let refs = References::for_backing(b.fd.as_fd(), vec![b.dir.clone(), b.path.clone()]);
+        // As the daemons' expiry: kept while an instance disk references
+        // the path and the path is empty; a displaced copy of a file that is
+        // back at its path is not.
         let keep = |e: &Entry| {
-            if self.force {
+            if self.force || present_at(&b, &e.orig_path()) {
                 None
             } else {
                 refs.keep_reason(&e.orig_path())
