@@ -52,8 +52,18 @@ pub fn write_completions_and_man(cmd: Command, outdir: &Path) -> io::Result<Gene
         None => bin.clone(),
     };
     write_man(&cmd, &bin, &source, &man_dir, &mut out.man)?;
+    let mut hidden = Vec::new();
+    hidden_longs(&cmd, &mut hidden);
+    let subs: Vec<String> = cmd
+        .get_subcommands()
+        .filter(|c| c.is_hide_set())
+        .map(|c| c.get_name().to_string())
+        .collect();
     for shell in SHELLS {
         let path = clap_complete::generate_to(shell, &mut cmd, &bin, &comp_dir)?;
+        // clap_complete offers hidden options too: take them out.
+        let text = std::fs::read_to_string(&path)?;
+        std::fs::write(&path, drop_hidden(&text, &hidden, &subs))?;
         out.completions.push(path);
     }
     Ok(out)
@@ -81,6 +91,55 @@ fn write_man(
         write_man(sub, &name, source, dir, written)?;
     }
     Ok(())
+}
+
+/// The long names of hidden options anywhere in the command tree.
+fn hidden_longs(cmd: &Command, out: &mut Vec<String>) {
+    for a in cmd.get_arguments().filter(|a| a.is_hide_set()) {
+        if let Some(l) = a.get_long() {
+            out.push(l.to_string());
+        }
+    }
+    for sub in cmd.get_subcommands() {
+        hidden_longs(sub, out);
+    }
+}
+
+/// Remove hidden options and subcommands from a generated completion
+/// script: bash `opts` words, zsh `'--name[...]'` and `'name:...'` lines,
+/// fish `-l name` and `-a "name"` lines.
+fn drop_hidden(text: &str, hidden: &[String], subs: &[String]) -> String {
+    let words: Vec<String> = hidden
+        .iter()
+        .map(|h| format!("--{h}"))
+        .chain(subs.iter().cloned())
+        .collect();
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines() {
+        let t = line.trim_start();
+        let drop = hidden.iter().any(|h| {
+            t.starts_with(&format!("'--{h}["))
+                || t.starts_with(&format!("\"--{h}["))
+                || line.contains(&format!(" -l {h} "))
+                || line.ends_with(&format!(" -l {h}"))
+        }) || subs
+            .iter()
+            .any(|c| t.starts_with(&format!("'{c}:")) || line.contains(&format!(" -a \"{c}\"")));
+        if drop {
+            continue;
+        }
+        let mut l = line.to_string();
+        if t.starts_with("opts=\"") {
+            for w in &words {
+                l = l
+                    .replace(&format!(" {w} "), " ")
+                    .replace(&format!(" {w}\""), "\"");
+            }
+        }
+        out.push_str(&l);
+        out.push('\n');
+    }
+    out
 }
 
 /// roff-escape a line of text.
@@ -199,6 +258,12 @@ mod tests {
         for p in &g.completions {
             let text = std::fs::read_to_string(p).unwrap();
             assert!(text.contains("retain"), "{}", p.display());
+            assert!(!text.contains("notify-ready"), "{}: {text}", p.display());
+            assert!(!text.contains("-a \"gen-docs\""), "{text}");
+            assert!(!text.contains("'gen-docs:"), "{text}");
+            for l in text.lines().filter(|l| l.trim_start().starts_with("opts=")) {
+                assert!(!l.contains("gen-docs"), "{l}");
+            }
         }
         assert!(d.path().join("man1/baseguard-mount.1").is_file());
     }
