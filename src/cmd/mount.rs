@@ -565,9 +565,8 @@ impl Sweeper {
     fn refresh_policy(&mut self) -> bool {
         match Policy::read(&self.q) {
             Ok(Some(p)) if p == self.policy => false,
-            Ok(stored) => {
+            Ok(_) => {
                 let r = policy::reconcile_stored(&self.q, self.own_retain, self.own_min_free);
-                let _ = stored;
                 if r.policy.retain_secs != self.policy.retain_secs
                     || r.policy.min_free != self.policy.min_free
                 {

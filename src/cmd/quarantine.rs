@@ -572,7 +572,7 @@ impl ShowArgs {
         let refs = References::for_backing(b.fd.as_fd(), vec![b.dir.clone(), b.path.clone()]);
         let disks = refs.disks_using(&e.orig_path());
         let present = present_at(&b, &e.orig_path());
-        let next = next_step(&e, &disks, present, &b);
+        let next = next_step(&e, &disks, present);
         if self.json {
             let mut v = entry_json(&e, Some(retain), now, usage.as_ref());
             if let Some(o) = v.as_object_mut() {
@@ -665,8 +665,7 @@ fn present_at(b: &Backing, rel: &Path) -> bool {
 }
 
 /// What an operator should do about an entry.
-fn next_step(e: &Entry, disks: &[PathBuf], present: bool, b: &Backing) -> String {
-    let _ = b;
+fn next_step(e: &Entry, disks: &[PathBuf], present: bool) -> String {
     match (e.state, disks.is_empty(), present) {
         (EntryState::Held, false, false) => format!(
             "an instance disk needs this file and its path is empty: restore it now with 'baseguard restore {}'",
