@@ -92,6 +92,9 @@ pub struct RunFile {
     /// Purged by its sweeps (expiry and the free-space floor).
     #[serde(default)]
     pub purged: u64,
+    /// The options in effect (`key=value`), for `status`.
+    #[serde(default)]
+    pub options: Vec<String>,
 }
 
 impl RunFile {

@@ -204,6 +204,10 @@ fn a_detached_daemon_without_dev_log_logs_where_status_says() {
             .cloned()
             .unwrap();
         if let Some(l) = m["log"].as_str() {
+            // The options in effect are visible too.
+            let opts = m["options"].as_array().unwrap();
+            assert!(opts.iter().any(|o| o == "log_level=info"), "{m}");
+            assert!(opts.iter().any(|o| o == "heal=on"), "{m}");
             break l.to_string();
         }
         assert!(start.elapsed() < Duration::from_secs(10), "{s}");

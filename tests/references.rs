@@ -228,9 +228,9 @@ fn expiry_never_purges_a_referenced_base() {
     }
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(listed(&m.mountpoint), vec![format!("_base/{SHA}")]);
-    // status names it first, as a near miss.
+    // status names it first, as a near miss, and exits 1 (attention).
     let (code, status, _) = bg(&["status"], &m.mountpoint);
-    assert_eq!(code, 0);
+    assert_eq!(code, 1);
     assert!(
         status.starts_with(&format!("NEAR MISS:   _base/{SHA}")),
         "{status}"

@@ -434,6 +434,7 @@ impl MountArgs {
                     mountpoint: mountpoint.clone(),
                     backing: backing.clone(),
                     log: log.clone(),
+                    options: self.options_in_effect(&qdir, threads),
                     ..Default::default()
                 },
                 metrics_file: self.metrics_file.clone(),
@@ -493,6 +494,43 @@ struct Sweeper {
 const FLOOR_TICK: Duration = Duration::from_secs(1);
 /// The shared policy is re-read every this many ticks.
 const POLICY_TICKS: u64 = 2;
+
+impl MountArgs {
+    /// The options this daemon runs with, as `key=value` (node-local ones;
+    /// retention and min_free as this node proposed them: the shared policy
+    /// may differ, see `baseguard policy`).
+    fn options_in_effect(&self, qdir: &Option<PathBuf>, threads: u32) -> Vec<String> {
+        let mut o = vec![
+            format!("threads={threads}"),
+            format!("heal={}", if self.no_heal { "off" } else { "on" }),
+            format!(
+                "passthrough={}",
+                if self.no_passthrough { "off" } else { "on" }
+            ),
+        ];
+        if let Some(r) = self.retain {
+            o.push(format!("retain={}", crate::mountopts::format_duration(r)));
+        }
+        if let Some(m) = &self.min_free {
+            o.push(format!("min_free={m}"));
+        }
+        if let Some(q) = qdir {
+            o.push(format!("quarantine={}", q.display()));
+        }
+        o.extend(self.protect.iter().map(|g| format!("protect={g}")));
+        o.extend(self.ignore.iter().map(|g| format!("ignore={g}")));
+        if let Some(l) = &self.log_level {
+            o.push(format!("log_level={l}"));
+        }
+        if let Some(p) = &self.metrics_file {
+            o.push(format!("metrics_file={}", p.display()));
+        }
+        if self.ro {
+            o.push("ro".into());
+        }
+        o
+    }
+}
 
 /// Purge expired quarantine entries now and then (often enough that an entry
 /// outlives the retention by at most a tenth of it, 1 s to 1 h), applying

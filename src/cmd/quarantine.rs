@@ -1146,6 +1146,7 @@ impl StatusArgs {
                         "mountpoint": m.mountpoint, "backing": m.source,
                         "pid": run.map(|r| r.pid),
                         "log": run.map(|r| r.log.clone()),
+                        "options": run.map(|r| r.options.clone()),
                     })
                 }).collect::<Vec<_>>(),
                 "dir": b.dir,
@@ -1195,6 +1196,9 @@ impl StatusArgs {
                     quote(m.mountpoint.as_os_str()),
                     text::quote_str(&m.source)
                 );
+                if let Some(r) = runs.iter().find(|r| r.mountpoint == m.mountpoint) {
+                    println!("{:<13}  options {}", "", visible(&r.options.join(",")));
+                }
             }
         }
         println!("{:<13}{}", "backing:", b.path.display());
