@@ -48,7 +48,7 @@ pub fn enforce(
             continue;
         }
         let before = avail;
-        match q.purge(&e.id) {
+        match q.purge_because(&e.id, Some("below min_free")) {
             Ok(p) => {
                 avail = FsSpace::of(backing).map(|s| s.available).unwrap_or(avail);
                 tracing::warn!(

@@ -1394,6 +1394,12 @@ impl Quarantine {
     /// Delete one held entry for good (the only real deletion baseguard
     /// does). Logged with `tracing::info!`.
     pub fn purge(&self, id: &str) -> Result<Entry, QError> {
+        self.purge_because(id, None)
+    }
+
+    /// [`Quarantine::purge`], with the reason recorded in the audit trail
+    /// (`expired`, `below min_free`).
+    pub fn purge_because(&self, id: &str, reason: Option<&str>) -> Result<Entry, QError> {
         let e = self.get(id)?;
         if let Err(err) = sys::unlinkat(self.entries.as_fd(), &Self::data_name(id), 0) {
             return Err(if errno(&err) == libc::ENOENT {
@@ -1418,7 +1424,7 @@ impl Quarantine {
             by_host = %e.who.host,
             "purged"
         );
-        crate::audit::record(self, "purged", &e, &Who::current(), None, None);
+        crate::audit::record(self, "purged", &e, &Who::current(), None, reason);
         Ok(e)
     }
 
@@ -1452,7 +1458,7 @@ impl Quarantine {
                         out.push(PurgeOutcome::Kept { entry: e, reason });
                         continue;
                     }
-                    match self.purge(&e.id) {
+                    match self.purge_because(&e.id, Some("expired")) {
                         Ok(p) => out.push(PurgeOutcome::Purged(p)),
                         // Someone else restored or purged it meanwhile.
                         Err(QError::Gone { .. } | QError::UnknownId(_)) => {}

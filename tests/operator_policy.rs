@@ -249,6 +249,12 @@ fn the_free_space_floor_purges_oldest_unreferenced_first() {
     assert_eq!(kept, made[made.len() - kept.len()..].to_vec());
     let l = log_of(&log);
     assert!(l.contains("purged for space"), "{l}");
+    // The audit trail says why.
+    let h = json(&bg(&["list", "--history", "--json"], &b));
+    let first = &h["history"][0];
+    assert_eq!(first["action"], "purged", "{h}");
+    assert_eq!(first["path"], "_base/img-0", "{h}");
+    assert_eq!(first["reason"], "below min_free", "{h}");
     assert!(l.contains("path=_base/img-0"), "{l}");
     // status shows allocated bytes and the share.
     let s = json(&bg(&["status", "--json"], &b));

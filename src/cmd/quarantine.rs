@@ -486,6 +486,10 @@ impl ListArgs {
                     }
                     _ => text::quote_str(&e.path),
                 };
+                let what = match &e.reason {
+                    Some(r) => format!("{what} ({r})"),
+                    None => what,
+                };
                 [
                     fmt_utc(e.at),
                     e.action.clone(),
