@@ -126,9 +126,16 @@ impl RunFile {
                 let n = n.to_string_lossy();
                 n.starts_with(RUN_PREFIX) && n.ends_with(".json")
             })
-            .filter_map(|d| std::fs::read(d.path()).ok())
-            .filter_map(|b| serde_json::from_slice::<RunFile>(&b).ok())
-            .filter(|r| Path::new(&format!("/proc/{}", r.pid)).exists())
+            .filter_map(|d| {
+                let r = serde_json::from_slice::<RunFile>(&std::fs::read(d.path()).ok()?).ok()?;
+                if Path::new(&format!("/proc/{}", r.pid)).exists() {
+                    Some(r)
+                } else {
+                    // A daemon that was killed: its file is stale.
+                    let _ = std::fs::remove_file(d.path());
+                    None
+                }
+            })
             .collect();
         v.sort_by_key(|r| r.pid);
         v

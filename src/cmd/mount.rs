@@ -453,6 +453,7 @@ impl MountArgs {
             })?;
         }
         let r = session.run();
+        REPORTER_STOP.store(true, Ordering::SeqCst);
         let _ = std::fs::remove_file(RunFile::path(std::process::id()));
         if let Some(p) = &self.stats_file {
             write_stats(p, &fs);
@@ -651,6 +652,10 @@ struct Reporter {
     purged: Arc<AtomicU64>,
 }
 
+/// Set once the session ended, so the run file is not written again after
+/// it is removed.
+static REPORTER_STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// How often the run file (tmpfs, a few hundred bytes) is rewritten.
 const RUN_FILE_EVERY: Duration = Duration::from_secs(2);
 /// How often (in run-file periods) the metrics file is rewritten (~15 s:
@@ -667,6 +672,9 @@ fn spawn_reporter(mut r: Reporter) -> Result<(), String> {
             let mut warned = false;
             let mut n: u32 = 0;
             loop {
+                if REPORTER_STOP.load(Ordering::SeqCst) {
+                    return;
+                }
                 r.run.counters = r.fs.stats.to_json();
                 r.run.purged = r.purged.load(Ordering::Relaxed);
                 if let Err(e) = r.run.write()
