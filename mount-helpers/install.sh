@@ -132,7 +132,7 @@ if [ -n "$DOCS" ]; then
 fi
 
 put "$here/fstab.example" "$DESTDIR$exdir/fstab.example" 0644
-for unit in nova-compute libvirtd; do
+for unit in nova-compute openstack-nova-compute libvirtd virtqemud; do
     put "$here/systemd/$unit.service.d/baseguard.conf" \
         "$DESTDIR$exdir/systemd/$unit.service.d/baseguard.conf" 0644
 done

@@ -52,8 +52,18 @@ pub fn write_completions_and_man(cmd: Command, outdir: &Path) -> io::Result<Gene
         None => bin.clone(),
     };
     write_man(&cmd, &bin, &source, &man_dir, &mut out.man)?;
+    let mut hidden = Vec::new();
+    hidden_longs(&cmd, &mut hidden);
+    let subs: Vec<String> = cmd
+        .get_subcommands()
+        .filter(|c| c.is_hide_set())
+        .map(|c| c.get_name().to_string())
+        .collect();
     for shell in SHELLS {
         let path = clap_complete::generate_to(shell, &mut cmd, &bin, &comp_dir)?;
+        // clap_complete offers hidden options too: take them out.
+        let text = std::fs::read_to_string(&path)?;
+        std::fs::write(&path, drop_hidden(&text, &hidden, &subs))?;
         out.completions.push(path);
     }
     Ok(out)
@@ -73,6 +83,7 @@ fn write_man(
     let path = dir.join(format!("{page_name}.1"));
     let mut f = std::fs::File::create(&path)?;
     man.render(&mut f)?;
+    f.write_all(extra_sections(cmd).as_bytes())?;
     f.flush()?;
     written.push(path);
     for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
@@ -80,6 +91,100 @@ fn write_man(
         write_man(sub, &name, source, dir, written)?;
     }
     Ok(())
+}
+
+/// The long names of hidden options anywhere in the command tree.
+fn hidden_longs(cmd: &Command, out: &mut Vec<String>) {
+    for a in cmd.get_arguments().filter(|a| a.is_hide_set()) {
+        if let Some(l) = a.get_long() {
+            out.push(l.to_string());
+        }
+    }
+    for sub in cmd.get_subcommands() {
+        hidden_longs(sub, out);
+    }
+}
+
+/// Remove hidden options and subcommands from a generated completion
+/// script: bash `opts` words, zsh `'--name[...]'` and `'name:...'` lines,
+/// fish `-l name` and `-a "name"` lines.
+fn drop_hidden(text: &str, hidden: &[String], subs: &[String]) -> String {
+    let words: Vec<String> = hidden
+        .iter()
+        .map(|h| format!("--{h}"))
+        .chain(subs.iter().cloned())
+        .collect();
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines() {
+        let t = line.trim_start();
+        let drop = hidden.iter().any(|h| {
+            t.starts_with(&format!("'--{h}["))
+                || t.starts_with(&format!("\"--{h}["))
+                || line.contains(&format!(" -l {h} "))
+                || line.ends_with(&format!(" -l {h}"))
+        }) || subs
+            .iter()
+            .any(|c| t.starts_with(&format!("'{c}:")) || line.contains(&format!(" -a \"{c}\"")));
+        if drop {
+            continue;
+        }
+        let mut l = line.to_string();
+        if t.starts_with("opts=\"") {
+            for w in &words {
+                l = l
+                    .replace(&format!(" {w} "), " ")
+                    .replace(&format!(" {w}\""), "\"");
+            }
+        }
+        out.push_str(&l);
+        out.push('\n');
+    }
+    out
+}
+
+/// roff-escape a line of text.
+fn roff(s: &str) -> String {
+    s.replace('\\', "\\e").replace('-', "\\-")
+}
+
+/// EXIT STATUS (from the command's "Exit status:" help line, else the
+/// general one), FILES, ENVIRONMENT, SIGNALS, LOGGING and SEE ALSO.
+fn extra_sections(cmd: &Command) -> String {
+    let help = cmd
+        .get_after_help()
+        .map(|h| h.to_string())
+        .unwrap_or_default();
+    let exit = help
+        .lines()
+        .find(|l| l.starts_with("Exit status:"))
+        .unwrap_or(crate::cmd::text::EXIT_HELP)
+        .trim_start_matches("Exit status:")
+        .trim();
+    let mut out = String::new();
+    out.push_str(".SH \"EXIT STATUS\"\n");
+    out.push_str(&roff(exit));
+    out.push_str("\n.SH FILES\n");
+    out.push_str(&roff(
+        "BACKING/.baseguard/ is the quarantine (mode 0700): entries/<id>.json (the record: original path, size, mtime, when, who) and entries/<id>.data (the file), policy.json (the shared retention and min_free), history/*.json (the audit trail of restores and purges, 90 days). /run/baseguard/counters-<pid>.json: each daemon's counters and log destination. /var/log/baseguard.log: the log when neither syslog nor journald listens.",
+    ));
+    out.push_str("\n.SH ENVIRONMENT\n");
+    out.push_str(&roff(
+        "RUST_LOG: the log level or directives when no log_level= is given. BASEGUARD_SYSLOG_SOCKET, BASEGUARD_JOURNAL_SOCKET, BASEGUARD_FALLBACK_LOG: replace /dev/log, /run/systemd/journal/socket and /var/log/baseguard.log (containers).",
+    ));
+    out.push_str("\n.SH SIGNALS\n");
+    out.push_str(&roff(
+        "The daemon unmounts and exits 0 on SIGTERM and SIGINT, ignores SIGHUP (a reload must never unmount the instances directory), and writes its request counters to --stats-file on SIGUSR1. The other commands end quietly on SIGPIPE (baseguard list | head).",
+    ));
+    out.push_str("\n.SH LOGGING\n");
+    out.push_str(&roff(
+        "In the foreground to stderr; detached to log_file= if given, else syslog (/dev/log), else journald's native socket, else /var/log/baseguard.log. 'baseguard status' shows each mount's destination. Every quarantine, restore and purge is one line with key=value fields (id, path, size, why, pid, comm, uid, host).",
+    ));
+    out.push_str("\n.SH \"SEE ALSO\"\n");
+    out.push_str(&roff(
+        "mount.fuse.baseguard(8), fstab(5), mount(8), journalctl(1); the README in the source repository.",
+    ));
+    out.push('\n');
+    out
 }
 
 #[cfg(test)]
@@ -131,6 +236,16 @@ mod tests {
         );
         let mount = std::fs::read_to_string(&g.man[1]).unwrap();
         assert!(mount.contains("retain"), "{mount}");
+        for section in [
+            ".SH \"EXIT STATUS\"",
+            ".SH FILES",
+            ".SH ENVIRONMENT",
+            ".SH SIGNALS",
+            ".SH LOGGING",
+            ".SH \"SEE ALSO\"",
+        ] {
+            assert!(mount.contains(section), "{section}: {mount}");
+        }
         assert!(mount.contains("\"baseguard 0.1.0\""), "{mount}");
         assert!(!mount.contains("notify"), "{mount}");
 
@@ -143,6 +258,12 @@ mod tests {
         for p in &g.completions {
             let text = std::fs::read_to_string(p).unwrap();
             assert!(text.contains("retain"), "{}", p.display());
+            assert!(!text.contains("notify-ready"), "{}: {text}", p.display());
+            assert!(!text.contains("-a \"gen-docs\""), "{text}");
+            assert!(!text.contains("'gen-docs:"), "{text}");
+            for l in text.lines().filter(|l| l.trim_start().starts_with("opts=")) {
+                assert!(!l.contains("gen-docs"), "{l}");
+            }
         }
         assert!(d.path().join("man1/baseguard-mount.1").is_file());
     }

@@ -12,17 +12,24 @@
 //! - [`qcow2`]: defensive qcow2 header parsing (backing file name and format).
 //! - [`heal`]: the daemon's shared reference index (restore on access, keep on expiry).
 //! - [`refs`]: the reference index: which `_base` files instance disks' backing chains use.
+//! - [`space`]: what the quarantine holds on disk (allocated, hard links once) and free space.
+//! - [`floor`]: the free-space floor (`min_free=`): purge the oldest unreferenced entries.
 //! - [`cmd`]: the `baseguard` subcommands.
+//! - [`audit`]: the audit trail of restores and purges (`list --history`).
+//! - [`metrics`]: Prometheus text format metrics and the daemons' run files.
 //! - [`mountopts`]: fstab-style `-o` option parsing and `parse_duration`.
 //! - [`mountinfo`]: `/proc/self/mountinfo` parsing.
+//! - [`policy`]: the shared policy (retention, free-space floor) stored with the quarantine.
 //! - [`daemon`]: detaching `baseguard mount` with a READY/ERROR startup handshake.
 //! - [`logging`]: tracing to stderr, a log file or syslog, with `log` bridged.
 //! - [`docgen`]: shell completions and man pages from the clap command.
 
+pub mod audit;
 pub mod cmd;
 pub mod creds;
 pub mod daemon;
 pub mod docgen;
+pub mod floor;
 pub mod fs;
 pub mod fuse;
 pub mod guard;
@@ -30,11 +37,14 @@ pub mod heal;
 pub mod inode;
 pub mod lockwait;
 pub mod logging;
+pub mod metrics;
 pub mod mountinfo;
 pub mod mountopts;
+pub mod policy;
 pub mod qcow2;
 pub mod quarantine;
 pub mod refs;
 pub mod session;
+pub mod space;
 pub mod stats;
 pub mod sys;

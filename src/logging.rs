@@ -46,6 +46,52 @@ pub enum SyslogFormat {
     Rfc3164,
     /// `<PRI>1 TIMESTAMP HOST ident pid - - msg` with a UTC timestamp.
     Rfc5424,
+    /// journald's native protocol (`PRIORITY=`, `SYSLOG_IDENTIFIER=`,
+    /// `MESSAGE=` lines), for its socket when there is no `/dev/log`.
+    Journald,
+}
+
+/// journald's native socket.
+pub const JOURNAL_SOCKET: &str = "/run/systemd/journal/socket";
+/// Where a detached daemon logs when neither syslog nor journald listens.
+pub const FALLBACK_LOG: &str = "/var/log/baseguard.log";
+
+/// The target for a detached daemon without `log_file=`: syslog on
+/// `/dev/log` if something listens there, else journald's native socket,
+/// else [`FALLBACK_LOG`], else stderr; never nowhere without saying so.
+/// `BASEGUARD_SYSLOG_SOCKET`, `BASEGUARD_JOURNAL_SOCKET` and
+/// `BASEGUARD_FALLBACK_LOG` replace the three paths (for containers and tests).
+pub fn detached_target() -> LogTarget {
+    let env = |k: &str, d: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map_or_else(|| PathBuf::from(d), PathBuf::from)
+    };
+    let listens = |p: &Path| UnixDatagram::unbound().and_then(|s| s.connect(p)).is_ok();
+    let syslog = env("BASEGUARD_SYSLOG_SOCKET", DEV_LOG);
+    if listens(&syslog) {
+        return LogTarget::Syslog {
+            socket: syslog,
+            format: SyslogFormat::Rfc3164,
+        };
+    }
+    let journal = env("BASEGUARD_JOURNAL_SOCKET", JOURNAL_SOCKET);
+    if listens(&journal) {
+        return LogTarget::Syslog {
+            socket: journal,
+            format: SyslogFormat::Journald,
+        };
+    }
+    let file = env("BASEGUARD_FALLBACK_LOG", FALLBACK_LOG);
+    if OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&file)
+        .is_ok()
+    {
+        return LogTarget::File(file);
+    }
+    LogTarget::Stderr
 }
 
 /// Where log lines go.
@@ -243,6 +289,10 @@ pub fn format_line(
                 rfc3339_utc(now)
             )
         }
+        SyslogFormat::Journald => format!(
+            "PRIORITY={}\nSYSLOG_FACILITY={FACILITY_DAEMON}\nSYSLOG_IDENTIFIER={IDENT}\nSYSLOG_PID={pid}\nMESSAGE={msg}\n",
+            severity(level)
+        ),
     }
 }
 
@@ -455,6 +505,22 @@ mod tests {
         let mut buf = [0u8; 256];
         let n = rx.recv(&mut buf).unwrap();
         assert_eq!(&buf[..n], b"<30>baseguard[1]: again");
+    }
+
+    #[test]
+    fn journald_format_and_fallback_chain() {
+        let l = format_line(
+            SyslogFormat::Journald,
+            Level::WARN,
+            "h",
+            7,
+            SystemTime::now(),
+            "a\nb\n",
+        );
+        assert_eq!(
+            l,
+            "PRIORITY=4\nSYSLOG_FACILITY=3\nSYSLOG_IDENTIFIER=baseguard\nSYSLOG_PID=7\nMESSAGE=a b\n"
+        );
     }
 
     #[test]

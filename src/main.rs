@@ -4,7 +4,9 @@ use clap::{CommandFactory, Parser, Subcommand};
 
 use baseguard::cmd::check::CheckArgs;
 use baseguard::cmd::health::UmountArgs;
+use baseguard::cmd::metrics::MetricsArgs;
 use baseguard::cmd::mount::MountArgs;
+use baseguard::cmd::policy::PolicyArgs;
 use baseguard::cmd::quarantine::{ListArgs, PurgeArgs, RestoreArgs, ShowArgs, StatusArgs};
 use baseguard::cmd::upgrade::UpgradeArgs;
 
@@ -13,7 +15,7 @@ use baseguard::cmd::upgrade::UpgradeArgs;
 /// deletion under _base/ becomes a move into a quarantine, listed and restored
 /// with this command.
 #[derive(Parser)]
-#[command(name = "baseguard", version, propagate_version = true)]
+#[command(name = "baseguard", version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("BASEGUARD_COMMIT"), ")"), propagate_version = true, after_help = baseguard::cmd::text::EXIT_HELP)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -31,6 +33,8 @@ enum Cmd {
     Status(StatusArgs),
     Check(CheckArgs),
     Upgrade(UpgradeArgs),
+    Policy(PolicyArgs),
+    Metrics(MetricsArgs),
     /// Write the man pages and shell completions into DIR.
     #[command(hide = true)]
     GenDocs {
@@ -39,7 +43,30 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let daemon = std::env::args_os().nth(1).is_some_and(|a| a == "mount");
+    if !daemon {
+        // `baseguard list | head`: end quietly, as ls does, instead of a
+        // panic on the next write to the closed pipe.
+        baseguard::sys::default_sigpipe();
+    }
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(match e.kind() {
+                clap::error::ErrorKind::DisplayHelp
+                | clap::error::ErrorKind::DisplayVersion
+                | clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+                    if !e.use_stderr() =>
+                {
+                    0
+                }
+                // mount(8)'s convention for a helper: 1 is a usage error.
+                _ if daemon => 1,
+                _ => baseguard::cmd::text::exit::USAGE,
+            });
+        }
+    };
     match cli.cmd {
         Cmd::Mount(a) => a.run(),
         Cmd::Umount(a) => a.run(),
@@ -50,6 +77,8 @@ fn main() -> ExitCode {
         Cmd::Status(a) => a.run(),
         Cmd::Check(a) => a.run(),
         Cmd::Upgrade(a) => a.run(),
+        Cmd::Policy(a) => a.run(),
+        Cmd::Metrics(a) => a.run(),
         Cmd::GenDocs { dir } => {
             match baseguard::docgen::write_completions_and_man(Cli::command(), &dir) {
                 Ok(_) => ExitCode::SUCCESS,

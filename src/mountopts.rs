@@ -30,6 +30,9 @@
 //! | `passthrough=on\|off` | `off` → `--no-passthrough` |
 //! | `log_file=PATH` / `log-file=PATH` | `--log-file=PATH` |
 //! | `stats_file=PATH` / `stats-file=PATH` | `--stats-file=PATH` |
+//! | `min_free=N%\|SIZE` (`10%`, `20G`) | `--min-free=N%\|SIZE` |
+//! | `log_level=LEVEL` (`warn`, `info`, `debug`, or a directive) | `--log-level=LEVEL` |
+//! | `metrics_file=PATH` | `--metrics-file=PATH` |
 //! | `allow_other` | `--allow-other` |
 //! | `ro` / `rw` (last wins) | `ro` → `--ro` |
 //!
@@ -101,6 +104,12 @@ pub struct FstabOptions {
     pub log_file: Option<PathBuf>,
     /// `stats_file=` / `stats-file=`.
     pub stats_file: Option<PathBuf>,
+    /// `min_free=`: the free-space floor, as written (`10%`, `20G`).
+    pub min_free: Option<String>,
+    /// `log_level=`.
+    pub log_level: Option<String>,
+    /// `metrics_file=`: Prometheus textfile written periodically.
+    pub metrics_file: Option<PathBuf>,
     /// `allow_other` was given.
     pub allow_other: bool,
     /// `ro` (`Some(true)`) or `rw` (`Some(false)`), whichever came last.
@@ -209,12 +218,37 @@ impl FstabOptions {
             }
             ("log_file", Some(v)) => self.log_file = Some(PathBuf::from(nonempty(item, v)?)),
             ("stats_file", Some(v)) => self.stats_file = Some(PathBuf::from(nonempty(item, v)?)),
+            ("metrics_file", Some(v)) => {
+                self.metrics_file = Some(PathBuf::from(nonempty(item, v)?))
+            }
+            ("min_free", Some(v)) => {
+                crate::policy::MinFree::parse(v).map_err(|why| {
+                    err(item, format!("Mount option `{item}` is invalid: {why}."))
+                })?;
+                self.min_free = Some(v.to_string());
+            }
+            ("log_level", Some(v)) => {
+                const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+                if !v.contains(['=', ',']) && !LEVELS.contains(&v.to_ascii_lowercase().as_str()) {
+                    return Err(err(
+                        item,
+                        format!(
+                            "Mount option `{item}` is invalid: use error, warn, info, debug or trace (or a directive such as baseguard=debug)."
+                        ),
+                    ));
+                }
+                crate::logging::filter(Some(v)).map_err(|why| {
+                    err(item, format!("Mount option `{item}` is invalid: {why}."))
+                })?;
+                self.log_level = Some(v.to_string());
+            }
             ("allow_other", None) => self.allow_other = true,
             ("ro", None) => self.read_only = Some(true),
             ("rw", None) => self.read_only = Some(false),
             (
                 "retain" | "quarantine" | "instances" | "protect" | "ignore" | "heal"
-                | "passthrough" | "threads" | "log_file" | "stats_file",
+                | "passthrough" | "threads" | "log_file" | "stats_file" | "min_free" | "log_level"
+                | "metrics_file",
                 None,
             ) => {
                 return Err(err(
@@ -234,7 +268,7 @@ impl FstabOptions {
                     return Err(err(
                         item,
                         format!(
-                            "Unknown mount option `{item}` (baseguard knows retain, quarantine, instances, protect, ignore, heal, threads, passthrough, log_file, stats_file, allow_other, ro, rw and the kernel flags noatime, nosuid, nodev, noexec and the like)."
+                            "Unknown mount option `{item}` (baseguard knows retain, quarantine, instances, protect, ignore, heal, threads, passthrough, log_file, stats_file, min_free, log_level, metrics_file, allow_other, ro, rw and the kernel flags noatime, nosuid, nodev, noexec and the like)."
                         ),
                     ));
                 }
@@ -285,6 +319,15 @@ impl FstabOptions {
         }
         if let Some(p) = &self.stats_file {
             a.push(format!("--stats-file={}", p.display()));
+        }
+        if let Some(m) = &self.min_free {
+            a.push(format!("--min-free={m}"));
+        }
+        if let Some(l) = &self.log_level {
+            a.push(format!("--log-level={l}"));
+        }
+        if let Some(p) = &self.metrics_file {
+            a.push(format!("--metrics-file={}", p.display()));
         }
         if !self.kernel.is_empty() {
             a.push("-o".into());

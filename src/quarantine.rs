@@ -753,7 +753,11 @@ impl Quarantine {
         let dflags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW;
         let shown = match dir {
             Some(p) => p.display().to_string(),
-            None => format!("<backing>/{DEFAULT_DIR_NAME}"),
+            None => std::fs::read_link(Path::new(OsStr::from_bytes(
+                sys::proc_fd_path(root.as_fd()).as_bytes(),
+            )))
+            .map(|b| b.join(DEFAULT_DIR_NAME).display().to_string())
+            .unwrap_or_else(|_| format!("(the backing directory)/{DEFAULT_DIR_NAME}")),
         };
         let missing = |e: io::Error| {
             if e.kind() == io::ErrorKind::NotFound {
@@ -1786,6 +1790,7 @@ impl Quarantine {
             host = %who.host,
             "restored"
         );
+        crate::audit::record(self, "restored", &e, who, Some(&dest), None);
         Ok(Restored {
             entry: e,
             dest,
@@ -1796,6 +1801,12 @@ impl Quarantine {
     /// Delete one held entry for good (the only real deletion baseguard
     /// does). Logged with `tracing::info!`.
     pub fn purge(&self, id: &str) -> Result<Entry, QError> {
+        self.purge_because(id, None)
+    }
+
+    /// [`Quarantine::purge`], with the reason recorded in the audit trail
+    /// (`expired`, `below min_free`).
+    pub fn purge_because(&self, id: &str, reason: Option<&str>) -> Result<Entry, QError> {
         let e = self.get(id)?;
         if let Err(err) = sys::unlinkat(self.entries.as_fd(), &Self::data_name(id), 0) {
             return Err(if errno(&err) == libc::ENOENT {
@@ -1820,6 +1831,7 @@ impl Quarantine {
             by_host = %e.who.host,
             "purged"
         );
+        crate::audit::record(self, "purged", &e, &Who::current(), None, reason);
         Ok(e)
     }
 
@@ -1853,7 +1865,7 @@ impl Quarantine {
                         out.push(PurgeOutcome::Kept { entry: e, reason });
                         continue;
                     }
-                    match self.purge(&e.id) {
+                    match self.purge_because(&e.id, Some("expired")) {
                         Ok(p) => out.push(PurgeOutcome::Purged(p)),
                         // Someone else restored or purged it meanwhile.
                         Err(QError::Gone { .. } | QError::UnknownId(_)) => {}

@@ -1081,3 +1081,14 @@ impl FileHandle {
         }
     }
 }
+
+/// Restore the default action of `SIGPIPE` (terminate quietly), as `ls` and
+/// `cat` have it: Rust ignores it, so a closed pipe (`baseguard list | head`)
+/// would otherwise make every later write fail and `println!` panic. For the
+/// short-lived commands only, never the daemon.
+pub fn default_sigpipe() {
+    // SAFETY: setting a signal's disposition to SIG_DFL has no preconditions.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}

@@ -76,13 +76,13 @@ fn a_killed_daemon_is_reported_and_mount_recovers_it() {
     m.kill9();
     // status: non-zero, one clear line saying what to do.
     let (code, out, err) = bg(&["status", "--dir", s(&mp)]);
-    assert_eq!(code, 2, "{out}{err}");
+    assert_eq!(code, 1, "{out}{err}");
     let want = format!("the baseguard daemon for {} is not running", mp.display());
     assert!(err.contains(&want), "{err}");
     assert!(err.contains("baseguard mount"), "{err}");
     assert!(out.contains("NOT RUNNING"), "{out}");
     let (code, out, _) = bg(&["status", "--json", "--dir", s(&mp)]);
-    assert_eq!(code, 2);
+    assert_eq!(code, 1);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let mine: Vec<&serde_json::Value> = v["mounts"]
         .as_array()
@@ -95,7 +95,7 @@ fn a_killed_daemon_is_reported_and_mount_recovers_it() {
     assert_eq!(v["alive"], false, "{out}");
     // check: the same line, and still the chains (none here).
     let (code, _, err) = bg(&["check", "--dir", s(&mp)]);
-    assert_eq!(code, 2, "{err}");
+    assert_eq!(code, 1, "{err}");
     assert!(err.contains(&want), "{err}");
 
     // mount over it: says so, replaces the dead mount, never "not a directory".
@@ -151,7 +151,7 @@ fn a_stopped_daemon_is_not_answering_and_is_left_alone() {
     let (code, _, err) = bg(&["status", "--dir", s(&m.mountpoint)]);
     let out = run(Command::new(BIN).args(["mount", s(&backing), s(&m.mountpoint)]));
     m.send("CONT");
-    assert_eq!(code, 2, "{err}");
+    assert_eq!(code, 1, "{err}");
     assert!(err.contains("not answering"), "{err}");
     assert!(!out.status.success());
     let merr = String::from_utf8_lossy(&out.stderr);

@@ -476,7 +476,12 @@ fn fstab_example_baseguard_line_parses() {
 
 #[test]
 fn systemd_dropins_require_the_mount() {
-    for unit in ["nova-compute", "libvirtd"] {
+    for unit in [
+        "nova-compute",
+        "openstack-nova-compute",
+        "libvirtd",
+        "virtqemud",
+    ] {
         let text = std::fs::read_to_string(format!(
             "{}/mount-helpers/systemd/{unit}.service.d/baseguard.conf",
             env!("CARGO_MANIFEST_DIR")

@@ -61,8 +61,7 @@ fn list(dir: &Path, all: bool) -> Vec<Value> {
         args.push("--all");
     }
     let s = ok("list", &bg(&args, dir));
-    serde_json::from_str::<Value>(&s)
-        .unwrap()
+    serde_json::from_str::<Value>(&s).unwrap()["entries"]
         .as_array()
         .unwrap()
         .clone()

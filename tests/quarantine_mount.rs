@@ -33,8 +33,7 @@ fn ok(o: &Output) -> String {
 fn list_json(dir: &Path) -> Vec<serde_json::Value> {
     let o = bg(&["list", "--json", "--dir", dir.to_str().unwrap()]);
     let s = ok(&o);
-    serde_json::from_str::<serde_json::Value>(&s)
-        .unwrap()
+    serde_json::from_str::<serde_json::Value>(&s).unwrap()["entries"]
         .as_array()
         .unwrap()
         .clone()

@@ -729,6 +729,8 @@ fn cli_list_show_restore_purge() {
     assert!(s.contains("in 14d") || s.contains("in 13d23h"), "{s}");
     let o = bg(&["list", "--dir", &dir, "--json", "--retain", "2w"]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["version"], 1);
+    let v = v["entries"].clone();
     assert_eq!(v.as_array().unwrap().len(), 2);
     assert_eq!(v[0]["path"], "_base/aaa");
     assert_eq!(v[0]["state"], "held");
@@ -752,7 +754,7 @@ fn cli_list_show_restore_purge() {
     }
     let o = bg(&["show", "--dir", &dir, "--json", "_base/bbb"]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(v["id"], b.id.as_str());
+    assert_eq!(v["entry"]["id"], b.id.as_str());
 
     // Restore by absolute path under --dir.
     let abs = format!("{dir}/_base/aaa");
@@ -887,11 +889,11 @@ fn cli_errors_exit_1_and_change_nothing() {
             "the quarantine itself",
         ),
         (vec!["restore", &e.id, "--to", "nodir/x"], "does not exist"),
-        (
-            vec!["list", "--quarantine", "/dev/shm"],
-            "different filesystem",
-        ),
     ];
+    // A quarantine that cannot be used is "could not check" (3).
+    let o = bg(&["list", "--quarantine", "/dev/shm", "--dir", &dir]);
+    assert_eq!(o.status.code(), Some(3), "{}", err(&o));
+    assert!(err(&o).contains("different filesystem"), "{}", err(&o));
     for (args, want) in cases {
         let mut a = args.clone();
         a.extend(["--dir", &dir]);
@@ -904,15 +906,16 @@ fn cli_errors_exit_1_and_change_nothing() {
             "{args:?} changed something"
         );
     }
-    // Usage errors (clap) are exit 2 with a hint.
+    // Usage errors (clap) are exit 64 (EX_USAGE: 2 means a loss) with a hint.
     let o = bg(&["list", "--dir", &dir, "--retain", "14"]);
-    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(o.status.code(), Some(64));
     assert!(err(&o).contains("has no unit"), "{}", err(&o));
     let o = bg(&["purge", "--dir", &dir]);
-    assert_eq!(o.status.code(), Some(2));
-    // A missing --dir.
+    assert_eq!(o.status.code(), Some(64));
+    // A missing --dir: could not check (3).
     let o = bg(&["list", "--dir", "/nonexistent/instances"]);
-    fails(&o, "cannot open the instances directory");
+    assert_eq!(o.status.code(), Some(3));
+    assert!(err(&o).contains("cannot open the instances directory"));
 }
 
 #[test]

@@ -113,7 +113,7 @@ fn the_incident_heals_itself_without_any_command() {
     let (code, list, _) = bg(&["list", "--json"], &a.mountpoint);
     assert_eq!(code, 0);
     let v: serde_json::Value = serde_json::from_str(&list).unwrap();
-    let paths: Vec<&str> = v
+    let paths: Vec<&str> = v["entries"]
         .as_array()
         .unwrap()
         .iter()
@@ -171,10 +171,10 @@ fn check_reports_and_restores_two_level_chains() {
         .arg(m.path(&format!("{UUID}/disk"))));
     assert!(!out.contains("Pattern verification failed"));
 
-    // A base that is gone for good is reported lost.
+    // A base that is gone for good is reported lost (exit 2).
     std::fs::remove_file(backing.join("_base").join(SHA)).unwrap();
     let (code, out, _) = bg(&["check"], &m.mountpoint);
-    assert_eq!(code, 1);
+    assert_eq!(code, 2);
     assert!(out.contains("MISSING (lost)"), "{out}");
 }
 
@@ -182,7 +182,8 @@ fn listed(dir: &Path) -> Vec<String> {
     let (code, list, err) = bg(&["list", "--json"], dir);
     assert_eq!(code, 0, "{err}");
     let v: serde_json::Value = serde_json::from_str(&list).unwrap();
-    v.as_array()
+    v["entries"]
+        .as_array()
         .unwrap()
         .iter()
         .map(|e| e["path"].as_str().unwrap().to_string())
@@ -192,7 +193,8 @@ fn listed(dir: &Path) -> Vec<String> {
 fn listed_ids(dir: &Path) -> Vec<String> {
     let (_, list, _) = bg(&["list", "--json"], dir);
     let v: serde_json::Value = serde_json::from_str(&list).unwrap();
-    v.as_array()
+    v["entries"]
+        .as_array()
         .unwrap()
         .iter()
         .map(|e| e["id"].as_str().unwrap().to_string())
@@ -230,9 +232,9 @@ fn expiry_never_purges_a_referenced_base() {
     }
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(listed(&m.mountpoint), vec![format!("_base/{SHA}")]);
-    // status names it first, as a near miss.
+    // status names it first, as a near miss, and exits 1 (attention).
     let (code, status, _) = bg(&["status"], &m.mountpoint);
-    assert_eq!(code, 0);
+    assert_eq!(code, 1);
     assert!(
         status.starts_with(&format!("NEAR MISS:   _base/{SHA}")),
         "{status}"

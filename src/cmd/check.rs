@@ -1,14 +1,15 @@
 //! `baseguard check`: every instance disk's backing chain, and the state of
 //! each link: present, in the quarantine (restorable), or missing (lost).
 
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use serde::Serialize;
 
 use crate::cmd::health;
-use crate::cmd::quarantine::{Location, init_logging, resolve_location};
+use crate::cmd::quarantine::{Location, init_logging, open_quarantine, resolve_location};
+use crate::cmd::text::{exit, print_json, quote};
 use crate::quarantine::{Quarantine, VersionChoice, Who};
 use crate::refs::{LinkState, RefIndex, Scan};
 
@@ -18,12 +19,13 @@ use crate::refs::{LinkState, RefIndex, Scan};
     about = "Check every instance disk's backing chain",
     long_about = "For every instance disk (<uuid>/disk, disk.local, disk.eph*, disk.swap, *.rescue, \
 <uuid>_resize/, snapshots/*/*.delta) follow its qcow2 backing chain and report each link: \
-present, quarantined (restorable, with the id), or missing (lost). Exit status 0 when every \
-link is present, 1 otherwise, 2 when the baseguard daemon for DIR is not running (a \
-2-second probe; the chains are still checked on the backing directory).",
+present, quarantined (restorable, with the id), or missing (lost). A link is called lost \
+only when the quarantine could be read and does not hold it. The baseguard daemon for DIR is \
+probed too (2 seconds); a dead or hung one is reported, and the chains are still checked on \
+the backing directory.",
     after_help = "Examples:\n  baseguard check\n  baseguard check --json | jq '.problems'\n  baseguard check --restore\n  baseguard check --dir /var/lib/nova/instances/_base\n\nDIR defaults to /var/lib/nova/instances (a baseguard mountpoint or its backing directory; \
 with baseguard over _base alone, its mountpoint or the instances directory above it, whose disks \
-are then read directly, never through the mount)."
+are then read directly, never through the mount).\n\nExit status: 0 every link present; 1 a link is quarantined (restorable: 'baseguard check --restore'), or DIR's daemon is not running; 2 a link is missing and not in the quarantine (lost); 3 could not check (not root, not a baseguard directory, unreadable quarantine or disks)."
 )]
 pub struct CheckArgs {
     #[command(flatten)]
@@ -111,6 +113,13 @@ fn classify(scan: &Scan, q: Option<&Quarantine>, prefix: &Path) -> Vec<DiskRepor
         .collect()
 }
 
+fn missing(r: &[DiskReport]) -> usize {
+    r.iter()
+        .flat_map(|d| &d.chain)
+        .filter(|l| matches!(l.state, LinkReport::Missing))
+        .count()
+}
+
 fn bad(r: &[DiskReport]) -> usize {
     r.iter()
         .flat_map(|d| &d.chain)
@@ -130,7 +139,16 @@ impl CheckArgs {
             Ok(b) => b,
             Err(e) => {
                 eprintln!("baseguard: {e}");
-                return ExitCode::from(1);
+                return ExitCode::from(exit::CANNOT);
+            }
+        };
+        // A quarantine we cannot read would turn every restorable link
+        // into a false "lost": refuse instead.
+        let q: Option<Quarantine> = match open_quarantine(&b, &self.loc) {
+            Ok(q) => q,
+            Err(e) => {
+                eprintln!("baseguard: {e}");
+                return ExitCode::from(exit::CANNOT);
             }
         };
         // A dead or hung daemon is reported (and the exit status says so),
@@ -142,12 +160,11 @@ impl CheckArgs {
             }
             None => false,
         };
-        let q = Quarantine::open_existing(b.fd.as_fd(), self.loc.quarantine.as_deref()).ok();
         let layout = match b.layout() {
             Ok(l) => l,
             Err(e) => {
                 eprintln!("baseguard: {e}");
-                return ExitCode::from(1);
+                return ExitCode::from(exit::CANNOT);
             }
         };
         let backing_root = PathBuf::from(format!("/proc/self/fd/{}", b.fd.as_raw_fd()));
@@ -168,7 +185,7 @@ impl CheckArgs {
         let scan = |index: &mut RefIndex| {
             index.scan(&root).map_err(|e| {
                 eprintln!("baseguard: cannot scan {}: {e}", b.path.display());
-                ExitCode::from(1)
+                ExitCode::from(exit::CANNOT)
             })
         };
         let mut report = match scan(&mut index) {
@@ -208,31 +225,37 @@ impl CheckArgs {
             }
         }
         let problems = bad(&report);
+        let lost = missing(&report);
         if self.json {
             let v = serde_json::json!({
                 "disks": report,
                 "problems": problems,
+                "lost": lost,
                 "restored": restored.iter().map(|(p, id)| serde_json::json!({"path": p, "id": id})).collect::<Vec<_>>(),
             });
-            println!("{v}");
+            print_json(v);
         } else {
             print_table(&report, &restored);
         }
-        if dead {
-            ExitCode::from(health::EXIT_DEAD)
-        } else if problems == 0 {
-            ExitCode::SUCCESS
+        if lost > 0 {
+            ExitCode::from(exit::LOSS)
+        } else if problems > 0 || dead {
+            ExitCode::from(if dead {
+                health::EXIT_DEAD
+            } else {
+                exit::ATTENTION
+            })
         } else {
-            ExitCode::from(1)
+            ExitCode::SUCCESS
         }
     }
 }
 
 fn print_table(report: &[DiskReport], restored: &[(PathBuf, String)]) {
     for (p, id) in restored {
-        println!("restored {id} to {}", p.display());
+        println!("restored {id} to {}", quote(p.as_os_str()));
     }
-    let show = |p: &Path| p.display().to_string();
+    let show = |p: &Path| quote(p.as_os_str());
     for d in report {
         for (i, l) in d.chain.iter().enumerate() {
             let (p, state) = (

@@ -23,8 +23,9 @@ use crate::sys;
 /// How long a mountpoint has to answer a probe.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Exit status of `status` and `check` when a baseguard daemon is not running.
-pub const EXIT_DEAD: u8 = 2;
+/// Exit status of `status` and `check` when a baseguard daemon is not running
+/// (attention: it needs a person; nothing was lost).
+pub const EXIT_DEAD: u8 = crate::cmd::text::exit::ATTENTION;
 
 /// What a probe found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -1,9 +1,10 @@
 //! `baseguard mount`: serve BACKING at MOUNTPOINT until unmounted or signalled.
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use clap::Args;
@@ -15,7 +16,9 @@ use crate::fs::{FsOptions, Passthrough, Protection};
 use crate::guard::{DEFAULT_IGNORE, DEFAULT_PROTECT, Guard};
 use crate::heal::{BaseLayout, References};
 use crate::logging::{self, LogTarget};
+use crate::metrics::RunFile;
 use crate::mountopts::{FstabOptions, parse_duration};
+use crate::policy::{self, MinFree, Note, Policy};
 use crate::quarantine::Quarantine;
 use crate::session::{server, supervisor};
 use crate::sys;
@@ -39,7 +42,9 @@ SIGUSR1 writes the request counters to --stats-file.
 When BACKING is named `_base` (or --instances is given), baseguard serves Nova's image
 cache alone: everything in it is protected (`**`, except `*.part` and `*.converted`),
 and instance disks, found in the parent directory (or --instances), never pass through
-FUSE.")]
+FUSE.
+
+Exit status: 0 mounted (detached) or unmounted cleanly (foreground); 1 could not mount (the reason in one sentence) or a usage error; mount.fuse.baseguard maps these to mount(8)'s codes.")]
 pub struct MountArgs {
     /// The real directory (e.g. the NFS-shared instances directory).
     pub backing: PathBuf,
@@ -118,6 +123,20 @@ pub struct MountArgs {
     /// 30m, 12h, 14d [default: 14d].
     #[arg(long, value_name = "AGE", value_parser = parse_duration)]
     pub retain: Option<Duration>,
+    /// Free-space floor: when the backing filesystem has less available
+    /// space than this (`10%`, `20G`), the oldest quarantined files no
+    /// instance disk references are purged until it is back above. Stored in
+    /// the shared policy.
+    #[arg(long, value_name = "N%|SIZE")]
+    pub min_free: Option<String>,
+    /// Log level (`warn`, `info`, `debug`, or a tracing directive such as
+    /// `baseguard=debug`) [default: RUST_LOG, else info].
+    #[arg(long, value_name = "LEVEL")]
+    pub log_level: Option<String>,
+    /// Write metrics in Prometheus text format to this file every 15 s (for
+    /// node_exporter's textfile collector: a `*.prom` file in its directory).
+    #[arg(long, value_name = "PATH")]
+    pub metrics_file: Option<PathBuf>,
     /// Do not restore quarantined base files that an instance disk still
     /// references when they are looked up (restore on access is on by default).
     #[arg(long)]
@@ -275,6 +294,9 @@ impl MountArgs {
         self.no_passthrough |= o.passthrough == Some(false);
         self.log_file = self.log_file.take().or(o.log_file);
         self.stats_file = self.stats_file.take().or(o.stats_file);
+        self.min_free = self.min_free.take().or(o.min_free);
+        self.log_level = self.log_level.take().or(o.log_level);
+        self.metrics_file = self.metrics_file.take().or(o.metrics_file);
         self.ro |= o.read_only == Some(true);
         Ok(o.kernel.iter().filter_map(|k| kernel_option(k)).collect())
     }
@@ -295,6 +317,28 @@ impl MountArgs {
             Ok(None) => {}
             Err(msg) => return fail(&msg),
         }
+        if let Err(why) = self.min_free.as_deref().map(MinFree::parse).transpose() {
+            return fail(&format!("--min-free is invalid: {why}."));
+        }
+        if let Some(l) = &self.log_level
+            && let Err(why) = logging::filter(Some(l))
+        {
+            return fail(&why);
+        }
+        // A log file that cannot be written would leave a detached daemon
+        // logging nowhere: refuse before mounting.
+        if let Some(p) = &self.log_file
+            && let Err(e) = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+        {
+            return fail(&format!(
+                "log file {} cannot be written: {}.",
+                p.display(),
+                crate::cmd::text::io_reason(&e)
+            ));
+        }
         if !self.foreground {
             // Detach: run ourselves again in the foreground and return once
             // it says the filesystem answers (or why it could not start).
@@ -304,11 +348,16 @@ impl MountArgs {
                 Err(msg) => fail(&msg),
             };
         }
-        let target = LogTarget::choose(!self.notify_ready, self.log_file.as_deref());
-        if let Err(e) = logging::init(target, None) {
-            eprintln!("baseguard: {e}");
+        let mut target = LogTarget::choose(!self.notify_ready, self.log_file.as_deref());
+        if matches!(target, LogTarget::Syslog { .. }) {
+            // Detached: syslog, else journald, else a file; never nowhere.
+            target = logging::detached_target();
         }
-        match self.mount(kernel) {
+        let used = match logging::init(target, self.log_level.as_deref()) {
+            Ok(u) => u,
+            Err(e) => return fail(&e),
+        };
+        match self.mount(kernel, log_destination(&used)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(msg) => {
                 tracing::error!("{msg}");
@@ -318,7 +367,8 @@ impl MountArgs {
     }
 
     /// The supervisor: mount, and keep a serving process answering until unmounted.
-    fn mount(&self, kernel: Vec<MountOption>) -> Result<(), String> {
+    fn mount(&self, kernel: Vec<MountOption>, log: String) -> Result<(), String> {
+        tracing::info!(log = %log, mountpoint = %self.mountpoint.display(), "logging to {log}");
         let (root, backing, mountpoint) = preflight(self)?;
         let (flags, options) = mount_data(&kernel, self.ro, !self.root_only);
         let exe = std::env::current_exe()
@@ -358,11 +408,21 @@ impl MountArgs {
             eprintln!("baseguard: serving process panicked: {info}");
             std::process::abort();
         }));
+        // The options first: they carry log_level= and log_file= from fstab.
+        let applied = self.apply_options();
         let detached = self.log_target_detached;
-        let target = LogTarget::choose(!detached, self.log_file.as_deref());
-        if let Err(e) = logging::init(target, None) {
-            eprintln!("baseguard: {e}");
+        let mut target = LogTarget::choose(!detached, self.log_file.as_deref());
+        if matches!(target, LogTarget::Syslog { .. }) {
+            // Detached: syslog, else journald, else a file; never nowhere.
+            target = logging::detached_target();
         }
+        let log = match logging::init(target, self.log_level.as_deref()) {
+            Ok(used) => log_destination(&used),
+            Err(e) => {
+                eprintln!("baseguard: {e}");
+                "stderr".to_string()
+            }
+        };
         let att = match server::attach() {
             Ok(a) => a,
             Err(msg) => {
@@ -370,16 +430,23 @@ impl MountArgs {
                 return ExitCode::FAILURE;
             }
         };
-        if let Err(msg) = self.apply_options().and_then(|_| self.serve_on(att)) {
+        if let Err(msg) = applied.and_then(|_| self.serve_on(att, log)) {
             tracing::error!("{msg}");
             return ExitCode::FAILURE;
         }
         ExitCode::SUCCESS
     }
 
-    fn serve_on(&self, att: server::Attached) -> Result<(), String> {
+    fn serve_on(&self, att: server::Attached, log: String) -> Result<(), String> {
         let r = self.build(&att);
-        let (fs, quarantine, refs) = match r {
+        let Built {
+            fs,
+            quarantine,
+            refs,
+            qdir,
+            min_free,
+            policy: shared,
+        } = match r {
             Ok(x) => x,
             Err(msg) => {
                 att.failed(&msg);
@@ -435,12 +502,14 @@ impl MountArgs {
                     }
                 }
                 if let Some(q) = quarantine {
-                    if let Err(e) = spawn_expiry(q, self.retain.unwrap_or(DEFAULT_RETAIN), refs) {
+                    if let Err(e) = self.housekeeping(q, &fs, refs, &log, qdir, min_free, shared) {
                         tracing::error!("{e}");
                     }
                 }
             },
         );
+        REPORTER_STOP.store(true, Ordering::SeqCst);
+        let _ = std::fs::remove_file(RunFile::path(std::process::id()));
         if let Some(p) = &self.stats_file {
             write_stats(p, &fs);
         }
@@ -449,12 +518,57 @@ impl MountArgs {
         Ok(())
     }
 
-    /// The filesystem over the backing directory the supervisor handed over.
-    #[allow(clippy::type_complexity)]
-    fn build(
+    /// The serving process's housekeeping: its counters and metrics
+    /// (reporter), expiry under the shared policy and the free-space floor
+    /// (sweeper).
+    #[allow(clippy::too_many_arguments)]
+    fn housekeeping(
         &self,
-        att: &server::Attached,
-    ) -> Result<(Arc<Passthrough>, Option<Arc<Quarantine>>, Arc<References>), String> {
+        q: Arc<Quarantine>,
+        fs: &Arc<Passthrough>,
+        refs: Arc<References>,
+        log: &str,
+        qdir: Option<PathBuf>,
+        min_free: Option<MinFree>,
+        shared: Option<Policy>,
+    ) -> Result<(), String> {
+        let purged = Arc::new(AtomicU64::new(0));
+        let backing_fd = fs
+            .root_fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| format!("cannot start the expiry thread: {e}"))?;
+        let threads = self.threads.unwrap_or(8);
+        spawn_reporter(Reporter {
+            q: Arc::clone(&q),
+            fs: Arc::clone(fs),
+            refs: Arc::clone(&refs),
+            run: RunFile {
+                pid: std::process::id(),
+                mountpoint: self.mountpoint.clone(),
+                backing: self.backing.clone(),
+                log: log.to_string(),
+                options: self.options_in_effect(&qdir, threads),
+                ..Default::default()
+            },
+            metrics_file: self.metrics_file.clone(),
+            purged: Arc::clone(&purged),
+        })?;
+        spawn_sweeper(Sweeper {
+            q,
+            purged,
+            own_retain: self.retain,
+            own_min_free: min_free,
+            policy: shared.unwrap_or_else(|| {
+                Policy::new(self.retain.unwrap_or(DEFAULT_RETAIN), min_free, "mount")
+            }),
+            refs,
+            backing: backing_fd,
+        })
+    }
+
+    /// The filesystem over the backing directory the supervisor handed over.
+    fn build(&self, att: &server::Attached) -> Result<Built, String> {
         let root = att
             .root
             .try_clone()
@@ -471,16 +585,29 @@ impl MountArgs {
                 "_base-only layout: everything in the mount is protected; instance disks are read from the instances directory, not through the mount"
             );
         }
+        // A relative quarantine= is relative to the backing directory, never
+        // to wherever `mount -a` happened to run.
+        let qdir = self.quarantine.as_ref().map(|p| backing.join(p));
         let quarantine = if self.unguarded {
             None
         } else {
-            let q = Quarantine::open(root.as_fd(), self.quarantine.as_deref())
-                .map_err(|e| e.to_string())?;
+            let q = Quarantine::open(root.as_fd(), qdir.as_deref()).map_err(|e| e.to_string())?;
             if self.emulate_nfs {
                 q.force_link_fallback();
             }
             Some(Arc::new(q))
         };
+        let min_free = self
+            .min_free
+            .as_deref()
+            .map(MinFree::parse)
+            .transpose()
+            .map_err(|why| format!("--min-free is invalid: {why}."))?;
+        let shared = quarantine.as_ref().map(|q| {
+            let r = policy::reconcile_stored(q, self.retain, min_free);
+            log_policy_notes(&r.notes, &r.policy);
+            r.policy
+        });
         let mut fs = Passthrough::new(
             root,
             FsOptions {
@@ -503,8 +630,27 @@ impl MountArgs {
                 quarantined: Default::default(),
             });
         }
-        Ok((Arc::new(fs), quarantine, refs))
+        Ok(Built {
+            fs: Arc::new(fs),
+            quarantine,
+            refs,
+            qdir,
+            min_free,
+            policy: shared,
+        })
     }
+}
+
+/// What a serving process builds over the backing directory.
+struct Built {
+    fs: Arc<Passthrough>,
+    quarantine: Option<Arc<Quarantine>>,
+    refs: Arc<References>,
+    /// The quarantine directory (`quarantine=`, resolved against the backing one).
+    qdir: Option<PathBuf>,
+    min_free: Option<MinFree>,
+    /// The shared policy as this node found (and proposed) it.
+    policy: Option<Policy>,
 }
 
 /// `MS_*` flags and the option string for mount(2) (after `fd=,rootmode=,user_id=,
@@ -543,22 +689,272 @@ fn mount_data(kernel: &[MountOption], ro: bool, allow_other: bool) -> (u64, Stri
     (flags, opts.join(","))
 }
 
-/// Purge expired quarantine entries now and then: often enough that an
-/// entry outlives `retain` by at most a tenth of it (1 s to 1 h).
-/// Entries that an instance disk still references are kept (and logged).
-fn spawn_expiry(q: Arc<Quarantine>, retain: Duration, refs: Arc<References>) -> Result<(), String> {
-    let every = (retain / 10).clamp(Duration::from_secs(1), Duration::from_secs(3600));
+/// Log what reconciling this node's options with the shared policy found:
+/// conflicts loudly (warn), changes as info.
+fn log_policy_notes(notes: &[Note], p: &Policy) {
+    for n in notes {
+        match n {
+            Note::Conflict { .. } | Note::FloorConflict { .. } | Note::WriteFailed(_) => {
+                tracing::warn!(retain_secs = p.retain_secs, "{n}")
+            }
+            _ => tracing::info!(retain_secs = p.retain_secs, "{n}"),
+        }
+    }
+}
+
+/// The daemon's housekeeping thread and what it needs.
+struct Sweeper {
+    q: Arc<Quarantine>,
+    /// Entries this daemon's sweeps purged (for the metrics).
+    purged: Arc<AtomicU64>,
+    /// This node's `retain=`/`min_free=` (proposals to the shared policy).
+    own_retain: Option<Duration>,
+    own_min_free: Option<MinFree>,
+    /// The policy in force (re-read before each sweep).
+    policy: Policy,
+    refs: Arc<References>,
+    backing: OwnedFd,
+}
+
+/// How often the free-space floor is checked (one statvfs).
+const FLOOR_TICK: Duration = Duration::from_secs(1);
+/// The shared policy is re-read every this many ticks.
+const POLICY_TICKS: u64 = 2;
+
+impl MountArgs {
+    /// The options this daemon runs with, as `key=value` (node-local ones;
+    /// retention and min_free as this node proposed them: the shared policy
+    /// may differ, see `baseguard policy`).
+    fn options_in_effect(&self, qdir: &Option<PathBuf>, threads: u32) -> Vec<String> {
+        let mut o = vec![
+            format!("threads={threads}"),
+            format!("heal={}", if self.no_heal { "off" } else { "on" }),
+            format!(
+                "passthrough={}",
+                if self.no_passthrough { "off" } else { "on" }
+            ),
+        ];
+        if let Some(r) = self.retain {
+            o.push(format!("retain={}", crate::mountopts::format_duration(r)));
+        }
+        if let Some(m) = &self.min_free {
+            o.push(format!("min_free={m}"));
+        }
+        if let Some(q) = qdir {
+            o.push(format!("quarantine={}", q.display()));
+        }
+        o.extend(self.protect.iter().map(|g| format!("protect={g}")));
+        o.extend(self.ignore.iter().map(|g| format!("ignore={g}")));
+        if let Some(l) = &self.log_level {
+            o.push(format!("log_level={l}"));
+        }
+        if let Some(p) = &self.metrics_file {
+            o.push(format!("metrics_file={}", p.display()));
+        }
+        if self.ro {
+            o.push("ro".into());
+        }
+        o
+    }
+}
+
+/// Purge expired quarantine entries now and then (often enough that an entry
+/// outlives the retention by at most a tenth of it, 1 s to 1 h), applying
+/// the shared policy as it is when each sweep starts; and check the
+/// free-space floor every second. Entries that an instance disk still
+/// references are kept (and logged).
+fn spawn_sweeper(mut s: Sweeper) -> Result<(), String> {
     std::thread::Builder::new()
         .name("expiry".into())
         .spawn(move || {
+            let mut next_sweep = std::time::Instant::now();
+            let mut ticks: u64 = 0;
             loop {
-                let keep = refs.keeper(&q);
-                q.purge_expired(retain, &keep);
-                std::thread::sleep(every);
+                // Another node or `policy set` may change the policy: look
+                // every few seconds, and sweep at once when it changed.
+                if ticks % POLICY_TICKS == 0 && s.refresh_policy() {
+                    next_sweep = std::time::Instant::now();
+                }
+                ticks += 1;
+                if std::time::Instant::now() >= next_sweep {
+                    let retain = s.policy.retain();
+                    let n = s
+                        .q
+                        .purge_expired(retain, &|e| s.expiry_keep(e))
+                        .iter()
+                        .filter(|o| matches!(o, crate::quarantine::PurgeOutcome::Purged(_)))
+                        .count();
+                    s.purged.fetch_add(n as u64, Ordering::Relaxed);
+                    crate::audit::trim(&s.q);
+                    let every =
+                        (retain / 10).clamp(Duration::from_secs(1), Duration::from_secs(3600));
+                    next_sweep = std::time::Instant::now() + every;
+                }
+                if let Some(floor) = s.policy.min_free {
+                    let run = crate::floor::enforce(&s.q, s.backing.as_fd(), floor, &|e| {
+                        s.refs.keep_reason(&e.orig_path())
+                    });
+                    s.purged
+                        .fetch_add(run.purged.len() as u64, Ordering::Relaxed);
+                    if run.still_below && !run.purged.is_empty() {
+                        tracing::warn!(
+                            min_free = %floor,
+                            "still below the free-space floor: every remaining quarantined file is referenced by an instance disk"
+                        );
+                    }
+                }
+                std::thread::sleep(FLOOR_TICK);
             }
         })
         .map(|_| ())
         .map_err(|e| format!("cannot start the expiry thread: {e}"))
+}
+
+impl Sweeper {
+    /// Why an expired entry must stay: an instance disk references its path
+    /// and the path is empty (restoring it may be needed). A displaced copy
+    /// whose path holds a file again (rename-over, truncation of an image in
+    /// use) is not kept past the retention.
+    fn expiry_keep(&self, e: &crate::quarantine::Entry) -> Option<String> {
+        let root = PathBuf::from(format!("/proc/self/fd/{}", self.backing.as_raw_fd()));
+        if std::fs::symlink_metadata(root.join(e.orig_path())).is_ok() {
+            return None;
+        }
+        self.refs.keep_reason(&e.orig_path())
+    }
+
+    /// Re-read the shared policy; re-apply this node's options to it the way
+    /// mounting does (a longer retain raises it, a conflict is logged once).
+    /// Returns whether the policy in force changed.
+    fn refresh_policy(&mut self) -> bool {
+        match Policy::read(&self.q) {
+            Ok(Some(p)) if p == self.policy => false,
+            Ok(_) => {
+                let r = policy::reconcile_stored(&self.q, self.own_retain, self.own_min_free);
+                if r.policy.retain_secs != self.policy.retain_secs
+                    || r.policy.min_free != self.policy.min_free
+                {
+                    tracing::warn!(
+                        from_secs = self.policy.retain_secs,
+                        to_secs = r.policy.retain_secs,
+                        min_free = %r.policy.min_free.map(|m| m.to_string()).unwrap_or_else(|| "none".into()),
+                        "the shared policy changed"
+                    );
+                    log_policy_notes(&r.notes, &r.policy);
+                }
+                let changed = r.policy != self.policy;
+                self.policy = r.policy;
+                changed
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the shared policy; keeping the last one");
+                false
+            }
+        }
+    }
+}
+
+/// Where the log goes, for people: a path, `syslog` or `stderr`.
+fn log_destination(t: &LogTarget) -> String {
+    match t {
+        LogTarget::Stderr => "stderr".into(),
+        LogTarget::File(p) => p.display().to_string(),
+        LogTarget::Syslog {
+            socket,
+            format: logging::SyslogFormat::Journald,
+        } => format!("journald ({})", socket.display()),
+        LogTarget::Syslog { socket, .. } => format!("syslog ({})", socket.display()),
+    }
+}
+
+/// The daemon's publishing thread and what it needs.
+struct Reporter {
+    q: Arc<Quarantine>,
+    fs: Arc<Passthrough>,
+    refs: Arc<References>,
+    run: RunFile,
+    metrics_file: Option<PathBuf>,
+    purged: Arc<AtomicU64>,
+}
+
+/// Set once the session ended, so the run file is not written again after
+/// it is removed.
+static REPORTER_STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// How often the run file (tmpfs, a few hundred bytes) is rewritten.
+const RUN_FILE_EVERY: Duration = Duration::from_secs(2);
+/// How often (in run-file periods) the metrics file is rewritten (~15 s:
+/// it lists the quarantine).
+const METRICS_EVERY: u32 = 7;
+
+/// Publish this daemon's counters (run file, for `baseguard metrics` and
+/// `status`) every [`RUN_FILE_EVERY`] and, with `metrics_file=`, the
+/// Prometheus textfile about every 15 s; both at once at start.
+fn spawn_reporter(mut r: Reporter) -> Result<(), String> {
+    std::thread::Builder::new()
+        .name("metrics".into())
+        .spawn(move || {
+            let mut warned = false;
+            let mut n: u32 = 0;
+            loop {
+                if REPORTER_STOP.load(Ordering::SeqCst) {
+                    return;
+                }
+                r.run.counters = r.fs.stats.to_json();
+                r.run.purged = r.purged.load(Ordering::Relaxed);
+                if let Err(e) = r.run.write()
+                    && !warned
+                {
+                    warned = true;
+                    tracing::warn!(error = %e, dir = crate::metrics::RUN_DIR, "cannot publish this daemon's counters");
+                }
+                if let Some(p) = &r.metrics_file
+                    && n % METRICS_EVERY == 0
+                {
+                    let text = r.metrics_text();
+                    let tmp = p.with_extension("prom.tmp");
+                    let w = std::fs::write(&tmp, text).and_then(|_| std::fs::rename(&tmp, p));
+                    if let Err(e) = w {
+                        tracing::warn!(path = %p.display(), error = %e, "cannot write the metrics file");
+                    }
+                }
+                n = n.wrapping_add(1);
+                std::thread::sleep(RUN_FILE_EVERY);
+            }
+        })
+        .map(|_| ())
+        .map_err(|e| format!("cannot start the metrics thread: {e}"))
+}
+
+impl Reporter {
+    fn metrics_text(&self) -> String {
+        let mp = (
+            self.run.mountpoint.clone(),
+            self.run.backing.display().to_string(),
+            true,
+        );
+        let mut fams = crate::metrics::daemon_families(&[mp], std::slice::from_ref(&self.run));
+        let root = PathBuf::from(format!("/proc/self/fd/{}", self.fs.root_fd().as_raw_fd()));
+        let referenced = self.refs.referenced();
+        let near = self
+            .q
+            .list()
+            .unwrap_or_default()
+            .iter()
+            .filter(|e| referenced.contains(&e.orig_path()))
+            .filter(|e| std::fs::symlink_metadata(root.join(e.orig_path())).is_err())
+            .count();
+        let retain = Policy::read(&self.q)
+            .ok()
+            .flatten()
+            .map_or(DEFAULT_RETAIN, |p| p.retain());
+        fams.extend(crate::metrics::quarantine_families(
+            &self.q,
+            near,
+            retain.as_secs(),
+        ));
+        crate::metrics::render(&fams)
+    }
 }
 
 /// Report a start-up failure: to the detaching parent if there is one, and
@@ -573,4 +969,4 @@ fn fail(msg: &str) -> ExitCode {
 }
 
 /// How long quarantined files are kept by default.
-pub const DEFAULT_RETAIN: Duration = Duration::from_secs(14 * 86400);
+pub const DEFAULT_RETAIN: Duration = policy::DEFAULT_RETAIN;

@@ -7,6 +7,7 @@
 //! directory, the command enters a private mount namespace and detaches the
 //! mount there to reach the directory underneath (needs root).
 
+use std::ffi::{OsStr, OsString};
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Component, Path, PathBuf};
@@ -14,10 +15,13 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
 use crate::cmd::health::{self, MountHealth};
+use crate::cmd::text::{self, exit, print_json, quote, rfc3339, visible};
 use crate::heal::{BaseLayout, References};
+use crate::policy;
 use crate::quarantine::{
     self, Entry, EntryState, PurgeOutcome, QError, Quarantine, Status, Who, fmt_utc,
 };
+use crate::space::{FsSpace, Usage};
 use crate::sys;
 
 /// Where the instances directory is in a default Nova install.
@@ -30,11 +34,12 @@ pub const FSTYPE: &str = "fuse.baseguard";
 pub struct Location {
     /// The instances directory: a baseguard mountpoint or the backing
     /// directory under it.
-    #[arg(long, value_name = "DIR", default_value = DEFAULT_DIR)]
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_DIR, global = true)]
     pub dir: PathBuf,
     /// The quarantine directory, if the daemon runs with --quarantine
-    /// (default: DIR's backing directory/.baseguard).
-    #[arg(long, value_name = "QDIR")]
+    /// (default: DIR's backing directory/.baseguard; a relative QDIR is
+    /// taken relative to the backing directory, as the mount option is).
+    #[arg(long, value_name = "QDIR", global = true)]
     pub quarantine: Option<PathBuf>,
     /// The instances directory, when baseguard serves `_base` alone and it
     /// is not `_base`'s parent (the daemon's --instances). When DIR has no
@@ -70,6 +75,12 @@ pub fn human_age(d: Duration) -> String {
         3600..86_400 => format!("{}h{:02}m", s / 3600, s / 60 % 60),
         _ => format!("{}d{:02}h", s / 86_400, s / 3600 % 24),
     }
+}
+
+/// When an entry becomes due for purging (saturating: a huge retention is
+/// "never", not a time before it was quarantined).
+pub fn expires_at(e: &Entry, retain: Duration) -> u64 {
+    e.quarantined_at.saturating_add(retain.as_secs())
 }
 
 fn expires(e: &Entry, retain: Duration, now: SystemTime) -> String {
@@ -269,7 +280,7 @@ impl Backing {
     /// An `ID|PATH` or `--to` argument as a path relative to the backing
     /// root: relative paths are taken as they are; absolute ones must be
     /// under `--dir` (or the backing directory).
-    pub fn relativize(&self, p: &str) -> Result<PathBuf, QError> {
+    pub fn relativize(&self, p: &OsStr) -> Result<PathBuf, QError> {
         let pp = Path::new(p);
         if !pp.is_absolute() {
             let rel = quarantine::clean_rel(pp)?;
@@ -301,14 +312,17 @@ impl Backing {
 }
 
 /// Logging for the quarantine commands: restores and purges are audit events,
-/// so they go to syslog (`info`) when `/dev/log` is there; otherwise only
-/// warnings reach stderr (the commands print their own results). `RUST_LOG`
+/// so they go where a detached daemon's log goes (syslog, journald or the
+/// fallback file, `info`); otherwise only warnings reach stderr (the commands print their own results). `RUST_LOG`
 /// overrides the level. Installs no thread (the namespace step needs none).
 pub fn init_logging() {
     use crate::logging::{self, LogTarget};
     let env = std::env::var("RUST_LOG").is_ok_and(|v| !v.trim().is_empty());
-    if let Ok((d, LogTarget::Syslog { .. })) =
-        logging::build(&LogTarget::syslog(), if env { None } else { Some("info") })
+    // The same destination as a detached daemon's (syslog, journald, file).
+    let target = logging::detached_target();
+    if target != LogTarget::Stderr
+        && let Ok((d, used)) = logging::build(&target, if env { None } else { Some("info") })
+        && used != LogTarget::Stderr
     {
         let _ = tracing::dispatcher::set_global_default(d);
         return;
@@ -316,27 +330,85 @@ pub fn init_logging() {
     let _ = logging::init(LogTarget::Stderr, if env { None } else { Some("warn") });
 }
 
+/// A refused or failed request that changed nothing (exit 1).
 fn fail(msg: impl std::fmt::Display) -> ExitCode {
-    eprintln!("baseguard: {msg}");
-    ExitCode::from(1)
+    text::fail_with(exit::ATTENTION, msg)
 }
 
-/// Open the quarantine for a command; `Ok(None)` when none exists yet.
-fn open(loc: &Location) -> Result<(Backing, Option<Quarantine>), String> {
-    init_logging();
-    let b = resolve_location(loc)?;
-    match Quarantine::open_existing(b.fd.as_fd(), loc.quarantine.as_deref()) {
-        Ok(q) => Ok((b, Some(q))),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok((b, None)),
+/// Could not check: the directory or the quarantine cannot be read (exit 3).
+fn cannot(msg: impl std::fmt::Display) -> ExitCode {
+    text::fail_with(exit::CANNOT, msg)
+}
+
+/// The quarantine path a command uses, for messages.
+fn quarantine_path(b: &Backing, loc: &Location) -> PathBuf {
+    match &loc.quarantine {
+        Some(p) => b.path.join(p),
+        None => b.path.join(quarantine::DEFAULT_DIR_NAME),
+    }
+}
+
+/// Open the quarantine of a backing directory. `Ok(None)` only where a
+/// baseguard mount serves the directory but keeps no quarantine (an
+/// unguarded mount); a directory that is neither a baseguard mount nor a
+/// backing directory with a quarantine is an error, as is a quarantine this
+/// user may not read: a command never reports "empty" or "lost" for what it
+/// could not see.
+pub fn open_quarantine(b: &Backing, loc: &Location) -> Result<Option<Quarantine>, String> {
+    // A relative --quarantine is relative to the backing directory.
+    let qdir = loc.quarantine.as_ref().map(|p| b.path.join(p));
+    let qpath = quarantine_path(b, loc);
+    match Quarantine::open_existing(b.fd.as_fd(), qdir.as_deref()) {
+        Ok(q) => Ok(Some(q)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            if loc.quarantine.is_some() {
+                Err(format!(
+                    "there is no quarantine at '{}' (--quarantine names a directory that does not exist)",
+                    qpath.display()
+                ))
+            } else if b.mount.is_some() {
+                Ok(None)
+            } else {
+                Err(format!(
+                    "'{}' is not a baseguard mount or backing directory: it has no quarantine ({}); pass --dir with the instances directory baseguard serves",
+                    b.dir.display(),
+                    qpath.display()
+                ))
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => Err(format!(
+            "cannot read the quarantine at '{}': permission denied; it is readable by root only, run the command as root",
+            qpath.display()
+        )),
         Err(e) => Err(e.to_string()),
     }
 }
 
-fn who_str(e: &Entry) -> String {
-    e.who.to_string()
+/// Open the quarantine for a command (see [`open_quarantine`]).
+fn open(loc: &Location) -> Result<(Backing, Option<Quarantine>), String> {
+    init_logging();
+    let b = resolve_location(loc)?;
+    let q = open_quarantine(&b, loc)?;
+    Ok((b, q))
 }
 
-fn entry_json(e: &Entry, retain: Option<Duration>, now: SystemTime) -> serde_json::Value {
+/// An entry's original path, quoted for a terminal (see [`text::quote`]).
+fn qpath_of(e: &Entry) -> String {
+    quote(e.orig_path().as_os_str())
+}
+
+fn who_str(e: &Entry) -> String {
+    visible(&e.who.to_string())
+}
+
+/// An entry as JSON: the record, its state, age, expiry (epoch seconds and
+/// RFC 3339) and, when measured, its data file's real size and allocation.
+fn entry_json(
+    e: &Entry,
+    retain: Option<Duration>,
+    now: SystemTime,
+    usage: Option<&Usage>,
+) -> serde_json::Value {
     let mut v = serde_json::to_value(e).unwrap_or_default();
     if let Some(o) = v.as_object_mut() {
         o.insert(
@@ -344,8 +416,22 @@ fn entry_json(e: &Entry, retain: Option<Duration>, now: SystemTime) -> serde_jso
             serde_json::to_value(e.state).unwrap_or_default(),
         );
         o.insert("age_secs".into(), e.age(now).as_secs().into());
+        o.insert(
+            "quarantined_at_rfc3339".into(),
+            rfc3339(e.quarantined_at).into(),
+        );
+        o.insert(
+            "mtime_rfc3339".into(),
+            rfc3339(e.mtime.max(0) as u64).into(),
+        );
         if let Some(r) = retain {
-            o.insert("expires_at".into(), (e.quarantined_at + r.as_secs()).into());
+            let at = expires_at(e, r);
+            o.insert("expires_at".into(), at.into());
+            o.insert("expires_at_rfc3339".into(), rfc3339(at).into());
+        }
+        if let Some(f) = usage.and_then(|u| u.by_id.get(&e.id)) {
+            o.insert("data_size".into(), f.size.into());
+            o.insert("allocated_bytes".into(), f.allocated.into());
         }
     }
     v
@@ -357,31 +443,38 @@ fn entry_json(e: &Entry, retain: Option<Duration>, now: SystemTime) -> serde_jso
     about = "List quarantined files",
     long_about = "List the files baseguard kept instead of letting them be deleted, oldest first: id, \
 original path, size, age, when the daemon's sweep will purge it, and who deleted it.",
-    after_help = concat!("Examples:\n  baseguard list\n  baseguard list --json | jq '.[].path'\n  baseguard list --dir /srv/nova-backing --retain 30d\n\n", "DIR defaults to /var/lib/nova/instances (a baseguard mountpoint or its backing directory).")
+    after_help = concat!("Examples:\n  baseguard list\n  baseguard list --json | jq '.entries[].path'\n  baseguard list --dir /srv/nova-backing --retain 30d\n\n", "DIR defaults to /var/lib/nova/instances (a baseguard mountpoint or its backing directory).\n\n", "Exit status: 0 listed; 3 could not read the quarantine (not root, not a baseguard directory).")
 )]
 pub struct ListArgs {
     #[command(flatten)]
     pub loc: Location,
-    /// Print a JSON array instead of a table.
+    /// Print JSON: {"version": 1, "retain_secs": N, "entries": [...]}.
     #[arg(long)]
     pub json: bool,
     /// Also show records whose stash or restore is in flight or was
     /// interrupted (state pending/restoring).
     #[arg(long)]
     pub all: bool,
-    /// The daemon's retention time, used for the EXPIRES column (30m, 12h,
-    /// 14d, 2w).
-    #[arg(long, value_name = "DUR", default_value = "14d", value_parser = parse_duration)]
-    pub retain: Duration,
+    /// Show the audit trail instead: every restore and purge of the last 90
+    /// days (when, what, who), oldest first.
+    #[arg(long, conflicts_with = "all")]
+    pub history: bool,
+    /// Retention time for the EXPIRES column (30m, 12h, 14d, 2w) [default:
+    /// the shared policy's, see 'baseguard policy'].
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    pub retain: Option<Duration>,
 }
 
 impl ListArgs {
     pub fn run(&self) -> ExitCode {
         let (b, q) = match open(&self.loc) {
             Ok(x) => x,
-            Err(e) => return fail(e),
+            Err(e) => return cannot(e),
         };
         warn_dead(&b);
+        if self.history {
+            return self.history(q.as_ref());
+        }
         let entries = match &q {
             None => Vec::new(),
             // Entries being restored are always shown (a restore that died
@@ -393,16 +486,21 @@ impl ListArgs {
                     }
                     v
                 }
-                Err(e) => return fail(format!("cannot list the quarantine: {e}")),
+                Err(e) => return cannot(format!("cannot list the quarantine: {e}")),
             },
         };
+        let retain = policy::retain_for_cli(q.as_ref(), self.retain);
+        let usage = q.as_ref().and_then(|q| Usage::measure(q).ok());
         let now = SystemTime::now();
         if self.json {
             let v: Vec<_> = entries
                 .iter()
-                .map(|e| entry_json(e, Some(self.retain), now))
+                .map(|e| entry_json(e, Some(retain), now, usage.as_ref()))
                 .collect();
-            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            print_json(serde_json::json!({
+                "retain_secs": retain.as_secs(),
+                "entries": v,
+            }));
             return ExitCode::SUCCESS;
         }
         if entries.is_empty() {
@@ -419,28 +517,80 @@ impl ListArgs {
                 if let Some(c) = &e.claim {
                     id = format!("{id} {}", claim_str(c));
                 }
+                // The data file's own size: a record's can be stale or corrupt.
+                let size = usage
+                    .as_ref()
+                    .and_then(|u| u.by_id.get(&e.id))
+                    .map_or(e.size, |f| f.size);
                 [
                     id,
-                    e.path.clone(),
-                    human_size(e.size),
+                    qpath_of(e),
+                    human_size(size),
                     human_age(e.age(now)),
-                    expires(e, self.retain, now),
+                    expires(e, retain, now),
                     who_str(e),
                 ]
             })
             .collect();
         print_table(&["ID", "PATH", "SIZE", "AGE", "EXPIRES", "BY"], &rows);
-        let total: u64 = entries
-            .iter()
-            .filter(|e| e.state == EntryState::Held)
-            .map(|e| e.size)
-            .sum();
+        // Each file once (hard links), as measured.
+        let (held, alloc) = usage.as_ref().map_or((0, 0), |u| (u.apparent, u.allocated));
         println!(
-            "{} entr{}, {} held",
+            "{} entr{}, {} held ({} on disk)",
             entries.len(),
             if entries.len() == 1 { "y" } else { "ies" },
-            human_size(total)
+            human_size(held),
+            human_size(alloc)
         );
+        ExitCode::SUCCESS
+    }
+}
+
+impl ListArgs {
+    fn history(&self, q: Option<&Quarantine>) -> ExitCode {
+        let events = match q.map(crate::audit::read).transpose() {
+            Ok(v) => v.unwrap_or_default(),
+            Err(e) => return cannot(format!("cannot read the audit trail: {e}")),
+        };
+        if self.json {
+            let v: Vec<_> = events
+                .iter()
+                .map(|e| {
+                    let mut v = serde_json::to_value(e).unwrap_or_default();
+                    v["at_rfc3339"] = rfc3339(e.at).into();
+                    v
+                })
+                .collect();
+            print_json(serde_json::json!({ "history": v }));
+            return ExitCode::SUCCESS;
+        }
+        if events.is_empty() {
+            println!("No restores or purges recorded.");
+            return ExitCode::SUCCESS;
+        }
+        let rows: Vec<[String; 5]> = events
+            .iter()
+            .map(|e| {
+                let what = match &e.dest {
+                    Some(d) if *d != e.path => {
+                        format!("{} -> {}", text::quote_str(&e.path), text::quote_str(d))
+                    }
+                    _ => text::quote_str(&e.path),
+                };
+                let what = match &e.reason {
+                    Some(r) => format!("{what} ({r})"),
+                    None => what,
+                };
+                [
+                    fmt_utc(e.at),
+                    e.action.clone(),
+                    e.id.clone(),
+                    what,
+                    visible(&e.who.to_string()),
+                ]
+            })
+            .collect();
+        print_table(&["WHEN", "ACTION", "ID", "PATH", "BY"], &rows);
         ExitCode::SUCCESS
     }
 }
@@ -494,32 +644,48 @@ fn print_table<const N: usize>(head: &[&str; N], rows: &[[String; N]]) {
 #[derive(clap::Args, Debug)]
 #[command(
     about = "Show everything recorded about one quarantined file",
-    after_help = "Examples:\n  baseguard show 20261123-213301-compute1-a1b2c3\n  baseguard show _base/5f1e0b2c...   (the newest entry of that original path)\n  baseguard show --json ID"
+    long_about = "Show everything recorded about one quarantined file: where it was, who deleted it \
+and how, when it expires, which instance disks reference it, and what to do next.",
+    after_help = "Examples:\n  baseguard show 20261123-213301-compute1-a1b2c3\n  baseguard show 20261123-2133     (a unique prefix of an id)\n  baseguard show _base/5f1e0b2c...   (the newest entry of that original path)\n  baseguard show --json ID\n\nExit status: 0 shown; 1 no such entry; 3 could not read the quarantine."
 )]
 pub struct ShowArgs {
     #[command(flatten)]
     pub loc: Location,
-    /// Entry id (from `baseguard list`) or original path (relative to DIR, or
-    /// absolute under DIR) meaning its newest entry.
+    /// Entry id (from `baseguard list`), a unique prefix of one, or an
+    /// original path (relative to DIR, or absolute under DIR) meaning its
+    /// newest entry.
     #[arg(value_name = "ID|PATH")]
-    pub target: String,
-    /// Print JSON.
+    pub target: OsString,
+    /// Print JSON: {"version": 1, "entry": {...}} with every key of
+    /// `list --json` plus referenced_by and next_step.
     #[arg(long)]
     pub json: bool,
+    /// Retention time for the expiry [default: the shared policy's].
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    pub retain: Option<Duration>,
 }
 
 impl ShowArgs {
     pub fn run(&self) -> ExitCode {
-        let (_, _, e) = match open_entry(&self.loc, &self.target) {
+        let (b, q, e) = match open_entry(&self.loc, &self.target) {
             Ok(x) => x,
-            Err(msg) => return fail(msg),
+            Err((code, msg)) => return text::fail_with(code, msg),
         };
         let now = SystemTime::now();
+        let retain = policy::retain_for_cli(Some(&q), self.retain);
+        let usage = Usage::measure(&q).ok();
+        let refs = References::for_backing(b.fd.as_fd(), vec![b.dir.clone(), b.path.clone()]);
+        let disks = refs.disks_using(&e.orig_path());
+        let present = present_at(&b, &e.orig_path());
+        let next = next_step(&e, &disks, present);
         if self.json {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&entry_json(&e, None, now)).unwrap_or_default()
-            );
+            let mut v = entry_json(&e, Some(retain), now, usage.as_ref());
+            if let Some(o) = v.as_object_mut() {
+                o.insert("referenced_by".into(), serde_json::json!(disks));
+                o.insert("original_path_exists".into(), present.into());
+                o.insert("next_step".into(), next.into());
+            }
+            print_json(serde_json::json!({ "entry": v }));
             return ExitCode::SUCCESS;
         }
         let kv = |k: &str, v: String| println!("{k:<16}{v}");
@@ -535,12 +701,24 @@ impl ShowArgs {
             ),
             None => kv("state:", state_word(e.state).into()),
         }
-        kv("path:", e.path.clone());
+        kv("path:", qpath_of(&e));
         kv("kind:", format!("{:?}", e.kind).to_lowercase());
-        kv(
-            "size:",
-            format!("{} ({} bytes)", human_size(e.size), e.size),
-        );
+        let size = usage.as_ref().and_then(|u| u.by_id.get(&e.id)).copied();
+        match size {
+            Some(f) => kv(
+                "size:",
+                format!(
+                    "{} ({} bytes, {} on disk)",
+                    human_size(f.size),
+                    f.size,
+                    human_size(f.allocated)
+                ),
+            ),
+            None => kv(
+                "size:",
+                format!("{} ({} bytes)", human_size(e.size), e.size),
+            ),
+        }
         kv(
             "mode:",
             format!(
@@ -560,48 +738,142 @@ impl ShowArgs {
                 human_age(e.age(now))
             ),
         );
+        let due = expires_at(&e, retain);
+        kv(
+            "expires:",
+            format!(
+                "{} ({}; retention {})",
+                fmt_utc(due.min(253_402_300_799)),
+                expires(&e, retain, now),
+                crate::mountopts::format_duration(retain)
+            ),
+        );
         kv("why:", e.why.to_string());
         kv("method:", format!("{:?}", e.method).to_lowercase());
         kv("by:", who_str(&e));
-        kv("process:", format!("{} (pid {})", e.who.comm, e.who.pid));
-        kv("command line:", e.who.cmdline.clone());
+        kv(
+            "process:",
+            format!("{} (pid {})", visible(&e.who.comm), e.who.pid),
+        );
+        kv("command line:", visible(&e.who.cmdline));
         kv("uid/gid:", format!("{}/{}", e.who.uid, e.who.gid));
-        kv("host:", e.who.host.clone());
+        kv("host:", visible(&e.who.host));
+        if disks.is_empty() {
+            kv("referenced by:", "no instance disk".into());
+        } else {
+            for (i, d) in disks.iter().enumerate() {
+                kv(
+                    if i == 0 { "referenced by:" } else { "" },
+                    quote(d.as_os_str()),
+                );
+            }
+        }
+        kv("next step:", next);
         ExitCode::SUCCESS
     }
 }
 
-/// Open the quarantine and find `target` in it (see [`lookup`]).
-fn open_entry(loc: &Location, target: &str) -> Result<(Backing, Quarantine, Entry), String> {
-    let (b, q) = open(loc)?;
+/// Is something at `rel` under the backing directory now?
+fn present_at(b: &Backing, rel: &Path) -> bool {
+    let here = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&b.fd));
+    std::fs::symlink_metadata(Path::new(&here).join(rel)).is_ok()
+}
+
+/// What an operator should do about an entry.
+fn next_step(e: &Entry, disks: &[PathBuf], present: bool) -> String {
+    match (e.state, disks.is_empty(), present) {
+        (EntryState::Held, false, false) => format!(
+            "an instance disk needs this file and its path is empty: restore it now with 'baseguard restore {}'",
+            e.id
+        ),
+        (EntryState::Held, false, true) => format!(
+            "an instance disk references this path, which holds a file again; compare before restoring ('baseguard restore {} --to PATH')",
+            e.id
+        ),
+        (EntryState::Held, true, false) => format!(
+            "nothing references it; it is purged when it expires, or restore it with 'baseguard restore {}'",
+            e.id
+        ),
+        (EntryState::Held, true, true) => format!(
+            "nothing references it and its path holds a newer file; it is purged when it expires (or 'baseguard restore {} --to PATH')",
+            e.id
+        ),
+        (EntryState::Pending, _, _) => {
+            "its stash never completed: the file was never moved; check its original path".into()
+        }
+        (EntryState::Restoring, _, _) => {
+            "a restore is in progress (or was interrupted: the sweep puts it back within 15 minutes)".into()
+        }
+    }
+}
+
+/// Open the quarantine and find `target` in it (see [`lookup`]). Errors
+/// carry their exit status.
+fn open_entry(
+    loc: &Location,
+    target: &OsStr,
+) -> Result<(Backing, Quarantine, Entry), (u8, String)> {
+    let (b, q) = open(loc).map_err(|m| (exit::CANNOT, m))?;
     let Some(q) = q else {
-        return Err(format!(
-            "nothing in the quarantine matches '{target}': nothing has been quarantined under {} yet",
-            b.dir.display()
+        return Err((
+            exit::ATTENTION,
+            format!(
+                "nothing in the quarantine matches '{}': the baseguard mount at {} keeps no quarantine",
+                quote(target),
+                b.dir.display()
+            ),
         ));
     };
     warn_dead(&b);
-    let e = lookup(&q, &b, target).map_err(|e| e.to_string())?;
+    let e = lookup(&q, &b, target).map_err(|e| (exit::ATTENTION, e))?;
     Ok((b, q, e))
 }
 
-/// An id (any state) or a path (its newest held entry).
-fn lookup(q: &Quarantine, b: &Backing, target: &str) -> Result<Entry, QError> {
+/// An id (any state), a unique prefix of an id, or a path (its newest held
+/// entry; the path may be any bytes).
+fn lookup(q: &Quarantine, b: &Backing, target: &OsStr) -> Result<Entry, String> {
+    lookup_q(q, b, target).map_err(|e| e.to_string())
+}
+
+fn lookup_q(q: &Quarantine, b: &Backing, target: &OsStr) -> Result<Entry, QError> {
     if Path::new(target).is_absolute() {
         let rel = b.relativize(target)?;
         return q
             .latest_for(&rel)
-            .ok_or_else(|| QError::NoMatch(target.to_string()));
+            .ok_or_else(|| QError::NoMatch(quote(target)));
     }
+    let Some(t) = target.to_str() else {
+        // Not UTF-8: only a path can be meant.
+        let rel = quarantine::clean_rel(Path::new(target))?;
+        return q
+            .latest_for(&rel)
+            .ok_or_else(|| QError::NoMatch(quote(target)));
+    };
     // Over `_base` alone, records are relative to `_base`; accept the
     // path relative to the instances directory too.
     let in_base = b
         .instances
         .as_ref()
-        .and_then(|_| target.strip_prefix(&format!("{}/", crate::refs::BASE_DIR)));
-    match (q.resolve(target), in_base) {
-        (Err(e), Some(t)) => q.resolve(t).map_err(|_| e),
+        .and_then(|_| t.strip_prefix(&format!("{}/", crate::refs::BASE_DIR)));
+    let r = match (q.resolve(t), in_base) {
+        (Err(e), Some(tb)) => q.resolve(tb).map_err(|_| e),
         (r, _) => r,
+    };
+    match r {
+        // A unique prefix of an id names that entry.
+        Err(err @ (QError::UnknownId(_) | QError::NoMatch(_))) if quarantine::valid_id(t) => {
+            let all = q.list_all().unwrap_or_default();
+            let mut hits = all.iter().filter(|e| e.id.starts_with(t));
+            match (hits.next(), hits.next()) {
+                (Some(one), None) => q.get(&one.id),
+                (Some(_), Some(_)) => Err(QError::Io {
+                    what: format!("'{t}' is the start of several entry ids; give more of the id"),
+                    err: io::Error::from(io::ErrorKind::InvalidInput),
+                }),
+                _ => Err(err),
+            }
+        }
+        r => r,
     }
 }
 
@@ -620,7 +892,7 @@ fn warn_dead(b: &Backing) {
     long_about = "Put a quarantined file back at its original path (or at --to DEST). The file is moved, \
 not copied, and an existing file is never overwritten: with --force the file in the way is itself \
 moved into the quarantine first, so nothing is lost. The destination's directory must exist.",
-    after_help = "Examples:\n  baseguard restore 20261123-213301-compute1-a1b2c3\n  baseguard restore _base/5f1e0b2c4d...        (newest entry of that path)\n  baseguard restore /var/lib/nova/instances/_base/5f1e0b2c4d...\n  baseguard restore ID --to _base/5f1e0b2c4d.recovered\n  baseguard restore ID --force                 (stash the current file, then restore)"
+    after_help = "Examples:\n  baseguard restore 20261123-213301-compute1-a1b2c3\n  baseguard restore _base/5f1e0b2c4d...        (newest entry of that path)\n  baseguard restore /var/lib/nova/instances/_base/5f1e0b2c4d...\n  baseguard restore ID --to _base/5f1e0b2c4d.recovered\n  baseguard restore ID --force                 (stash the current file, then restore)\n\nExit status: 0 restored; 1 refused or failed, nothing changed; 3 could not read the quarantine."
 )]
 pub struct RestoreArgs {
     #[command(flatten)]
@@ -628,10 +900,10 @@ pub struct RestoreArgs {
     /// Entry id, or original path (relative to DIR, or absolute under DIR)
     /// meaning its newest entry.
     #[arg(value_name = "ID|PATH")]
-    pub target: String,
+    pub target: OsString,
     /// Restore to this path instead (relative to DIR, or absolute under DIR).
     #[arg(long, value_name = "DEST")]
-    pub to: Option<String>,
+    pub to: Option<OsString>,
     /// If the destination exists, move it into the quarantine first.
     #[arg(long)]
     pub force: bool,
@@ -641,7 +913,7 @@ impl RestoreArgs {
     pub fn run(&self) -> ExitCode {
         let (b, q, e) = match open_entry(&self.loc, &self.target) {
             Ok(x) => x,
-            Err(msg) => return fail(msg),
+            Err((code, msg)) => return text::fail_with(code, msg),
         };
         let to = match &self.to {
             Some(t) => match b.relativize(t) {
@@ -655,7 +927,7 @@ impl RestoreArgs {
                 println!(
                     "restored {} to {}",
                     r.entry.id,
-                    b.dir.join(&r.dest).display()
+                    quote(b.dir.join(&r.dest).as_os_str())
                 );
                 if let Some(d) = r.displaced {
                     println!(
@@ -676,9 +948,10 @@ impl RestoreArgs {
     about = "Delete quarantined files for good",
     long_about = "Delete quarantined files for good: one entry by id, every entry older than the \
 retention time (--expired), or every entry older than AGE. This is the only real deletion \
-baseguard does. Without --yes nothing is deleted: the command lists what it would delete and \
-exits with status 1.",
-    after_help = "Examples:\n  baseguard purge 20261123-213301-compute1-a1b2c3          (shows what it would delete)\n  baseguard purge 20261123-213301-compute1-a1b2c3 --yes\n  baseguard purge --expired --retain 14d --yes\n  baseguard purge --older-than 30d --yes"
+baseguard does. Files an instance disk still references are kept (without --force). Without \
+--yes nothing is deleted: the command shows exactly what --yes would do (the same plan; --dry-run \
+asks for that explicitly and exits 0).",
+    after_help = "Examples:\n  baseguard purge 20261123-213301-compute1-a1b2c3          (shows what it would delete)\n  baseguard purge 20261123-213301-compute1-a1b2c3 --yes\n  baseguard purge --expired --dry-run --json\n  baseguard purge --expired --yes            (retention: the shared policy's)\n  baseguard purge --older-than 30d --yes\n\nExit status: 0 done (or --dry-run); 1 a preview without --yes, a refused request, or a purge that failed; 3 could not read the quarantine."
 )]
 #[command(group(clap::ArgGroup::new("what").required(true).args(["id", "expired", "older_than"])))]
 pub struct PurgeArgs {
@@ -687,48 +960,82 @@ pub struct PurgeArgs {
     /// The entry id to delete.
     #[arg(value_name = "ID")]
     pub id: Option<String>,
-    /// Delete every entry older than the retention time (--retain).
+    /// Delete every entry older than the retention time (--retain, or the
+    /// shared policy's).
     #[arg(long)]
     pub expired: bool,
     /// Delete every entry older than AGE (30m, 12h, 14d, 2w).
     #[arg(long, value_name = "AGE", value_parser = parse_duration)]
     pub older_than: Option<Duration>,
-    /// Retention time for --expired.
-    #[arg(long, value_name = "DUR", default_value = "14d", value_parser = parse_duration)]
-    pub retain: Duration,
+    /// Retention time for --expired [default: the shared policy's].
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    pub retain: Option<Duration>,
     /// Really delete.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "dry_run")]
     pub yes: bool,
+    /// Show what --yes would delete and keep, and delete nothing (exit 0).
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print JSON: {"version": 1, "dry_run": bool, "purged": [...], "kept": [...]}
+    /// (with --dry-run, "purged" is what --yes would purge).
+    #[arg(long)]
+    pub json: bool,
     /// Also delete files that an instance disk still references (without
     /// it they are kept, and said why).
     #[arg(long)]
     pub force: bool,
 }
 
+/// What a purge run will do: decided once, then shown (preview) or done.
+struct PurgePlan {
+    purge: Vec<Entry>,
+    kept: Vec<(Entry, String)>,
+}
+
+fn purged_json(e: &Entry) -> serde_json::Value {
+    serde_json::json!({"id": e.id, "path": e.path, "size": e.size})
+}
+
 impl PurgeArgs {
     pub fn run(&self) -> ExitCode {
         let (b, q) = match open(&self.loc) {
             Ok(x) => x,
-            Err(e) => return fail(e),
+            Err(e) => return cannot(e),
         };
         warn_dead(&b);
         let refs = match b.references() {
             Ok(r) => r,
             Err(e) => return fail(e),
         };
+        // As the daemons' expiry: kept while an instance disk references
+        // the path and the path is empty; a displaced copy of a file that is
+        // back at its path is not.
         let needed = q.as_ref().map(|q| refs.keeper(q));
         let keep = |e: &Entry| {
-            if self.force {
+            if self.force || present_at(&b, &e.orig_path()) {
                 None
             } else {
                 needed.as_ref().and_then(|k| k(e))
             }
         };
         let now = SystemTime::now();
-        if let Some(id) = &self.id {
-            let Some(q) = q else {
-                return fail(QError::UnknownId(id.clone()));
+        let retain = policy::retain_for_cli(q.as_ref(), self.retain);
+        let age = self.older_than.unwrap_or(retain);
+        let Some(q) = q else {
+            return match &self.id {
+                Some(id) => fail(QError::UnknownId(id.clone())),
+                None => self.report(
+                    &PurgePlan {
+                        purge: vec![],
+                        kept: vec![],
+                    },
+                    &[],
+                    "nothing to purge",
+                ),
             };
+        };
+        // Decide.
+        let plan = if let Some(id) = &self.id {
             let e = match q.get(id) {
                 Ok(e) if e.state != EntryState::Held => {
                     return fail(QError::Gone {
@@ -743,91 +1050,155 @@ impl PurgeArgs {
                 return fail(format!(
                     "{} ({}) is {reason}: purging it would lose that instance's disk; \
                      use --force to delete it anyway",
-                    e.id, e.path
+                    e.id,
+                    qpath_of(&e)
                 ));
             }
-            if !self.yes {
-                eprintln!(
-                    "baseguard: would delete {} ({}, {}, quarantined {} ago) for good; run again with --yes to do it",
-                    e.id,
-                    e.path,
-                    human_size(e.size),
-                    human_age(e.age(now))
-                );
-                return ExitCode::from(1);
+            PurgePlan {
+                purge: vec![e],
+                kept: vec![],
             }
-            return match q.purge(id) {
-                Ok(e) => {
-                    println!("purged {} ({}, {})", e.id, e.path, human_size(e.size));
-                    ExitCode::SUCCESS
-                }
-                Err(err) => fail(err),
+        } else {
+            let due: Vec<Entry> = match q.list() {
+                Ok(v) => v.into_iter().filter(|e| e.age(now) >= age).collect(),
+                Err(e) => return cannot(format!("cannot list the quarantine: {e}")),
             };
-        }
-        let age = self.older_than.unwrap_or(self.retain);
-        let Some(q) = q else {
-            println!("Nothing to purge: the quarantine is empty.");
-            return ExitCode::SUCCESS;
+            let mut plan = PurgePlan {
+                purge: vec![],
+                kept: vec![],
+            };
+            for e in due {
+                match keep(&e) {
+                    Some(reason) => plan.kept.push((e, reason)),
+                    None => plan.purge.push(e),
+                }
+            }
+            plan
         };
-        let due: Vec<Entry> = match q.list() {
-            Ok(v) => v.into_iter().filter(|e| e.age(now) >= age).collect(),
-            Err(e) => return fail(format!("cannot list the quarantine: {e}")),
-        };
-        if due.is_empty() {
-            println!(
-                "Nothing to purge: no entry is older than {}.",
-                human_age(age)
-            );
-            return ExitCode::SUCCESS;
-        }
         if !self.yes {
-            eprintln!(
-                "baseguard: would delete {} entr{} older than {} ({} in all) for good; run again with --yes to do it:",
-                due.len(),
-                if due.len() == 1 { "y" } else { "ies" },
-                human_age(age),
-                human_size(due.iter().map(|e| e.size).sum())
-            );
-            for e in &due {
-                eprintln!(
-                    "  {}  {}  {}  {} old",
-                    e.id,
-                    e.path,
-                    human_size(e.size),
-                    human_age(e.age(now))
-                );
-            }
-            return ExitCode::from(1);
+            return self.report(&plan, &[], "");
         }
-        let mut failed = false;
-        let mut n = 0;
-        for o in q.purge_expired(age, &keep) {
-            match o {
-                PurgeOutcome::Purged(e) => {
-                    n += 1;
-                    println!("purged {} ({}, {})", e.id, e.path, human_size(e.size));
-                }
-                PurgeOutcome::Failed { id, error } => {
-                    failed = true;
-                    eprintln!("baseguard: could not purge {id}: {error}");
-                }
-                PurgeOutcome::Kept { entry, reason } => {
-                    println!("kept {} ({}): {reason}", entry.id, entry.path);
-                }
-                PurgeOutcome::Recovered { id } => {
-                    println!("recovered {id} from an interrupted restore");
-                }
-                PurgeOutcome::Cleaned { name } => {
-                    println!("removed stale leftover {name}");
+        // Do exactly the plan.
+        let mut failed = Vec::new();
+        let mut done = Vec::new();
+        for e in &plan.purge {
+            match q.purge(&e.id) {
+                Ok(_) => done.push(e.clone()),
+                Err(error) => failed.push((e.clone(), error.to_string())),
+            }
+        }
+        if self.id.is_none() {
+            // The sweep's housekeeping, without purging anything more: put
+            // back claims of crashed restores, remove stale leftovers.
+            for o in q.purge_expired(Duration::MAX, &|_| None) {
+                if !self.json {
+                    match o {
+                        PurgeOutcome::Recovered { id } => {
+                            println!("recovered {id} from an interrupted restore")
+                        }
+                        PurgeOutcome::Cleaned { name } => {
+                            println!("removed stale leftover {}", text::quote_str(&name))
+                        }
+                        _ => {}
+                    }
                 }
             }
         }
-        println!("{n} purged");
-        if failed {
-            ExitCode::from(1)
+        let done_plan = PurgePlan {
+            purge: done,
+            kept: plan.kept,
+        };
+        self.report(&done_plan, &failed, "")
+    }
+
+    /// Print a plan (preview) or its outcome, and choose the exit status.
+    /// The JSON of a dry run and of the real run agree exactly when nothing
+    /// changed in between (and nothing failed).
+    fn report(&self, plan: &PurgePlan, failed: &[(Entry, String)], empty: &str) -> ExitCode {
+        let preview = !self.yes;
+        let attention = !failed.is_empty() || (preview && !self.dry_run && !plan.purge.is_empty());
+        let code = if attention {
+            ExitCode::from(exit::ATTENTION)
         } else {
             ExitCode::SUCCESS
+        };
+        if self.json {
+            let mut v = serde_json::json!({
+                "purged": plan.purge.iter().map(purged_json).collect::<Vec<_>>(),
+                "kept": plan.kept.iter().map(|(e, r)| {
+                    let mut v = purged_json(e);
+                    v["reason"] = r.clone().into();
+                    v
+                }).collect::<Vec<_>>(),
+            });
+            if !failed.is_empty() {
+                v["failed"] = failed
+                    .iter()
+                    .map(|(e, r)| {
+                        let mut v = purged_json(e);
+                        v["error"] = r.clone().into();
+                        v
+                    })
+                    .collect();
+            }
+            print_json(v);
+            return code;
         }
+        let now = SystemTime::now();
+        let total = human_size(plan.purge.iter().map(|e| e.size).sum());
+        let n = plan.purge.len();
+        let entries = if n == 1 { "entry" } else { "entries" };
+        let line = |e: &Entry| {
+            format!(
+                "{} ({}, {}, quarantined {} ago)",
+                e.id,
+                qpath_of(e),
+                human_size(e.size),
+                human_age(e.age(now))
+            )
+        };
+        if plan.purge.is_empty() && plan.kept.is_empty() && failed.is_empty() {
+            let why = if !empty.is_empty() {
+                String::new()
+            } else {
+                match self.older_than.or(self.retain) {
+                    Some(a) => format!(": no entry is older than {}", human_age(a)),
+                    None => ": no entry is due".into(),
+                }
+            };
+            println!("Nothing to purge{why}.");
+        }
+        if preview && !self.dry_run {
+            // Exit 1, nothing done: the plan goes to stderr.
+            if n > 0 {
+                eprintln!(
+                    "baseguard: would delete {n} {entries} ({total} in all) for good; run again with --yes to do it:"
+                );
+                for e in &plan.purge {
+                    eprintln!("  {}", line(e));
+                }
+            }
+            for (e, reason) in &plan.kept {
+                eprintln!("  kept {} ({}): {reason}", e.id, qpath_of(e));
+            }
+            return code;
+        }
+        let verb = if preview { "would purge" } else { "purged" };
+        for e in &plan.purge {
+            println!("{verb} {}", line(e));
+        }
+        for (e, reason) in &plan.kept {
+            println!("kept {} ({}): {reason}", e.id, qpath_of(e));
+        }
+        for (e, err) in failed {
+            eprintln!("baseguard: could not purge {}: {err}", e.id);
+        }
+        if preview {
+            println!("dry run: {n} {entries} would be purged ({total}); nothing was deleted");
+        } else {
+            println!("{n} purged");
+        }
+        code
     }
 }
 
@@ -837,21 +1208,22 @@ impl PurgeArgs {
     about = "Show baseguard mounts on this host and a summary of the quarantine",
     long_about = "Show the baseguard mounts on this host, each probed (a statfs that must answer \
 within 2 s), and a summary of DIR's quarantine: entries, bytes held, the oldest, and near misses \
-(quarantined files an instance disk still uses) first. Exit status 2 when the baseguard daemon \
-for DIR is not running or not answering (with a line saying what to do); other dead mounts of \
-the host are listed and said on stderr.",
+(quarantined files an instance disk still uses) first. A baseguard daemon for DIR that is not \
+running or not answering is said on stderr with what to do; other dead mounts of the host are \
+listed and said too.",
     after_help = concat!("Examples:\n  baseguard status\n  baseguard status --json\n  baseguard status --dir /var/lib/nova/instances/_base\n\n", "DIR defaults to /var/lib/nova/instances (a baseguard mountpoint or its backing directory; \
-with baseguard over _base alone, DIR/_base's mount is used).")
+with baseguard over _base alone, DIR/_base's mount is used).\n\n", "Exit status: 0 all well; 1 attention (a near miss: a quarantined file an instance disk needs; or DIR's daemon is not running or not answering); 3 could not read the quarantine.")
 )]
 pub struct StatusArgs {
     #[command(flatten)]
     pub loc: Location,
-    /// Print JSON.
+    /// Print JSON ({"version": 1, ...}).
     #[arg(long)]
     pub json: bool,
-    /// The daemon's retention time, to count entries due for purging.
-    #[arg(long, value_name = "DUR", default_value = "14d", value_parser = parse_duration)]
-    pub retain: Duration,
+    /// Retention time, to count entries due for purging [default: the shared
+    /// policy's].
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    pub retain: Option<Duration>,
 }
 
 impl StatusArgs {
@@ -865,7 +1237,7 @@ impl StatusArgs {
         }
         let (b, q) = match open(&self.loc) {
             Ok(x) => x,
-            Err(e) => return fail(e),
+            Err(e) => return cannot(e),
         };
         // The exit status is about DIR's mount; other dead mounts of the
         // host are listed (and said on stderr) but do not change it.
@@ -877,14 +1249,23 @@ impl StatusArgs {
             None => Status::default(),
             Some(q) => match q.status() {
                 Ok(s) => s,
-                Err(e) => return fail(format!("cannot read the quarantine: {e}")),
+                Err(e) => return cannot(format!("cannot read the quarantine: {e}")),
             },
         };
+        let stored_policy = q
+            .as_ref()
+            .and_then(|q| policy::Policy::read(q).ok().flatten());
+        let retain = policy::retain_for_cli(q.as_ref(), self.retain);
+        let usage = q
+            .as_ref()
+            .and_then(|q| Usage::measure(q).ok())
+            .unwrap_or_default();
+        let space = FsSpace::of(b.fd.as_fd()).unwrap_or_default();
         let now = SystemTime::now();
         let due = match &q {
             Some(q) => q
                 .list()
-                .map(|v| v.iter().filter(|e| e.age(now) >= self.retain).count())
+                .map(|v| v.iter().filter(|e| e.age(now) >= retain).count())
                 .unwrap_or(0),
             None => 0,
         };
@@ -908,23 +1289,31 @@ impl StatusArgs {
                 .collect(),
             None => Vec::new(),
         };
-        let qpath = match &self.loc.quarantine {
-            Some(p) => p.display().to_string(),
-            None => b
-                .path
-                .join(quarantine::DEFAULT_DIR_NAME)
-                .display()
-                .to_string(),
+        let qpath = quarantine_path(&b, &self.loc).display().to_string();
+        let runs = crate::metrics::RunFile::all();
+        let code = if near.is_empty() {
+            ok
+        } else {
+            ExitCode::from(exit::ATTENTION)
         };
         if self.json {
             let v = serde_json::json!({
-                "near_misses": near.iter().map(|e| entry_json(e, Some(self.retain), now)).collect::<Vec<_>>(),
+                "near_misses": near.iter().map(|e| entry_json(e, Some(retain), now, Some(&usage))).collect::<Vec<_>>(),
                 "referenced_base_files": referenced.len(),
                 "mounts": mounts.iter().map(|m| {
-                    // Health (alive, state) and, from the session registry,
-                    // the supervisor and server (pids, start, restarts).
+                    // Health (alive, state), the session registry (supervisor
+                    // and server pids, start, restarts) and the daemon's run
+                    // file (log destination, options in effect).
                     let mut v = serde_json::to_value(m).unwrap_or_default();
                     crate::session::registry::add_status_fields(&mut v, &m.mountpoint);
+                    let run = runs.iter().find(|r| r.mountpoint == m.mountpoint);
+                    if let Some(o) = v.as_object_mut() {
+                        o.insert("log".into(), serde_json::json!(run.map(|r| r.log.clone())));
+                        o.insert(
+                            "options".into(),
+                            serde_json::json!(run.map(|r| r.options.clone())),
+                        );
+                    }
                     v
                 }).collect::<Vec<_>>(),
                 "dir": b.dir,
@@ -935,21 +1324,27 @@ impl StatusArgs {
                 "quarantine": qpath,
                 "exists": q.is_some(),
                 "entries": st.entries,
-                "bytes": st.bytes,
-                "oldest": st.oldest.as_ref().map(|e| entry_json(e, Some(self.retain), now)),
+                "bytes": usage.apparent,
+                "allocated_bytes": usage.allocated,
+                "filesystem_bytes": space.total,
+                "filesystem_available_bytes": space.available,
+                "share_percent": space.percent(usage.allocated),
+                "retain_secs": retain.as_secs(),
+                "policy": stored_policy,
+                "oldest": st.oldest.as_ref().map(|e| entry_json(e, Some(retain), now, Some(&usage))),
                 "due": due,
                 "pending": st.pending,
                 "restoring": st.restoring,
                 "orphans": st.orphans,
             });
-            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-            return ok;
+            print_json(v);
+            return code;
         }
         for e in &near {
             println!(
                 "NEAR MISS:   {} was deleted by {} {} ago but an instance disk uses it: \
                  restore it with 'baseguard restore {}' (or 'baseguard check --restore')",
-                e.path,
+                qpath_of(e),
                 who_str(e),
                 human_age(e.age(now)),
                 e.id
@@ -959,11 +1354,16 @@ impl StatusArgs {
             println!("mounts:      none (no fuse.baseguard mount on this host)");
         } else {
             for (i, m) in mounts.iter().enumerate() {
+                let log = runs
+                    .iter()
+                    .find(|r| r.mountpoint == m.mountpoint)
+                    .map(|r| format!(", logging to {}", r.log))
+                    .unwrap_or_default();
                 println!(
-                    "{:<13}{} (backing {}){}",
+                    "{:<13}{} (backing {}){}{log}",
                     if i == 0 { "mounts:" } else { "" },
-                    m.mountpoint.display(),
-                    m.backing,
+                    quote(m.mountpoint.as_os_str()),
+                    text::quote_str(&m.backing),
                     match m.state {
                         health::Liveness::Alive => "",
                         health::Liveness::NotConnected => " NOT RUNNING (dead mount)",
@@ -971,6 +1371,9 @@ impl StatusArgs {
                         health::Liveness::Error => " NOT WORKING",
                     }
                 );
+                if let Some(r) = runs.iter().find(|r| r.mountpoint == m.mountpoint) {
+                    println!("{:<13}  options {}", "", visible(&r.options.join(",")));
+                }
             }
         }
         println!("{:<13}{}", "backing:", b.path.display());
@@ -988,18 +1391,37 @@ impl StatusArgs {
         );
         if q.is_none() {
             println!(
-                "{:<13}{qpath} (does not exist yet: nothing quarantined)",
+                "{:<13}{qpath} (none: this mount keeps no quarantine)",
                 "quarantine:"
             );
-            return ok;
+            return code;
         }
         println!("{:<13}{qpath}", "quarantine:");
+        match &stored_policy {
+            Some(p) => println!(
+                "{:<13}retain {}{} (shared, set by {})",
+                "policy:",
+                crate::mountopts::format_duration(p.retain()),
+                p.min_free
+                    .map(|m| format!(", min_free {m}"))
+                    .unwrap_or_default(),
+                visible(&p.set_by)
+            ),
+            None => println!(
+                "{:<13}none stored; retain {} assumed",
+                "policy:",
+                crate::mountopts::format_duration(retain)
+            ),
+        }
         println!("{:<13}{}", "entries:", st.entries);
         println!(
-            "{:<13}{} ({} bytes)",
+            "{:<13}{} ({} bytes); {} on disk, {:.1}% of the filesystem ({} free)",
             "held:",
-            human_size(st.bytes),
-            st.bytes
+            human_size(usage.apparent),
+            usage.apparent,
+            human_size(usage.allocated),
+            space.percent(usage.allocated),
+            human_size(space.available)
         );
         match &st.oldest {
             Some(e) => println!(
@@ -1007,18 +1429,18 @@ impl StatusArgs {
                 "oldest:",
                 human_age(e.age(now)),
                 e.id,
-                e.path
+                qpath_of(e)
             ),
             None => println!("{:<13}-", "oldest:"),
         }
-        println!("{:<13}{due} older than {}", "due:", human_age(self.retain));
+        println!("{:<13}{due} older than {}", "due:", human_age(retain));
         if st.pending + st.restoring + st.orphans > 0 {
             println!(
                 "{:<13}{} pending, {} restoring, {} orphaned data files (see 'baseguard list --all')",
                 "incomplete:", st.pending, st.restoring, st.orphans
             );
         }
-        ok
+        code
     }
 }
 

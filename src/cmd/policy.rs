@@ -1,0 +1,130 @@
+//! `baseguard policy [set]`: the policy shared by every node of a quarantine.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use crate::cmd::quarantine::{Location, init_logging, open_quarantine, resolve_backing};
+use crate::cmd::text::{self, exit, print_json, visible};
+use crate::mountopts::{format_duration, parse_duration};
+use crate::policy::{DEFAULT_RETAIN, MinFree, Policy};
+use crate::quarantine::fmt_utc;
+
+/// `baseguard policy`.
+#[derive(clap::Args, Debug)]
+#[command(
+    about = "Show or set the policy every node applies (retention, free-space floor)",
+    long_about = "Show or set the policy stored with the shared quarantine (QUARANTINE/policy.json). \
+Every node applies it, and so do list, status and purge. A node mounted with a longer retain= raises \
+the retention for everyone; a shorter one never lowers it (the node logs a POLICY CONFLICT). Only \
+'baseguard policy set' may lower it.",
+    after_help = "Examples:\n  baseguard policy\n  baseguard policy set --retain 30d\n  baseguard policy set --min-free 15%\n  baseguard policy set --no-min-free\n\nExit status: 0 shown or set; 3 could not read or write the quarantine."
+)]
+pub struct PolicyArgs {
+    #[command(flatten)]
+    pub loc: Location,
+    /// Print JSON ({"version": 1, "policy": {...}}).
+    #[arg(long)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub set: Option<PolicyCmd>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum PolicyCmd {
+    /// Change the shared policy (applies to every node within one sweep).
+    Set(SetArgs),
+}
+
+/// `baseguard policy set`.
+#[derive(clap::Args, Debug)]
+pub struct SetArgs {
+    /// Keep quarantined files at least this long (30m, 12h, 14d, 2w).
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    pub retain: Option<Duration>,
+    /// Free-space floor (10%, 20G).
+    #[arg(long, value_name = "N%|SIZE", value_parser = MinFree::parse, conflicts_with = "no_min_free")]
+    pub min_free: Option<MinFree>,
+    /// Remove the free-space floor.
+    #[arg(long)]
+    pub no_min_free: bool,
+}
+
+impl PolicyArgs {
+    pub fn run(&self) -> ExitCode {
+        init_logging();
+        let b = match resolve_backing(&self.loc.dir) {
+            Ok(b) => b,
+            Err(e) => return text::fail_with(exit::CANNOT, e),
+        };
+        let q = match open_quarantine(&b, &self.loc) {
+            Ok(Some(q)) => q,
+            Ok(None) => {
+                return text::fail_with(exit::CANNOT, "this baseguard mount keeps no quarantine");
+            }
+            Err(e) => return text::fail_with(exit::CANNOT, e),
+        };
+        let stored = match Policy::read(&q) {
+            Ok(p) => p,
+            Err(e) => return text::fail_with(exit::CANNOT, format!("cannot read the policy: {e}")),
+        };
+        let policy = if let Some(PolicyCmd::Set(s)) = &self.set {
+            if s.retain.is_none() && s.min_free.is_none() && !s.no_min_free {
+                return text::fail_with(
+                    exit::USAGE,
+                    "nothing to set: give --retain, --min-free or --no-min-free",
+                );
+            }
+            let old = stored.clone();
+            let mut p = Policy::new(
+                s.retain
+                    .or(old.as_ref().map(Policy::retain))
+                    .unwrap_or(DEFAULT_RETAIN),
+                if s.no_min_free {
+                    None
+                } else {
+                    s.min_free.or(old.as_ref().and_then(|p| p.min_free))
+                },
+                "policy set",
+            );
+            p.explicit = true;
+            if let Err(e) = p.write(&q) {
+                return text::fail_with(exit::CANNOT, format!("cannot store the policy: {e}"));
+            }
+            tracing::info!(
+                retain_secs = p.retain_secs,
+                min_free = %p.min_free.map(|m| m.to_string()).unwrap_or_else(|| "none".into()),
+                uid = crate::sys::geteuid(),
+                "shared policy set"
+            );
+            Some(p)
+        } else {
+            stored
+        };
+        if self.json {
+            print_json(serde_json::json!({ "policy": policy }));
+            return ExitCode::SUCCESS;
+        }
+        match policy {
+            None => println!(
+                "No shared policy stored yet (the first node to mount writes one); retain {} assumed.",
+                format_duration(DEFAULT_RETAIN)
+            ),
+            Some(p) => {
+                println!("retain:     {}", format_duration(p.retain()));
+                println!(
+                    "min_free:   {}",
+                    p.min_free
+                        .map(|m| m.to_string())
+                        .unwrap_or_else(|| "none".into())
+                );
+                println!(
+                    "set by:     {}{} at {}",
+                    visible(&p.set_by),
+                    if p.explicit { ", explicitly" } else { "" },
+                    fmt_utc(p.set_at)
+                );
+            }
+        }
+        ExitCode::SUCCESS
+    }
+}

@@ -1,0 +1,307 @@
+//! Issue 13: one policy for the whole cloud (stored with the shared
+//! quarantine) and the free-space floor, through real mounts.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+const UUID: &str = "6f1c2a8e-3b9d-4c4e-9a52-0c1d2e3f4a5b";
+
+fn scratch() -> (tempfile::TempDir, PathBuf) {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let b = d.path().join("nfs");
+    std::fs::create_dir_all(b.join("_base")).unwrap();
+    (d, b)
+}
+
+fn bg(args: &[&str], dir: &Path) -> Output {
+    run(Command::new(BIN)
+        .args(args)
+        .arg("--dir")
+        .arg(dir)
+        .env_remove("RUST_LOG"))
+}
+
+fn json(o: &Output) -> Value {
+    assert!(
+        o.status.success() || o.status.code() == Some(1),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["version"], 1);
+    v
+}
+
+fn entries(dir: &Path) -> Vec<Value> {
+    json(&bg(&["list", "--json"], dir))["entries"]
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+fn paths(dir: &Path) -> Vec<String> {
+    entries(dir)
+        .iter()
+        .map(|e| e["path"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn log_of(p: &Path) -> String {
+    std::fs::read_to_string(p).unwrap_or_default()
+}
+
+#[test]
+fn a_short_retain_on_one_node_never_shortens_the_clouds() {
+    let (t, b) = scratch();
+    let (la, lb) = (t.path().join("a.log"), t.path().join("b.log"));
+    let a = Mount::new(&b, &["-o", "retain=1h", "--log-file", la.to_str().unwrap()]);
+    let node_b = Mount::new(&b, &["-o", "retain=2s", "--log-file", lb.to_str().unwrap()]);
+    std::fs::write(node_b.path("_base/img"), b"image").unwrap();
+    std::fs::remove_file(node_b.path("_base/img")).unwrap();
+    // Past node B's own retain and several of its sweeps.
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(paths(&b), vec!["_base/img"], "purged by the shorter retain");
+    let log = log_of(&lb);
+    assert!(log.contains("POLICY CONFLICT"), "{log}");
+    assert!(log.contains("retain=2s"), "{log}");
+    // Every command applies the shared policy.
+    let s = json(&bg(&["status", "--json"], &b));
+    assert_eq!(s["retain_secs"], 3600, "{s}");
+    assert_eq!(s["policy"]["retain_secs"], 3600, "{s}");
+    let l = json(&bg(&["list", "--json"], &b));
+    assert_eq!(l["retain_secs"], 3600);
+    let o = bg(&["purge", "--expired", "--yes", "--json"], &b);
+    assert_eq!(json(&o)["purged"].as_array().unwrap().len(), 0);
+    drop(node_b);
+    drop(a);
+}
+
+#[test]
+fn a_longer_retain_raises_the_shared_one_for_nodes_already_up() {
+    let (t, b) = scratch();
+    let la = t.path().join("a.log");
+    let a = Mount::new(&b, &["-o", "retain=2s", "--log-file", la.to_str().unwrap()]);
+    let _b2 = Mount::new(&b, &["-o", "retain=1h"]);
+    std::fs::write(a.path("_base/img"), b"image").unwrap();
+    std::fs::remove_file(a.path("_base/img")).unwrap();
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(
+        paths(&b),
+        vec!["_base/img"],
+        "node A purged with its own 2s"
+    );
+    assert!(
+        log_of(&la).contains("the shared policy changed"),
+        "{}",
+        log_of(&la)
+    );
+    // An explicit `policy set` may shorten it: then node A purges.
+    let o = bg(&["policy", "set", "--retain", "1s"], &b);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let start = Instant::now();
+    while !paths(&b).is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(20), "never purged");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let p = json(&bg(&["policy", "--json"], &b));
+    assert_eq!(p["policy"]["retain_secs"], 1);
+    assert_eq!(p["policy"]["explicit"], true);
+}
+
+#[test]
+fn a_relative_quarantine_is_under_the_backing_directory() {
+    let (t, b) = scratch();
+    let elsewhere = t.path().join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    let name = format!("q-rel-{}", std::process::id());
+    let mp = t.path().join("mnt");
+    std::fs::create_dir(&mp).unwrap();
+    // Started from another working directory, as `mount -a` may be.
+    let o = run(Command::new(BIN)
+        .current_dir(&elsewhere)
+        .args(["mount", "-o", &format!("quarantine={name}")])
+        .arg(&b)
+        .arg(&mp));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let q_ok = b.join(&name).join("entries").is_dir();
+    let q_wrong = elsewhere.join(&name).exists();
+    std::fs::write(mp.join("_base/x"), b"x").unwrap();
+    std::fs::remove_file(mp.join("_base/x")).unwrap();
+    let l = bg(&["list", "--json", "--quarantine", &name], &mp);
+    let _ = Command::new("umount").arg(&mp).status();
+    assert!(
+        q_ok && !q_wrong,
+        "quarantine not under the backing directory"
+    );
+    assert_eq!(json(&l)["entries"].as_array().unwrap().len(), 1);
+}
+
+/// A loop-mounted ext4 filesystem, unmounted on drop (even on failure).
+struct LoopFs {
+    dir: tempfile::TempDir,
+}
+
+impl LoopFs {
+    fn new(mib: u32) -> LoopFs {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let img = dir.path().join("fs.img");
+        let mnt = dir.path().join("fs");
+        std::fs::create_dir(&mnt).unwrap();
+        let f = std::fs::File::create(&img).unwrap();
+        f.set_len(u64::from(mib) << 20).unwrap();
+        let o = run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&img));
+        assert!(o.status.success(), "{o:?}");
+        let o = run(Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&img)
+            .arg(&mnt));
+        assert!(o.status.success(), "{o:?}");
+        LoopFs { dir }
+    }
+
+    fn root(&self) -> PathBuf {
+        self.dir.path().join("fs")
+    }
+}
+
+impl Drop for LoopFs {
+    fn drop(&mut self) {
+        // mount -o loop sets autoclear: unmounting frees the loop device.
+        let _ = Command::new("umount").arg(self.root()).status();
+    }
+}
+
+fn available(p: &Path) -> (u64, u64) {
+    let o = run(Command::new("stat").args(["-f", "-c", "%S %b %a"]).arg(p));
+    let s = String::from_utf8_lossy(&o.stdout);
+    let v: Vec<u64> = s.split_whitespace().map(|x| x.parse().unwrap()).collect();
+    (v[0] * v[1], v[0] * v[2])
+}
+
+#[test]
+fn the_free_space_floor_purges_oldest_unreferenced_first() {
+    if !have("mkfs.ext4") || !have("qemu-img") {
+        eprintln!("skipped: mkfs.ext4 or qemu-img missing");
+        return;
+    }
+    let fs = LoopFs::new(96);
+    let b = fs.root().join("nfs");
+    std::fs::create_dir_all(b.join("_base")).unwrap();
+    let log = fs.dir.path().join("daemon.log");
+    let m = Mount::new(
+        &b,
+        &[
+            "-o",
+            "min_free=40%",
+            "--no-heal",
+            "--log-file",
+            log.to_str().unwrap(),
+        ],
+    );
+    // The oldest entry is one an instance disk needs: never purged for space.
+    let base = m.path("_base/referenced");
+    std::fs::write(b.join("_base/referenced.part"), vec![1u8; 8 << 20]).unwrap();
+    std::fs::rename(m.path("_base/referenced.part"), &base).unwrap();
+    std::fs::create_dir(m.path(UUID)).unwrap();
+    let o = run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+        .arg(&base)
+        .arg(m.path(&format!("{UUID}/disk"))));
+    assert!(o.status.success(), "{o:?}");
+    std::fs::remove_file(&base).unwrap();
+    let (total, _) = available(&b);
+    let floor = total * 40 / 100;
+    let mut made = Vec::new();
+    for i in 0..9 {
+        let name = format!("_base/img-{i}");
+        let data = vec![i as u8 + 2; 8 << 20];
+        std::fs::write(m.path(&name), &data).unwrap();
+        std::fs::remove_file(m.path(&name)).unwrap();
+        made.push(name);
+        // Back above the floor within seconds.
+        let start = Instant::now();
+        while available(&b).1 < floor {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "still below the floor after 10 s: {:?} < {floor}",
+                available(&b)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let left = paths(&b);
+    assert!(left.contains(&"_base/referenced".to_string()), "{left:?}");
+    // What is left of the unreferenced ones is the newest: a suffix.
+    let kept: Vec<String> = left
+        .into_iter()
+        .filter(|p| p != "_base/referenced")
+        .collect();
+    assert!(kept.len() < made.len(), "nothing was purged: {kept:?}");
+    assert_eq!(kept, made[made.len() - kept.len()..].to_vec());
+    let l = log_of(&log);
+    assert!(l.contains("purged for space"), "{l}");
+    // The audit trail says why.
+    let h = json(&bg(&["list", "--history", "--json"], &b));
+    let first = &h["history"][0];
+    assert_eq!(first["action"], "purged", "{h}");
+    assert_eq!(first["path"], "_base/img-0", "{h}");
+    assert_eq!(first["reason"], "below min_free", "{h}");
+    assert!(l.contains("path=_base/img-0"), "{l}");
+    // status shows allocated bytes and the share.
+    let s = json(&bg(&["status", "--json"], &b));
+    assert!(s["allocated_bytes"].as_u64().unwrap() >= 8 << 20, "{s}");
+    assert!(s["share_percent"].as_f64().unwrap() > 0.0, "{s}");
+    drop(m);
+    drop(fs);
+}
+
+#[test]
+fn an_expired_displaced_copy_of_an_image_in_use_is_not_kept_forever() {
+    if !have("qemu-img") {
+        eprintln!("skipped: qemu-img missing");
+        return;
+    }
+    let (_t, b) = scratch();
+    let m = Mount::new(&b, &["-o", "retain=2s", "--no-heal"]);
+    let uuid2 = "0d1e2f3a-4b5c-4d6e-8f70-0a1b2c3d4e5f";
+    for (name, uuid) in [("gone", UUID), ("rewritten", uuid2)] {
+        let base = m.path(&format!("_base/{name}"));
+        std::fs::write(m.path(&format!("_base/{name}.part")), vec![3u8; 65536]).unwrap();
+        std::fs::rename(m.path(&format!("_base/{name}.part")), &base).unwrap();
+        std::fs::create_dir(m.path(uuid)).unwrap();
+        let o = run(Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+            .arg(&base)
+            .arg(m.path(&format!("{uuid}/disk"))));
+        assert!(o.status.success(), "{o:?}");
+    }
+    // One is deleted (its path is empty), the other truncated in place (a
+    // copy of the old bytes is quarantined; the path holds a file).
+    std::fs::remove_file(m.path("_base/gone")).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(m.path("_base/rewritten"))
+        .unwrap();
+    let mut p = paths(&b);
+    p.sort();
+    assert_eq!(p, vec!["_base/gone", "_base/rewritten"]);
+    let start = Instant::now();
+    while paths(&b).contains(&"_base/rewritten".to_string()) {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "the displaced copy is kept past its retention"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(paths(&b), vec!["_base/gone"], "a needed file was purged");
+}
