@@ -89,7 +89,7 @@ fn listed(dir: &Path) -> Vec<String> {
     let (code, list, err) = bg(&["list", "--json"], dir);
     assert_eq!(code, 0, "{err}");
     let v: serde_json::Value = serde_json::from_str(&list).unwrap();
-    let mut p: Vec<String> = v
+    let mut p: Vec<String> = v["entries"]
         .as_array()
         .unwrap()
         .iter()
@@ -234,8 +234,9 @@ fn check_expiry_and_status_work_over_base_alone() {
     }
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(listed(&base), vec![SHA.to_string()]);
+    // A near miss asks for attention (exit 1).
     let (code, out, _) = bg(&["status"], &base);
-    assert_eq!(code, 0);
+    assert_eq!(code, 1);
     assert!(out.starts_with(&format!("NEAR MISS:   {SHA}")), "{out}");
     // Both levels quarantined: check --restore brings the chain back.
     nova_remove(&base.join(format!("{SHA}_10")));

@@ -499,7 +499,7 @@ fn qemu_clients_and_metadata_see_no_error_across_kills_and_an_upgrade() {
         .output()
         .unwrap();
     let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let entries = list.as_array().unwrap();
+    let entries = list["entries"].as_array().unwrap();
     let q = quarantined.load(Ordering::Relaxed);
     let mut paths: Vec<&str> = entries.iter().filter_map(|e| e["path"].as_str()).collect();
     paths.sort();

@@ -467,7 +467,7 @@ fn quarantined(dir: &Path) -> Vec<String> {
     let o = run(Command::new(BIN).args(["list", "--json", "--dir"]).arg(dir));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    let mut p: Vec<String> = v
+    let mut p: Vec<String> = v["entries"]
         .as_array()
         .unwrap()
         .iter()
@@ -849,7 +849,7 @@ fn racing_restores_and_purges_lose_nothing(backend: Backend) {
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let o = cli(&["list", "--json"], &n.b.mountpoint);
                 let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-                if let Some(e) = v.as_array().and_then(|a| a.first()) {
+                if let Some(e) = v["entries"].as_array().and_then(|a| a.first()) {
                     let id = e["id"].as_str().unwrap().to_string();
                     let o = cli(&["purge", &id, "--yes", "--force"], &n.b.mountpoint);
                     if o.status.success() {

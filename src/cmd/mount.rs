@@ -778,9 +778,11 @@ fn spawn_sweeper(mut s: Sweeper) -> Result<(), String> {
                 ticks += 1;
                 if std::time::Instant::now() >= next_sweep {
                     let retain = s.policy.retain();
+                    // Computed once per sweep, from a scan made now.
+                    let needed = s.refs.keeper(&s.q);
                     let n = s
                         .q
-                        .purge_expired(retain, &|e| s.expiry_keep(e))
+                        .purge_expired(retain, &|e| s.expiry_keep(e, &needed))
                         .iter()
                         .filter(|o| matches!(o, crate::quarantine::PurgeOutcome::Purged(_)))
                         .count();
@@ -815,12 +817,18 @@ impl Sweeper {
     /// and the path is empty (restoring it may be needed). A displaced copy
     /// whose path holds a file again (rename-over, truncation of an image in
     /// use) is not kept past the retention.
-    fn expiry_keep(&self, e: &crate::quarantine::Entry) -> Option<String> {
+    /// `needed`: what instance disks need, through quarantined links of
+    /// their chains too ([`References::keeper`]).
+    fn expiry_keep(
+        &self,
+        e: &crate::quarantine::Entry,
+        needed: &dyn Fn(&crate::quarantine::Entry) -> Option<String>,
+    ) -> Option<String> {
         let root = PathBuf::from(format!("/proc/self/fd/{}", self.backing.as_raw_fd()));
         if std::fs::symlink_metadata(root.join(e.orig_path())).is_ok() {
             return None;
         }
-        self.refs.keep_reason(&e.orig_path())
+        needed(e)
     }
 
     /// Re-read the shared policy; re-apply this node's options to it the way
