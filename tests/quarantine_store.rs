@@ -1118,7 +1118,7 @@ fn a_killed_restore_never_hides_a_file() {
     );
     let o = bg(&["list", "--json", "--dir", &dir]);
     let v: serde_json::Value = serde_json::from_str(&out(&o)).unwrap();
-    let row = v
+    let row = v["entries"]
         .as_array()
         .unwrap()
         .iter()
