@@ -2077,10 +2077,18 @@ impl Passthrough {
             kind: inode.kind,
             handle: handle.map(|h| h.to_parts()),
         };
+        // Without a handle only a descriptor names the node again. The
+        // supervisor keeps those of directories (few, and what paths go
+        // through); files on such a filesystem (GlusterFS) are not kept: the
+        // keeper's descriptors must stay bounded, and the kernel looks a
+        // file up again by its path after a restart.
         let fd = match rec.handle {
-            Some(_) => None,
-            None => Some(fd),
+            None if inode.is_dir() => Some(fd),
+            _ => None,
         };
+        if rec.handle.is_none() && fd.is_none() {
+            return None;
+        }
         Some((rec, fd))
     }
 
