@@ -819,22 +819,8 @@ impl Passthrough {
     /// The kernel will pass this handle's writes straight to the backing
     /// file (it passes the inode through already): a guarded handle copies
     /// the file now, since no write will be seen here.
-    ///
-    /// Unless every other open handle of the file is a writer too: then the
-    /// file is being written (typically just created, its creator's release
-    /// still on its way), nobody reads it as a base, and its bytes are not
-    /// yet anyone's to keep.
     pub fn unseen_writes(&self, caller: Caller, f: &OpenFile) -> Result<()> {
         if f.guard.load(Ordering::Relaxed) != GUARDED {
-            return Ok(());
-        }
-        let only_writers = self.files.iter().all(|o| {
-            o.inode != f.inode
-                || std::ptr::eq(o.value().as_ref(), f)
-                || o.flags & libc::O_ACCMODE != libc::O_RDONLY
-        });
-        if only_writers {
-            f.guard.store(COPIED, Ordering::Relaxed);
             return Ok(());
         }
         self.preserve_handle(caller, f, Why::Overwrite)

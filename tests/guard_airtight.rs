@@ -502,3 +502,28 @@ print("ok")
         "unprotected: deleted"
     );
 }
+
+#[test]
+fn an_overwrite_while_the_writer_that_made_the_file_still_has_it_open_copies_first() {
+    let (_t, bk) = scratch();
+    let m = Mount::new(&bk, &[]);
+    // The download is still open for writing (or its release is still on
+    // its way) when it is renamed into place; another process then writes
+    // over its bytes: the placed version must be kept.
+    let script = r#"
+import os, sys
+base = sys.argv[1]
+part = os.path.join(base, "img.part")
+w = os.open(part, os.O_WRONLY | os.O_CREAT, 0o644)
+os.write(w, b"PLACED-VERSION")
+os.rename(part, os.path.join(base, "img"))
+fd = os.open(os.path.join(base, "img"), os.O_RDWR)
+os.pwrite(fd, b"OVERWRITTEN", 0)
+os.close(fd)
+os.close(w)
+"#;
+    let (ok, out) = py(script, &[&m.path("_base")]);
+    assert!(ok, "{out}");
+    assert_eq!(fs::read(bk.join("_base/img")).unwrap(), b"OVERWRITTENION");
+    assert_eq!(held_for(&bk, "_base/img"), vec![b"PLACED-VERSION".to_vec()]);
+}

@@ -793,8 +793,12 @@ fn spawn_sweeper(mut s: Sweeper) -> Result<(), String> {
                     next_sweep = std::time::Instant::now() + every;
                 }
                 if let Some(floor) = s.policy.min_free {
+                    // What disks need, from a scan made now (only when the
+                    // floor is crossed: enforce asks only then).
+                    type Keep = Box<dyn Fn(&crate::quarantine::Entry) -> Option<String>>;
+                    let needed: std::cell::OnceCell<Keep> = std::cell::OnceCell::new();
                     let run = crate::floor::enforce(&s.q, s.backing.as_fd(), floor, &|e| {
-                        s.refs.keep_reason(&e.orig_path())
+                        needed.get_or_init(|| Box::new(s.refs.keeper(&s.q)))(e)
                     });
                     s.purged
                         .fetch_add(run.purged.len() as u64, Ordering::Relaxed);
