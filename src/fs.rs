@@ -155,6 +155,14 @@ struct Name<'a> {
     c: &'a CStr,
 }
 
+impl Name<'_> {
+    /// `renameat2` of this name to `to` with `flags`, as the errno.
+    fn rename_to(&self, to: &Name<'_>, flags: u32) -> std::result::Result<(), i32> {
+        sys::renameat2(self.fd.as_fd(), self.c, to.fd.as_fd(), to.c, flags)
+            .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))
+    }
+}
+
 /// Options of the passthrough core.
 #[derive(Clone, Debug)]
 pub struct FsOptions {
@@ -1162,14 +1170,7 @@ impl Passthrough {
                 self.may_remove(caller, to.fd, &d)?;
             }
             self.creds.become_caller(caller);
-            let r = sys::renameat2(
-                from.fd.as_fd(),
-                from.c,
-                to.fd.as_fd(),
-                to.c,
-                libc::RENAME_EXCHANGE,
-            );
-            match r.map_err(|e| e.raw_os_error().unwrap_or(libc::EIO)) {
+            match from.rename_to(to, libc::RENAME_EXCHANGE) {
                 Ok(()) => {
                     self.creds.become_daemon();
                     return match p.quarantine.stash_rename(
@@ -1186,13 +1187,7 @@ impl Passthrough {
                         Err(e) => {
                             // Put both back; the rename fails as a whole.
                             self.creds.become_caller(caller);
-                            let _ = sys::renameat2(
-                                from.fd.as_fd(),
-                                from.c,
-                                to.fd.as_fd(),
-                                to.c,
-                                libc::RENAME_EXCHANGE,
-                            );
+                            let _ = from.rename_to(to, libc::RENAME_EXCHANGE);
                             Err(e.into())
                         }
                     };
@@ -1206,14 +1201,7 @@ impl Passthrough {
                     self.creds.become_daemon();
                     sys::statat(from.fd.as_fd(), from.c)?;
                     self.creds.become_caller(caller);
-                    let r = sys::renameat2(
-                        from.fd.as_fd(),
-                        from.c,
-                        to.fd.as_fd(),
-                        to.c,
-                        libc::RENAME_NOREPLACE,
-                    );
-                    match r.map_err(|e| e.raw_os_error().unwrap_or(libc::EIO)) {
+                    match from.rename_to(to, libc::RENAME_NOREPLACE) {
                         Ok(()) => return Ok(()),
                         Err(libc::EEXIST) => continue,
                         Err(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP) => {
@@ -1257,12 +1245,12 @@ impl Passthrough {
             _ => {}
         }
         self.creds.become_caller(caller);
-        let r = sys::renameat2(from.fd.as_fd(), from.c, to.fd.as_fd(), to.c, 0);
+        let r = from.rename_to(to, 0);
         if let (Err(_), Some(id)) = (&r, kept) {
             self.creds.become_daemon();
             let _ = p.quarantine.purge(&id);
         }
-        Ok(r?)
+        r.map_err(Errno)
     }
 
     // ---- files -------------------------------------------------------------
