@@ -57,8 +57,10 @@ fi
 SHA=7b4783508212f5d242cbf9ff56fb8d33b4ce6166
 UUID=6f1c2a8e-3b9d-4c4e-9a52-0c1d2e3f4a5b
 say "Node B downloads a Glance image into _base and boots an instance on it"
-qemu-img create -q -f raw "$D/node-b/_base/$SHA" 64M
-qemu-io -f raw -c "write -P 0x42 0 8M" "$D/node-b/_base/$SHA" >/dev/null
+# As Nova downloads: into "<sha>.part" (ignored by the guard), then renamed into place.
+qemu-img create -q -f raw "$D/node-b/_base/$SHA.part" 64M
+qemu-io -f raw -c "write -P 0x42 0 8M" "$D/node-b/_base/$SHA.part" >/dev/null
+mv "$D/node-b/_base/$SHA.part" "$D/node-b/_base/$SHA"
 mkdir "$D/node-b/$UUID"
 qemu-img create -q -f qcow2 -F raw -b "$D/node-b/_base/$SHA" "$D/node-b/$UUID/disk"
 qemu-img info --backing-chain "$D/node-b/$UUID/disk" | grep -E '^(image|backing file):'
