@@ -10,7 +10,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirEntryExt, FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 
 use dashmap::DashMap;
 use parking_lot::Mutex;
@@ -55,7 +55,8 @@ pub struct OpenFile {
     /// writer of a set-user-ID or set-group-ID file, whose writes clear
     /// those bits (kernel passthrough writes with the daemon's
     /// credentials, which would keep them).
-    pub kills_privs: bool,
+    /// (Cleared once a write has dropped the bits.)
+    pub kills_privs: AtomicBool,
 }
 
 /// A handle the guard does not watch.
@@ -86,7 +87,7 @@ impl OpenFile {
             inode,
             flags,
             guard: AtomicU8::new(guard),
-            kills_privs,
+            kills_privs: AtomicBool::new(kills_privs),
         }
     }
 
@@ -331,11 +332,6 @@ impl Passthrough {
         !matches!(self.guard_name(parent, name), Ok(None))
     }
 
-    /// The inode behind `st`, if the kernel knows it (no lookup counted).
-    fn known_inode(&self, st: &Stat) -> Option<Arc<Inode>> {
-        self.inodes.peek(st)
-    }
-
     /// Would destroying the bytes of `inode` (truncate, overwrite, punch)
     /// lose a protected file's contents? Its path for the quarantine record
     /// if so. A file reached through a protected name must still be at one
@@ -448,12 +444,6 @@ impl Passthrough {
         Ok((inode, fd))
     }
 
-    /// The path of a directory below the root, from the names the kernel
-    /// used to reach it.
-    pub fn rel_path(&self, id: u64) -> Option<PathBuf> {
-        self.inodes.dir_path(id)
-    }
-
     pub fn file(&self, fh: u64) -> Result<Arc<OpenFile>> {
         self.files
             .get(&fh)
@@ -562,7 +552,7 @@ impl Passthrough {
         // that path protected, and which disks use it?
         let mut rel = None;
         let held = p.quarantined.held(&p.quarantine, name, || {
-            rel = self.rel_path(parent).map(|d| d.join(name));
+            rel = self.inodes.dir_path(parent).map(|d| d.join(name));
             rel.clone()
         });
         if held.is_empty() {
@@ -966,7 +956,7 @@ impl Passthrough {
         if let Some(hit) = self.guard_name(parent, name)? {
             return Ok(Some(hit));
         }
-        let sticky = st.st_nlink <= 1 && self.known_inode(st).is_some_and(|i| i.was_protected());
+        let sticky = st.st_nlink <= 1 && self.inodes.peek(st).is_some_and(|i| i.was_protected());
         match (
             sticky,
             self.protection.as_ref(),
@@ -980,7 +970,7 @@ impl Passthrough {
 
     /// The name `parent/name` of the inode `st` is gone.
     fn left(&self, st: &Stat, parent: u64, name: &OsStr) {
-        if let Some(inode) = self.known_inode(st) {
+        if let Some(inode) = self.inodes.peek(st) {
             inode.left(parent, name);
         }
     }
@@ -1005,6 +995,21 @@ impl Passthrough {
         flags: u32,
     ) -> Result<()> {
         self.stats.count(Op::Rename);
+        self.rename_guarded(caller, parent, name, newparent, newname, flags)?;
+        self.renamed(parent, name, newparent, newname);
+        Ok(())
+    }
+
+    /// [`Self::rename`], with the guard's part.
+    fn rename_guarded(
+        &self,
+        caller: Caller,
+        parent: u64,
+        name: &OsStr,
+        newparent: u64,
+        newname: &OsStr,
+        flags: u32,
+    ) -> Result<()> {
         let (_, pfd) = self.inode_fd(parent)?;
         let (_, npfd) = self.inode_fd(newparent)?;
         let (c, nc) = (cstr(name)?, cstr(newname)?);
@@ -1081,12 +1086,12 @@ impl Passthrough {
         r?;
         // The names moved.
         self.left(&src, parent, name);
-        if let Some(inode) = self.known_inode(&src) {
+        if let Some(inode) = self.inodes.peek(&src) {
             inode.reached(newparent, newname, target_protected, src.st_nlink > 1);
         }
         if let Some(d) = &dst {
             self.left(d, newparent, newname);
-            if exchange && let Some(inode) = self.known_inode(d) {
+            if exchange && let Some(inode) = self.inodes.peek(d) {
                 let prot = self.name_protected(parent, name);
                 inode.reached(parent, name, prot, d.st_nlink > 1);
             }
@@ -1119,7 +1124,7 @@ impl Passthrough {
                 return Err(Errno(libc::EIO));
             };
             let sticky = self.inodes.under_protected(from.parent)
-                || self.known_inode(st).is_some_and(|i| i.was_protected());
+                || self.inodes.peek(st).is_some_and(|i| i.was_protected());
             let from_may = sticky || p.guard.may_protect_below(&fdir.join(from.name));
             if from_may && !p.guard.may_protect_below(&tdir.join(to.name)) {
                 return Err(Errno(libc::EXDEV));
@@ -1463,13 +1468,6 @@ impl Passthrough {
                 self.preserve_handle(caller, &f, Why::Overwrite)?;
             }
         }
-        // The mode before: the write itself may clear set-ID bits (the
-        // backing filesystem does when this thread has the caller's fsuid).
-        let before = if kill_suid {
-            Some(sys::fstat(f.file.as_fd())?.st_mode)
-        } else {
-            None
-        };
         let n = if f.direct() {
             let mut buf = ReadBuf::new(data.len(), true);
             buf.space().copy_from_slice(data);
@@ -1479,22 +1477,22 @@ impl Passthrough {
         };
         // A write by a caller without CAP_FSETID clears set-user-ID, and
         // set-group-ID where group execute is set (as the kernel does);
-        // returns whether the mode changed (the kernel's copy is stale).
+        // returns whether the mode changed (the kernel's copy is stale): the
+        // bits were set at open and are gone now (the backing filesystem
+        // clears them itself when this thread has the caller's fsuid), or
+        // they were set since and are cleared here. One fstat, only for a
+        // caller without CAP_FSETID.
         let mut killed = false;
-        if let Some(before) = before {
+        if kill_suid {
             let st = sys::fstat(f.file.as_fd())?;
             let mut drop = st.st_mode & libc::S_ISUID;
             if st.st_mode & libc::S_IXGRP != 0 {
                 drop |= st.st_mode & libc::S_ISGID;
             }
-            let mode = if drop != 0
-                && sys::chmod_fd(f.file.as_fd(), st.st_mode & 0o7777 & !drop).is_ok()
-            {
-                st.st_mode & !drop
-            } else {
-                st.st_mode
-            };
-            killed = mode != before;
+            let cleared_here =
+                drop != 0 && sys::chmod_fd(f.file.as_fd(), st.st_mode & 0o7777 & !drop).is_ok();
+            let had_at_open = f.kills_privs.swap(false, Ordering::Relaxed);
+            killed = cleared_here || had_at_open;
         }
         self.stats.add(Op::WriteBytes, n as u64);
         Ok((n as u32, killed))
@@ -1872,7 +1870,7 @@ impl Passthrough {
 
     /// After a rename through the mount: where inodes are kept by name (no
     /// durable handles), the moved inodes are now known by their new names.
-    pub fn renamed(&self, parent: u64, name: &OsStr, newparent: u64, newname: &OsStr) {
+    fn renamed(&self, parent: u64, name: &OsStr, newparent: u64, newname: &OsStr) {
         if self.inodes.uses_handles() {
             return;
         }

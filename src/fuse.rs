@@ -248,7 +248,7 @@ impl FuseAdapter {
     /// does not pass through yet: it wants every open of an inode it passes
     /// through passed through too.)
     fn unpassed(&self, f: &OpenFile) -> bool {
-        (f.guarded() || f.kills_privs)
+        (f.guarded() || f.kills_privs.load(std::sync::atomic::Ordering::Relaxed))
             && self.passthrough()
             && !self.shared.backing.contains_key(&f.inode)
     }
@@ -511,9 +511,6 @@ impl fuser::Filesystem for FuseAdapter {
             newname,
             flags.bits(),
         );
-        if r.is_ok() {
-            self.fs.renamed(parent.0, name, newparent.0, newname);
-        }
         empty(reply, removed(req, r));
     }
 
