@@ -7,7 +7,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirEntryExt, FileExt, FileTypeExt};
+use std::os::unix::fs::{DirEntryExt, FileExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
@@ -108,6 +108,8 @@ pub struct DirEntry {
 struct OpenDir {
     /// The directory's node id and descriptor.
     dir: DirRef,
+    /// The directory opened for reading by whoever opened the handle.
+    list: OwnedFd,
     /// The snapshot, and whether a pass over it has started (so that a later
     /// read at offset 0 is a rewind and re-reads the directory).
     state: Mutex<(bool, Arc<Vec<DirEntry>>)>,
@@ -218,31 +220,66 @@ const ALIGN: usize = 4096;
 const FMODE_EXEC: i32 = 0x20;
 
 /// A buffer whose payload starts at an `ALIGN`-aligned address (for O_DIRECT).
-pub struct ReadBuf {
-    buf: Vec<u8>,
-    start: usize,
-    len: usize,
+/// Were the last change's times at least 2 s ago? A stamp taken sooner may
+/// not tell a later change apart where timestamps are coarse (an NFS server's
+/// filesystem ticking in milliseconds): such a stamp is never matched, so
+/// what the kernel cached then is not kept.
+fn settled(st: &Stat) -> bool {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    now.saturating_sub(st.st_mtime.max(st.st_ctime)) >= 2
 }
 
-impl ReadBuf {
-    fn new(len: usize, aligned: bool) -> ReadBuf {
-        let extra = if aligned { ALIGN } else { 0 };
-        let buf = vec![0u8; len + extra];
+/// A directory's size and times, hashed: equal stamps mean an unchanged
+/// listing (the timestamps are fine-grained once someone has read them).
+fn dir_stamp(st: &Stat) -> u64 {
+    [
+        st.st_ino as i64,
+        st.st_size,
+        st.st_mtime,
+        st.st_mtime_nsec,
+        st.st_ctime,
+        st.st_ctime_nsec,
+    ]
+    .iter()
+    .fold(0xcbf2_9ce4_8422_2325u64, |h, v| {
+        (h ^ *v as u64).wrapping_mul(0x100_0000_01b3)
+    })
+    .max(1)
+}
+
+thread_local! {
+    /// Each serving thread's buffer for file data, reused from request to
+    /// request (no allocation, zeroing or page faults per read).
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The largest buffer a thread keeps between requests (a read is at most
+/// the kernel's 1 MiB `max_pages`); anything larger is allocated per call.
+const SCRATCH_KEPT: usize = (1 << 20) + ALIGN;
+
+/// Run `f` on a buffer of `len` bytes, aligned to `ALIGN` when `aligned`
+/// (for `O_DIRECT`). Its contents are whatever an earlier request left.
+fn with_scratch<R>(len: usize, aligned: bool, f: impl FnOnce(&mut [u8]) -> R) -> R {
+    fn run<R>(v: &mut Vec<u8>, len: usize, aligned: bool, f: impl FnOnce(&mut [u8]) -> R) -> R {
+        if v.len() < len + ALIGN {
+            v.resize(len + ALIGN, 0);
+        }
         let start = if aligned {
-            (ALIGN - (buf.as_ptr() as usize % ALIGN)) % ALIGN
+            (ALIGN - (v.as_ptr() as usize % ALIGN)) % ALIGN
         } else {
             0
         };
-        ReadBuf { buf, start, len }
+        f(&mut v[start..start + len])
     }
-
-    fn space(&mut self) -> &mut [u8] {
-        &mut self.buf[self.start..self.start + self.len]
+    if len + ALIGN > SCRATCH_KEPT {
+        return run(&mut Vec::new(), len, aligned, f);
     }
-
-    pub fn data(&self) -> &[u8] {
-        &self.buf[self.start..self.start + self.len]
-    }
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut v) => run(&mut v, len, aligned, f),
+        Err(_) => run(&mut Vec::new(), len, aligned, f),
+    })
 }
 
 impl Passthrough {
@@ -1297,7 +1334,8 @@ impl Passthrough {
             (h ^ *v as u64).wrapping_mul(0x100_0000_01b3)
         })
         .max(1);
-        inode.data_stamp.swap(stamp, Ordering::Relaxed) == stamp
+        let stamp = if settled(&st) { stamp } else { 0 };
+        inode.data_stamp.swap(stamp, Ordering::Relaxed) == stamp && stamp != 0
     }
 
     /// Open files come first: past 3/4 of the open-file limit, cached
@@ -1423,32 +1461,39 @@ impl Passthrough {
         Ok((inode, st, fh, f))
     }
 
-    pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<ReadBuf> {
+    /// Read up to `size` bytes at `offset` and hand them to `reply` (from
+    /// this thread's buffer, so without a copy of its own).
+    pub fn read<R>(
+        &self,
+        fh: u64,
+        offset: u64,
+        size: u32,
+        reply: impl FnOnce(&[u8]) -> R,
+    ) -> Result<R> {
         self.stats.count(Op::Read);
         let f = self.file(fh)?;
-        let mut buf = ReadBuf::new(size as usize, f.direct());
-        let mut done = 0usize;
-        let want = size as usize;
-        while done < want {
-            let space = &mut buf.space()[done..];
-            match f.file.read_at(space, offset + done as u64) {
-                Ok(0) => break,
-                Ok(n) => done += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    if done == 0 {
-                        return Err(e.into());
+        let direct = f.direct();
+        with_scratch(size as usize, direct, |buf| {
+            let mut done = 0usize;
+            while done < buf.len() {
+                match f.file.read_at(&mut buf[done..], offset + done as u64) {
+                    Ok(0) => break,
+                    Ok(n) => done += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        if done == 0 {
+                            return Err(e.into());
+                        }
+                        break;
                     }
+                }
+                if direct {
                     break;
                 }
             }
-            if f.direct() {
-                break;
-            }
-        }
-        buf.len = done;
-        self.stats.add(Op::ReadBytes, done as u64);
-        Ok(buf)
+            self.stats.add(Op::ReadBytes, done as u64);
+            Ok(reply(&buf[..done]))
+        })
     }
 
     pub fn write(
@@ -1469,9 +1514,10 @@ impl Passthrough {
             }
         }
         let n = if f.direct() {
-            let mut buf = ReadBuf::new(data.len(), true);
-            buf.space().copy_from_slice(data);
-            f.file.write_at(buf.data(), offset)?
+            with_scratch(data.len(), true, |buf| {
+                buf.copy_from_slice(data);
+                f.file.write_at(buf, offset)
+            })?
         } else {
             f.file.write_at(data, offset)?
         };
@@ -1643,8 +1689,16 @@ impl Passthrough {
 
     // ---- directories -------------------------------------------------------
 
-    fn snapshot(&self, fd: &OwnedFd) -> Result<Vec<DirEntry>> {
-        let st = sys::fstat(fd.as_fd())?;
+    /// The directory's entries as they are now, read through `list` (the
+    /// handle's own descriptor). Records the directory's stamp first: the
+    /// kernel's cache of this listing (`FOPEN_CACHE_DIR`) is only as new as
+    /// that, so a later open keeps it only if the stamp is still the same.
+    fn snapshot(&self, id: u64, list: &OwnedFd) -> Result<Vec<DirEntry>> {
+        let st = sys::fstat(list.as_fd())?;
+        if let Some(inode) = self.inodes.get(id) {
+            let stamp = if settled(&st) { dir_stamp(&st) } else { 0 };
+            inode.data_stamp.store(stamp, Ordering::Relaxed);
+        }
         let mut out = vec![
             DirEntry {
                 ino: st.st_ino,
@@ -1652,60 +1706,75 @@ impl Passthrough {
                 name: ".".into(),
             },
             DirEntry {
-                ino: sys::statat(fd.as_fd(), c"..")
+                ino: sys::statat(list.as_fd(), c"..")
                     .map(|s| s.st_ino)
                     .unwrap_or(1),
                 kind: libc::S_IFDIR,
                 name: "..".into(),
             },
         ];
-        let dir = std::fs::read_dir(format!("/proc/self/fd/{}", fd.as_raw_fd()))?;
-        for e in dir {
-            let e = e?;
-            if self.is_hidden_ino(e.ino()) {
-                if let Ok(st) = sys::statat(fd.as_fd(), &cstr(&e.file_name())?) {
+        for e in sys::read_dir_fd(list.as_fd())? {
+            if self.is_hidden_ino(e.ino) {
+                if let Ok(st) = sys::statat(list.as_fd(), &cstr(&e.name)?) {
                     if self.is_hidden(&st) {
                         continue;
                     }
                 }
             }
-            let kind = match e.file_type() {
-                Ok(t) if t.is_dir() => libc::S_IFDIR,
-                Ok(t) if t.is_symlink() => libc::S_IFLNK,
-                Ok(t) if t.is_fifo() => libc::S_IFIFO,
-                Ok(t) if t.is_socket() => libc::S_IFSOCK,
-                Ok(t) if t.is_char_device() => libc::S_IFCHR,
-                Ok(t) if t.is_block_device() => libc::S_IFBLK,
-                _ => libc::S_IFREG,
+            let kind = match e.kind {
+                libc::DT_DIR => libc::S_IFDIR,
+                libc::DT_LNK => libc::S_IFLNK,
+                libc::DT_FIFO => libc::S_IFIFO,
+                libc::DT_SOCK => libc::S_IFSOCK,
+                libc::DT_CHR => libc::S_IFCHR,
+                libc::DT_BLK => libc::S_IFBLK,
+                libc::DT_REG => libc::S_IFREG,
+                // The filesystem did not say (some do not): ask the inode.
+                _ => match sys::statat(list.as_fd(), &cstr(&e.name)?) {
+                    Ok(st) => st.st_mode & libc::S_IFMT,
+                    Err(_) => continue,
+                },
             };
             out.push(DirEntry {
-                ino: e.ino(),
+                ino: e.ino,
                 kind,
-                name: e.file_name(),
+                name: e.name,
             });
         }
         Ok(out)
     }
 
-    pub fn opendir(&self, caller: Caller, id: u64) -> Result<u64> {
+    /// Open directory `id` for reading, as the caller (the open checks read
+    /// permission, as a real directory stream's does). The listing itself is
+    /// read at the first `readdir`: a directory the kernel lists from its own
+    /// cache costs no more than this open. Returns the handle and whether
+    /// the kernel may keep its cached listing (`FOPEN_KEEP_CACHE`): yes when
+    /// the directory's size and times are what they were when that listing
+    /// was read, so another node's change is seen at the next open.
+    pub fn opendir(&self, caller: Caller, id: u64) -> Result<(u64, bool)> {
         self.stats.count(Op::Opendir);
-        let (_, fd) = self.inode_fd(id)?;
+        let (inode, fd) = self.inode_fd(id)?;
         self.creds.become_caller(caller);
-        let entries = self.snapshot(&fd)?;
+        let list = sys::reopen(fd.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY)?;
+        let keep = sys::fstat(list.as_fd())
+            .map(|st| dir_stamp(&st) == inode.data_stamp.load(Ordering::Relaxed))
+            .unwrap_or(false);
         let fh = self.new_fh();
         self.dirs.insert(
             fh,
             Arc::new(OpenDir {
                 dir: DirRef { id, fd },
-                state: Mutex::new((false, Arc::new(entries))),
+                list,
+                state: Mutex::new((false, Arc::new(Vec::new()))),
             }),
         );
-        Ok(fh)
+        Ok((fh, keep))
     }
 
-    /// Entries from `offset` on (offset = index of the next entry). Offset 0
-    /// after the first read (rewinddir) takes a fresh snapshot.
-    pub fn readdir(&self, caller: Caller, fh: u64, offset: u64) -> Result<Arc<Vec<DirEntry>>> {
+    /// Entries from `offset` on (offset = index of the next entry). The
+    /// first read takes the snapshot; offset 0 after that (rewinddir) takes
+    /// a fresh one.
+    pub fn readdir(&self, _caller: Caller, fh: u64, offset: u64) -> Result<Arc<Vec<DirEntry>>> {
         self.stats.count(Op::Readdir);
         let d = self
             .dirs
@@ -1713,9 +1782,11 @@ impl Passthrough {
             .map(|d| Arc::clone(&d))
             .ok_or(Errno(libc::EBADF))?;
         let mut state = d.state.lock();
-        if offset == 0 && state.0 {
-            self.creds.become_caller(caller);
-            state.1 = Arc::new(self.snapshot(&d.dir.fd)?);
+        if !state.0 || offset == 0 {
+            // Read through the handle's own descriptor: its permission was
+            // checked when it was opened.
+            self.creds.become_daemon();
+            state.1 = Arc::new(self.snapshot(d.dir.id, &d.list)?);
         }
         state.0 = true;
         Ok(Arc::clone(&state.1))
@@ -1992,11 +2063,12 @@ impl Passthrough {
             Handle::Dir { fh } => {
                 let st = sys::fstat(fd.as_fd())?;
                 let id = self.learn(&fd, &st)?;
+                let list = sys::reopen(fd.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY)?;
                 let fd = Arc::new(fd);
-                let entries = self.snapshot(&fd)?;
+                let entries = self.snapshot(id, &list)?;
                 let state = Mutex::new((true, Arc::new(entries)));
                 let dir = DirRef { id, fd };
-                self.dirs.insert(fh, Arc::new(OpenDir { dir, state }));
+                self.dirs.insert(fh, Arc::new(OpenDir { dir, list, state }));
                 fh
             }
             Handle::Lock { fh, owner } => {

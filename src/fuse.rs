@@ -629,9 +629,14 @@ impl fuser::Filesystem for FuseAdapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.fs.read(fh.0, offset, size) {
-            Ok(buf) => reply.data(buf.data()),
-            Err(e) => reply.error(ferr(e)),
+        let mut reply = Some(reply);
+        let r = self.fs.read(fh.0, offset, size, |data| {
+            if let Some(r) = reply.take() {
+                r.data(data)
+            }
+        });
+        if let (Err(e), Some(r)) = (r, reply.take()) {
+            r.error(ferr(e));
         }
     }
 
@@ -714,11 +719,18 @@ impl fuser::Filesystem for FuseAdapter {
 
     fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.fs.opendir(caller(req), ino.0) {
-            Ok(fh) => {
+            Ok((fh, keep)) => {
                 if let Some(c) = self.custody() {
                     c.keep_dir(&self.fs, fh);
                 }
-                reply.opened(FileHandle(fh), FopenFlags::empty())
+                // The kernel caches listings and reads them again from its
+                // cache while the directory is unchanged (checked at open).
+                let flags = if keep {
+                    FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE
+                } else {
+                    FopenFlags::FOPEN_CACHE_DIR
+                };
+                reply.opened(FileHandle(fh), flags)
             }
             Err(e) => reply.error(ferr(e)),
         }

@@ -70,9 +70,11 @@ pub struct Inode {
     /// Where the kernel reached this inode: the guard decides from this,
     /// never from a path read back from the backing filesystem.
     place: Mutex<Place>,
-    /// Without kernel passthrough: a digest of the file's size and times
-    /// when it was last opened, so that an unchanged file keeps the kernel's
-    /// page cache across opens (0: none yet, or a writer has it open).
+    /// A digest of size and times, so the kernel keeps what it cached while
+    /// they stay the same (0: none yet). A file (without kernel
+    /// passthrough): when it was last opened, for its page cache (0 while a
+    /// writer has it open). A directory: when its listing was last read, for
+    /// the kernel's cached listing.
     pub data_stamp: AtomicU64,
 }
 

@@ -515,6 +515,68 @@ pub fn has_default_acl(fd: BorrowedFd<'_>) -> bool {
     n > 0
 }
 
+/// One entry read from a directory descriptor.
+pub struct RawDirEntry {
+    pub ino: u64,
+    /// `DT_*` (`DT_UNKNOWN` where the filesystem does not say).
+    pub kind: u8,
+    pub name: std::ffi::OsString,
+}
+
+/// Every entry of the directory open at `fd` (`O_RDONLY|O_DIRECTORY`), read
+/// from its start with `getdents64`; `.` and `..` are left out. The
+/// descriptor's position moves, so it must be this caller's alone.
+pub fn read_dir_fd(fd: BorrowedFd<'_>) -> io::Result<Vec<RawDirEntry>> {
+    use std::os::unix::ffi::OsStringExt;
+    lseek(fd, 0, libc::SEEK_SET)?;
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        // SAFETY: the buffer is valid for `buf.len()` bytes and the kernel
+        // writes at most that many; the result is checked.
+        let n = unsafe {
+            libc::syscall(
+                libc::SYS_getdents64,
+                fd.as_raw_fd(),
+                buf.as_mut_ptr(),
+                buf.len(),
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Ok(out);
+        }
+        // struct linux_dirent64 { u64 d_ino; i64 d_off; u16 d_reclen; u8 d_type; char d_name[]; }
+        let mut at = 0usize;
+        let end = n as usize;
+        while at + 19 <= end {
+            let rec = &buf[at..end];
+            let ino = u64::from_ne_bytes(rec[0..8].try_into().unwrap_or_default());
+            let reclen = u16::from_ne_bytes(rec[16..18].try_into().unwrap_or_default()) as usize;
+            if reclen < 19 || reclen > rec.len() {
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
+            let kind = rec[18];
+            let raw = &rec[19..reclen];
+            let name = &raw[..raw.iter().position(|&b| b == 0).unwrap_or(raw.len())];
+            if name != b"." && name != b".." {
+                out.push(RawDirEntry {
+                    ino,
+                    kind,
+                    name: std::ffi::OsString::from_vec(name.to_vec()),
+                });
+            }
+            at += reclen;
+        }
+    }
+}
+
 pub fn lseek(fd: BorrowedFd<'_>, offset: i64, whence: i32) -> io::Result<i64> {
     // SAFETY: plain syscall on a valid descriptor.
     let r = unsafe { libc::lseek(fd.as_raw_fd(), offset, whence) };

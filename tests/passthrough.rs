@@ -648,3 +648,82 @@ fn a_hundred_thousand_files_under_a_twenty_thousand_descriptor_limit() {
         .count();
     assert!(open < 20_000, "the daemon holds {open} descriptors: {st}");
 }
+
+fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// The kernel keeps a listing (FOPEN_CACHE_DIR) and reads it again without
+/// asking while the directory is unchanged; a change made by another node
+/// (straight on the backing directory) is seen at the very next open.
+#[test]
+fn a_cached_listing_is_reused_only_while_the_directory_is_unchanged() {
+    let t = scratch();
+    let backing = dir_in(&t, "backing", None);
+    let d = backing.join("d");
+    std::fs::create_dir(&d).unwrap();
+    for i in 0..300 {
+        std::fs::write(d.join(format!("f{i:03}")), b"x").unwrap();
+    }
+    // Older than the 2 s within which a stamp is not trusted.
+    std::thread::sleep(Duration::from_millis(2200));
+    let m = Mount::new(&backing, &[]);
+    let md = m.path("d");
+    let first = names(&md);
+    assert_eq!(first, names(&d));
+    let before = m.stats()["readdir"].as_u64().unwrap();
+    assert_eq!(names(&md), first);
+    assert_eq!(names(&md), first);
+    let after = m.stats()["readdir"].as_u64().unwrap();
+    assert_eq!(before, after, "unchanged: listed from the kernel's cache");
+
+    // Another node adds, removes and renames (no sleep: at once).
+    std::fs::write(d.join("new"), b"y").unwrap();
+    assert_eq!(names(&md), names(&d));
+    assert!(names(&md).contains(&"new".to_string()));
+    std::fs::remove_file(d.join("f007")).unwrap();
+    std::fs::rename(d.join("f008"), d.join("g008")).unwrap();
+    let got = names(&md);
+    assert_eq!(got, names(&d));
+    assert!(!got.contains(&"f007".to_string()) && got.contains(&"g008".to_string()));
+    // And changes through the mount itself.
+    std::fs::write(md.join("mine"), b"z").unwrap();
+    std::fs::remove_file(md.join("f009")).unwrap();
+    assert_eq!(names(&md), names(&d));
+}
+
+/// Without kernel passthrough, an unchanged file keeps the kernel's page
+/// cache across opens; a file another node rewrote (same size) is read
+/// afresh, also when it changed twice within one second.
+#[test]
+fn kept_file_pages_never_hide_another_nodes_write() {
+    let t = scratch();
+    let backing = dir_in(&t, "backing", None);
+    let f = backing.join("img");
+    std::fs::write(&f, vec![b'a'; 1 << 20]).unwrap();
+    std::thread::sleep(Duration::from_millis(2200));
+    let m = Mount::new(&backing, &["--no-passthrough"]);
+    let mf = m.path("img");
+    assert_eq!(std::fs::read(&mf).unwrap(), vec![b'a'; 1 << 20]);
+    let r0 = m.stats()["read"].as_u64().unwrap();
+    assert_eq!(std::fs::read(&mf).unwrap(), vec![b'a'; 1 << 20]);
+    assert_eq!(
+        m.stats()["read"].as_u64().unwrap(),
+        r0,
+        "read from the kept cache"
+    );
+    for c in [b'b', b'c', b'd'] {
+        // Rewritten in place by "another node", same size, in quick succession.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&f)
+            .and_then(|mut h| std::io::Write::write_all(&mut h, &vec![c; 1 << 20]))
+            .unwrap();
+        assert_eq!(std::fs::read(&mf).unwrap(), vec![c; 1 << 20]);
+    }
+}
