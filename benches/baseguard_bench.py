@@ -55,7 +55,14 @@ TOOL_PACKAGES = {
 # --peer shortcuts: NAME alone expands to this template.
 PEER_SHORTCUTS = {
     "bindfs": "bindfs -f {backing} {mnt}",
+    # libfuse's example with kernel passthrough (>= 3.17), and the same over
+    # FUSE-over-io_uring (>= 3.18; the driver turns enable_uring on for the
+    # run). `--passthrough-hp PATH` names the binary (else $PATH).
+    "passthrough_hp": "{passthrough_hp} --foreground {backing} {mnt}",
+    "passthrough_hp-uring": "{passthrough_hp} --foreground -o io_uring {backing} {mnt}",
 }
+
+ENABLE_URING = "/sys/module/fuse/parameters/enable_uring"
 
 DEFAULT_BASEGUARD_TEMPLATE = "{baseguard} mount {bg_opts} {backing} {mnt}"
 
@@ -132,6 +139,20 @@ elif mode == "unlinklat":       # per-file latency in ns
     for p in paths:
         t = pc(); os.unlink(p); lat.append(pc() - t)
     out["lat_ns"] = lat; out["seconds"] = sum(lat) / 1e9
+elif mode == "listdir":          # one listing of a flat directory, names only
+    t = time.perf_counter()
+    out["n"] = len(os.listdir(root))
+    out["seconds"] = time.perf_counter() - t
+elif mode == "listdir-warm":     # the same, after one listing not timed
+    os.listdir(root)
+    t = time.perf_counter()
+    out["n"] = len(os.listdir(root))
+    out["seconds"] = time.perf_counter() - t
+elif mode == "createflat":       # n empty files in root itself
+    os.makedirs(root, exist_ok=True)
+    for i in range(n):
+        os.close(os.open(os.path.join(root, "f%06d" % i), os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o644))
+    out["seconds"] = 0.0
 else:
     raise SystemExit("unknown mode " + mode)
 print(json.dumps(out))
@@ -779,6 +800,36 @@ class StatCold(Workload):
         return Result(r["seconds"], {"ops_per_s": r["n"] / r["seconds"]})
 
 
+class ReaddirCold(Workload):
+    """One listing (names only, as `ls -f`) of a directory of --files entries."""
+
+    key = "readdir-cold"
+    unit = "s"
+    higher_better = False
+    cold = True
+    child_mode = "listdir"
+
+    @property
+    def label(self) -> str:  # type: ignore[override]
+        return f"readdir {self.cfg.files:,} entries, {'cold' if self.cold else 'warm'}"
+
+    def prepare(self, side: Side) -> None:
+        if not os.path.exists(side.bpath("flat-tree")):
+            run_child("createflat", side.bpath("flat-tree"), self.cfg.files, self.cfg.files)
+
+    def measure(self, side: Side) -> Result:
+        r = run_child(self.child_mode, side.path("flat-tree"), self.cfg.files, self.cfg.files)
+        if r["n"] != self.cfg.files:
+            raise RuntimeError(f"listing saw {r['n']} entries, expected {self.cfg.files}")
+        return Result(r["seconds"], {"ops_per_s": r["n"] / r["seconds"]})
+
+
+class ReaddirWarm(ReaddirCold):
+    key = "readdir-warm"
+    cold = False
+    child_mode = "listdir-warm"
+
+
 class Create(Workload):
     key = "create"
     unit = "s"
@@ -835,6 +886,8 @@ WORKLOADS: list[type[Workload]] = [
     ConvertCold,
     ConvertWarm,
     StatCold,
+    ReaddirCold,
+    ReaddirWarm,
     Create,
     Unlink,
 ]
@@ -881,6 +934,10 @@ class Bench:
                 if name not in PEER_SHORTCUTS:
                     die(f"--peer {name!r}: give NAME=TEMPLATE (shortcuts: {', '.join(PEER_SHORTCUTS)})")
                 tmpl = PEER_SHORTCUTS[name]
+            if "{passthrough_hp}" in tmpl:
+                if not cfg.passthrough_hp:
+                    die(f"--peer {name}: no passthrough_hp (give --passthrough-hp PATH; build libfuse's example/)")
+                tmpl = tmpl.replace("{passthrough_hp}", shlex.quote(cfg.passthrough_hp))
             if not name or name in ("native",) or any(s[0] == name for s in specs):
                 die(f"--peer {p!r}: bad or duplicate name")
             specs.append((name, tmpl, False))
@@ -1116,6 +1173,8 @@ class Bench:
             return
         try:
             entries = json.loads(cp.stdout)
+            if isinstance(entries, dict):  # {"version": 1, "entries": [...]}
+                entries = entries.get("entries", [])
         except ValueError as e:
             ex["restore_skip"] = f"`baseguard list --json` output is not JSON: {e}"
             return
@@ -1531,6 +1590,17 @@ type otherwise). Examples:
     p.add_argument("--no-passthrough", action="store_true", help="pass --no-passthrough to baseguard mount")
     p.add_argument("--with-no-passthrough", action="store_true", help="add a baseguard-nopt column")
     p.add_argument("--peer", action="append", default=[], metavar="NAME=TEMPLATE", help="another FUSE fs (repeatable)")
+    p.add_argument(
+        "--passthrough-hp",
+        default=os.environ.get("PASSTHROUGH_HP") or shutil.which("passthrough_hp"),
+        help="libfuse's passthrough_hp for the passthrough_hp peers (default: $PASSTHROUGH_HP, else PATH)",
+    )
+    p.add_argument(
+        "--uring",
+        action="store_true",
+        help="turn FUSE-over-io_uring on for the run (enable_uring=1, put back after): "
+        "baseguard and peers that can use it do",
+    )
     p.add_argument("--scratch", default=os.environ.get("BASEGUARD_BENCH_SCRATCH", "/var/tmp"), help="parent dir (ext4)")
     p.add_argument("--keep", action="store_true", help="keep the scratch directory")
     p.add_argument("--out-dir", default=os.path.join(REPO, "target", "baseguard-bench"), help="results + daemon logs")
@@ -1612,6 +1682,16 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGHUP, on_signal)
     b = Bench(cfg)
     rc = 0
+    uring_was = None
+    if cfg.uring or any(p.split("=")[0].endswith("-uring") for p in cfg.peer):
+        try:
+            with open(ENABLE_URING) as f:
+                uring_was = f.read().strip()
+            with open(ENABLE_URING, "w") as f:
+                f.write("1")
+            log("FUSE-over-io_uring on for this run (enable_uring=1)")
+        except OSError as e:
+            die(f"cannot turn FUSE-over-io_uring on ({ENABLE_URING}: {e})")
     try:
         b.run()
     except KeyboardInterrupt:
@@ -1626,6 +1706,9 @@ def main(argv: list[str]) -> int:
         rc = 1
     finally:
         b.cleanup()
+        if uring_was is not None:
+            with open(ENABLE_URING, "w") as f:
+                f.write(uring_was)
     if any(b.results.values()):
         md, data = report(b, [sys.argv[0], *argv])
         md_path = cfg.markdown or os.path.join(cfg.out_dir, f"{cfg.stamp}.md")
