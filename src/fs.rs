@@ -1461,6 +1461,12 @@ impl Passthrough {
         Ok((inode, st, fh, f))
     }
 
+    /// A read answered without [`Self::read`] (spliced): count it.
+    pub fn count_read(&self, bytes: usize) {
+        self.stats.count(Op::Read);
+        self.stats.add(Op::ReadBytes, bytes as u64);
+    }
+
     /// Read up to `size` bytes at `offset` and hand them to `reply` (from
     /// this thread's buffer, so without a copy of its own).
     pub fn read<R>(

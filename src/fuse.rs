@@ -60,6 +60,9 @@ pub struct FuseAdapter {
     passthrough: bool,
     shared: Arc<Handover>,
     lock_waits: Arc<LockWaits>,
+    /// File data this daemon serves is spliced into replies (cleared, once,
+    /// if the backing filesystem or the kernel refuses).
+    splice: std::sync::atomic::AtomicBool,
 }
 
 impl FuseAdapter {
@@ -80,6 +83,7 @@ impl FuseAdapter {
             passthrough,
             shared,
             lock_waits: Arc::new(LockWaits::new()),
+            splice: std::sync::atomic::AtomicBool::new(true),
         }
     }
 
@@ -629,6 +633,27 @@ impl fuser::Filesystem for FuseAdapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        // Straight from the backing file's page cache into the reply (not for
+        // O_DIRECT handles, whose reads must stay uncached and aligned).
+        let mut reply = reply;
+        if self.splice.load(Ordering::Relaxed)
+            && let Ok(f) = self.fs.file(fh.0)
+            && !f.direct()
+        {
+            match reply.splice(f.file.as_fd(), offset, size as usize) {
+                Ok(n) => return self.fs.count_read(n),
+                Err((r, e)) => {
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP | libc::EPERM)
+                    ) && self.splice.swap(false, Ordering::Relaxed)
+                    {
+                        tracing::info!(error = %e, "file data is copied, not spliced, into replies");
+                    }
+                    reply = r;
+                }
+            }
+        }
         let mut reply = Some(reply);
         let r = self.fs.read(fh.0, offset, size, |data| {
             if let Some(r) = reply.take() {

@@ -92,11 +92,118 @@ impl ChannelSender {
         Ok(())
     }
 
+    /// Reply to request `unique` with `len` bytes of `file` from `offset` (fewer at the end
+    /// of the file), moved with splice(2) and never copied into this process: the payload
+    /// goes into one pipe, the header into a second, the payload after it (pipe to pipe
+    /// moves page references), and the whole message into the FUSE device at once.
+    /// Returns the payload's length. On an error nothing was sent, and the caller may still
+    /// answer the request otherwise.
+    pub(crate) fn splice_reply(
+        &self,
+        unique: u64,
+        file: BorrowedFd<'_>,
+        offset: u64,
+        len: usize,
+    ) -> io::Result<usize> {
+        SPLICE_PIPES.with(|cell| {
+            let mut slot = cell.borrow_mut();
+            let r = splice_reply_through(&mut slot, &self.0, unique, file, offset, len);
+            if r.is_err() {
+                // Whatever is left in the pipes goes with them.
+                *slot = None;
+            }
+            r
+        })
+    }
+
     pub(crate) fn open_backing(&self, fd: BorrowedFd<'_>) -> std::io::Result<BackingId> {
         BackingId::create(&self.0, fd)
     }
 
     pub(crate) unsafe fn wrap_backing(&self, id: u32) -> BackingId {
         unsafe { BackingId::wrap_raw(&self.0, id) }
+    }
+}
+
+/// A serving thread's two pipes for spliced replies, and how many bytes each holds.
+struct SplicePipes {
+    data: (std::os::fd::OwnedFd, std::os::fd::OwnedFd),
+    msg: (std::os::fd::OwnedFd, std::os::fd::OwnedFd),
+    capacity: usize,
+}
+
+thread_local! {
+    static SPLICE_PIPES: std::cell::RefCell<Option<SplicePipes>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+fn splice_pipes(slot: &mut Option<SplicePipes>, need: usize) -> io::Result<&SplicePipes> {
+    use nix::fcntl::{FcntlArg, OFlag, fcntl};
+    if slot.as_ref().is_some_and(|p| p.capacity < need) {
+        *slot = None;
+    }
+    if slot.is_none() {
+        let data = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
+        let msg = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
+        // A page per pipe buffer, one more for an unaligned start, one for the header.
+        let want = (need.div_ceil(4096) + 2) * 4096;
+        let a = fcntl(&data.1, FcntlArg::F_SETPIPE_SZ(want as i32))?;
+        let b = fcntl(&msg.1, FcntlArg::F_SETPIPE_SZ(want as i32))?;
+        *slot = Some(SplicePipes {
+            data,
+            msg,
+            capacity: (a.min(b) as usize).saturating_sub(2 * 4096),
+        });
+    }
+    match slot.as_ref() {
+        Some(p) if p.capacity >= need => Ok(p),
+        _ => Err(io::Error::from_raw_os_error(libc::ENOSPC)),
+    }
+}
+
+fn splice_reply_through(
+    slot: &mut Option<SplicePipes>,
+    dev: &DevFuse,
+    unique: u64,
+    file: BorrowedFd<'_>,
+    offset: u64,
+    len: usize,
+) -> io::Result<usize> {
+    use nix::fcntl::{SpliceFFlags, splice};
+    let p = splice_pipes(slot, len)?;
+    let nb = SpliceFFlags::SPLICE_F_NONBLOCK;
+    // The payload: as much of `len` as the file has.
+    let mut off = i64::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let mut n = 0usize;
+    while n < len {
+        match splice(file, Some(&mut off), &p.data.1, None, len - n, nb) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    // The header, then the payload moved behind it.
+    let total = 16 + n;
+    let mut head = [0u8; 16];
+    head[0..4].copy_from_slice(&(total as u32).to_ne_bytes());
+    head[8..16].copy_from_slice(&unique.to_ne_bytes());
+    if nix::unistd::write(&p.msg.1, &head)? != head.len() {
+        return Err(io::Error::from_raw_os_error(libc::EIO));
+    }
+    let mut moved = 0usize;
+    while moved < n {
+        match splice(&p.data.0, None, &p.msg.1, None, n - moved, nb) {
+            Ok(0) => return Err(io::Error::from_raw_os_error(libc::EIO)),
+            Ok(k) => moved += k,
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    // The kernel takes a reply whole, from one splice.
+    match splice(&p.msg.0, None, dev, None, total, SpliceFFlags::empty()) {
+        Ok(k) if k == total => Ok(n),
+        Ok(_) => Err(io::Error::from_raw_os_error(libc::EIO)),
+        Err(e) => Err(e.into()),
     }
 }

@@ -209,6 +209,31 @@ impl ReplyData {
         self.reply.send_ll(&ll::ResponseSlice(data));
     }
 
+    /// Reply with up to `len` bytes of the file `fd` from `offset` (fewer at its end),
+    /// moved with splice(2) so that they are never copied into this process. Returns how
+    /// many bytes were sent. Where that cannot be done (the transport is not a FUSE device,
+    /// or the file or the kernel refuses), nothing was sent: the reply comes back with the
+    /// error, to be answered otherwise.
+    pub fn splice(
+        mut self,
+        fd: BorrowedFd<'_>,
+        offset: u64,
+        len: usize,
+    ) -> Result<usize, (ReplyData, std::io::Error)> {
+        let r = match self.reply.sender.as_ref() {
+            Some(ReplySender::Channel(ch)) => ch.splice_reply(self.reply.unique.0, fd, offset, len),
+            _ => Err(std::io::Error::from_raw_os_error(libc::EOPNOTSUPP)),
+        };
+        match r {
+            Ok(n) => {
+                // Answered: nothing more to send (nor an error on drop).
+                self.reply.sender = None;
+                Ok(n)
+            }
+            Err(e) => Err((self, e)),
+        }
+    }
+
     /// Reply to a request with the given error code
     pub fn error(self, err: Errno) {
         self.reply.error(err);
