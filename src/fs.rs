@@ -231,9 +231,15 @@ fn settled(st: &Stat) -> bool {
     now.saturating_sub(st.st_mtime.max(st.st_ctime)) >= 2
 }
 
-/// A directory's size and times, hashed: equal stamps mean an unchanged
-/// listing (the timestamps are fine-grained once someone has read them).
-fn dir_stamp(st: &Stat) -> u64 {
+/// An inode's size and times, hashed, so that the kernel keeps what it
+/// cached of it while they stay the same: its listing (a directory) or its
+/// pages (a file). Equal stamps mean unchanged (timestamps are fine-grained
+/// once someone has read them); 0 while the last change is too recent to
+/// tell a later one apart (see [`settled`]), never equal to a stamp kept.
+fn stamp(st: &Stat) -> u64 {
+    if !settled(st) {
+        return 0;
+    }
     [
         st.st_ino as i64,
         st.st_size,
@@ -1322,19 +1328,7 @@ impl Passthrough {
         let Ok(st) = sys::fstat(f.file.as_fd()) else {
             return false;
         };
-        let stamp = [
-            st.st_size,
-            st.st_mtime,
-            st.st_mtime_nsec,
-            st.st_ctime,
-            st.st_ctime_nsec,
-        ]
-        .iter()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, v| {
-            (h ^ *v as u64).wrapping_mul(0x100_0000_01b3)
-        })
-        .max(1);
-        let stamp = if settled(&st) { stamp } else { 0 };
+        let stamp = stamp(&st);
         inode.data_stamp.swap(stamp, Ordering::Relaxed) == stamp && stamp != 0
     }
 
@@ -1702,8 +1696,7 @@ impl Passthrough {
     fn snapshot(&self, id: u64, list: &OwnedFd) -> Result<Vec<DirEntry>> {
         let st = sys::fstat(list.as_fd())?;
         if let Some(inode) = self.inodes.get(id) {
-            let stamp = if settled(&st) { dir_stamp(&st) } else { 0 };
-            inode.data_stamp.store(stamp, Ordering::Relaxed);
+            inode.data_stamp.store(stamp(&st), Ordering::Relaxed);
         }
         let mut out = vec![
             DirEntry {
@@ -1763,7 +1756,10 @@ impl Passthrough {
         self.creds.become_caller(caller);
         let list = sys::reopen(fd.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY)?;
         let keep = sys::fstat(list.as_fd())
-            .map(|st| dir_stamp(&st) == inode.data_stamp.load(Ordering::Relaxed))
+            .map(|st| {
+                let s = stamp(&st);
+                s != 0 && s == inode.data_stamp.load(Ordering::Relaxed)
+            })
             .unwrap_or(false);
         let fh = self.new_fh();
         self.dirs.insert(
