@@ -3,64 +3,16 @@
 
 mod common;
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::nova::*;
 use common::*;
 
 const SHA: &str = "7b4783508212f5d242cbf9ff56fb8d33b4ce6166";
 const OTHER: &str = "0000000000000000000000000000000000000000";
 const UUID: &str = "6f1c2a8e-3b9d-4c4e-9a52-0c1d2e3f4a5b";
-
-fn scratch() -> tempfile::TempDir {
-    let d = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    d
-}
-
-fn ok(cmd: &mut Command) -> String {
-    let out = run(cmd);
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// A base image made the way Nova makes one: written as `<name>.part`, then
-/// renamed into place (writing into a protected file in place would, by
-/// design, keep a copy of what it overwrites).
-fn make_base(path: &Path, pattern: &str) {
-    let part = path.with_extension("part");
-    ok(Command::new("qemu-img")
-        .args(["create", "-q", "-f", "raw"])
-        .arg(&part)
-        .arg("16M"));
-    ok(Command::new("qemu-io")
-        .args(["-f", "raw", "-c", &format!("write -P {pattern} 0 1M")])
-        .arg(&part));
-    std::fs::rename(&part, path).unwrap();
-}
-
-/// A qcow2 overlay of `base`; one that goes into a guarded directory is
-/// made as `.part` and renamed in, as Nova does.
-fn overlay(base: &Path, fmt: &str, disk: &Path) {
-    let part = disk.with_extension("part");
-    ok(Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-F", fmt, "-b"])
-        .arg(base)
-        .arg(&part));
-    std::fs::rename(&part, disk).unwrap();
-}
-
-fn nova_remove(path: &Path) {
-    ok(Command::new("python3")
-        .args(["-c", "import os, sys; os.remove(sys.argv[1])"])
-        .arg(path));
-}
 
 /// What Nova's image cache manager sees in `_base`.
 fn nova_listdir(path: &Path) -> Vec<String> {
@@ -147,7 +99,7 @@ fn the_seed_incident_with_two_nodes_over_their_own_base_heals_itself() {
     make_base(&b_base.join(OTHER), "0x11");
     std::fs::create_dir(node_b.0.join(UUID)).unwrap();
     let disk = node_b.0.join(UUID).join("disk");
-    overlay(&b_base.join(SHA), "raw", &disk);
+    overlay(b_base.join(SHA), "raw", &disk);
     // Instance disks are on the backing filesystem, not FUSE.
     assert!(!fs_type(&disk).contains("fuse"), "{}", fs_type(&disk));
     assert!(fs_type(&b_base.join(SHA)).contains("fuse"));
@@ -212,7 +164,7 @@ fn check_expiry_and_status_work_over_base_alone() {
     std::fs::write(base.join("unreferenced"), "u").unwrap();
     std::fs::create_dir(instances.join(UUID)).unwrap();
     overlay(
-        &base.join(format!("{SHA}_10")),
+        base.join(format!("{SHA}_10")),
         "qcow2",
         &instances.join(UUID).join("disk"),
     );
@@ -344,7 +296,7 @@ fn a_dead_daemon_over_base_leaves_instance_disks_alone() {
     make_base(&base.join(SHA), "0x42");
     std::fs::create_dir(instances.join(UUID)).unwrap();
     let disk = instances.join(UUID).join("disk");
-    overlay(&base.join(SHA), "raw", &disk);
+    overlay(base.join(SHA), "raw", &disk);
     let f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -494,7 +446,7 @@ fn expiry_keeps_the_base_of_a_quarantined_overlay() {
     overlay(Path::new(SHA), "raw", &base.join(format!("{SHA}_10")));
     std::fs::create_dir(instances.join(UUID)).unwrap();
     overlay(
-        &base.join(format!("{SHA}_10")),
+        base.join(format!("{SHA}_10")),
         "qcow2",
         &instances.join(UUID).join("disk"),
     );
@@ -538,7 +490,7 @@ fn restore_on_access_brings_back_a_two_level_chain_at_once() {
     overlay(Path::new(SHA), "raw", &base.join(format!("{SHA}_10")));
     std::fs::create_dir(instances.join(UUID)).unwrap();
     overlay(
-        &base.join(format!("{SHA}_10")),
+        base.join(format!("{SHA}_10")),
         "qcow2",
         &instances.join(UUID).join("disk"),
     );

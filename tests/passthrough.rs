@@ -8,13 +8,8 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::nova::*;
 use common::*;
-
-fn scratch() -> tempfile::TempDir {
-    let d = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    d
-}
 
 fn dir_in(t: &tempfile::TempDir, name: &str, uid: Option<u32>) -> std::path::PathBuf {
     let p = t.path().join(name);

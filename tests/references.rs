@@ -3,64 +3,15 @@
 
 mod common;
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::nova::*;
 use common::*;
 
 const SHA: &str = "7b4783508212f5d242cbf9ff56fb8d33b4ce6166";
 const UUID: &str = "6f1c2a8e-3b9d-4c4e-9a52-0c1d2e3f4a5b";
-
-fn scratch() -> tempfile::TempDir {
-    let d = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    d
-}
-
-fn ok(cmd: &mut Command) -> String {
-    let out = run(cmd);
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// A raw base image with a known pattern in its first MiB.
-/// A base image made the way Nova makes one: written as `<name>.part`, then
-/// renamed into place (writing into a protected file in place would, by
-/// design, keep a copy of what it overwrites).
-fn make_base(path: &Path, pattern: &str) {
-    let part = path.with_extension("part");
-    ok(Command::new("qemu-img")
-        .args(["create", "-q", "-f", "raw"])
-        .arg(&part)
-        .arg("16M"));
-    ok(Command::new("qemu-io")
-        .args(["-f", "raw", "-c", &format!("write -P {pattern} 0 1M")])
-        .arg(&part));
-    std::fs::rename(&part, path).unwrap();
-}
-
-/// A qcow2 overlay of `base`, made as `.part` and renamed in, as Nova does
-/// in `_base` (writing into a protected file in place would keep a copy).
-fn overlay(base: &str, fmt: &str, disk: &Path) {
-    let part = disk.with_extension("part");
-    ok(Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-F", fmt, "-b", base])
-        .arg(&part));
-    std::fs::rename(&part, disk).unwrap();
-}
-
-fn nova_remove(path: &Path) {
-    // The way Nova's image cache manager deletes: os.remove from Python.
-    ok(Command::new("python3")
-        .args(["-c", "import os, sys; os.remove(sys.argv[1])"])
-        .arg(path));
-}
 
 fn bg(args: &[&str], dir: &Path) -> (i32, String, String) {
     let out = run(Command::new(BIN).args(args).arg("--dir").arg(dir));
@@ -141,7 +92,7 @@ fn check_reports_and_restores_two_level_chains() {
     // Second instance on older Nova naming, relative backing path.
     std::fs::create_dir(m.path("instance-0000000a")).unwrap();
     overlay(
-        &format!("../_base/{SHA}"),
+        format!("../_base/{SHA}"),
         "raw",
         &m.path("instance-0000000a/disk.local"),
     );

@@ -2,6 +2,8 @@
 //! directories, unmounted and reaped on drop, even when a test fails.
 #![allow(dead_code)]
 
+pub mod nova;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
