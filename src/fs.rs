@@ -764,7 +764,16 @@ impl Passthrough {
             }
             sys::chmod_fd(fd.as_fd(), mode & 0o7777)?;
         }
-        if a.uid.is_some() || a.gid.is_some() {
+        let nothing = a.mode.is_none()
+            && a.uid.is_none()
+            && a.gid.is_none()
+            && a.size.is_none()
+            && a.atime.is_none()
+            && a.mtime.is_none();
+        // `chown(f, -1, -1)` reaches us as a setattr of nothing; it still
+        // changes the ctime (and whatever else the backing filesystem's
+        // chown does), so it is passed on as that chown.
+        if a.uid.is_some() || a.gid.is_some() || nothing {
             sys::chown_fd(
                 fd.as_fd(),
                 a.uid.unwrap_or(u32::MAX),
@@ -1547,7 +1556,10 @@ impl Passthrough {
     /// A `close` of the file through the mount: the backing filesystem's
     /// own flush runs (write-back and errors on NFS, GlusterFS, CephFS:
     /// close-to-open), and the closing owner's POSIX locks are dropped.
-    pub fn flush(&self, fh: u64, lock_owner: u64) -> Result<()> {
+    /// Returns whether the handle could write: then the kernel's cached
+    /// times may be stale (writes through `mmap` with kernel passthrough
+    /// change the backing file without a request).
+    pub fn flush(&self, fh: u64, lock_owner: u64) -> Result<bool> {
         self.stats.count(Op::Flush);
         // close() drops the caller's POSIX locks on this file: drop the lock
         // description of that owner (OFD and flock owners are the file, not
@@ -1555,7 +1567,7 @@ impl Passthrough {
         self.locks.remove(&(fh, lock_owner));
         let f = self.file(fh)?;
         sys::flush_fd(f.file.as_fd())?;
-        Ok(())
+        Ok(f.flags & libc::O_ACCMODE != libc::O_RDONLY)
     }
 
     pub fn release(&self, fh: u64) -> Result<Option<Arc<OpenFile>>> {

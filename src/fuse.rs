@@ -694,7 +694,7 @@ impl fuser::Filesystem for FuseAdapter {
     fn flush(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         lock_owner: LockOwner,
         reply: ReplyEmpty,
@@ -703,7 +703,16 @@ impl fuser::Filesystem for FuseAdapter {
         if let Some(c) = self.custody() {
             c.forget_lock(fh.0, lock_owner.0);
         }
-        empty(reply, r);
+        if let Ok(true) = r
+            && let Some(nt) = self.shared.notifier.get()
+        {
+            // A writer closes: its writes through `mmap` reached the backing
+            // file without a request, so the times the kernel cached are
+            // stale. Before the reply, so a `stat` after `close` is fresh;
+            // attributes only (a negative offset keeps the pages).
+            let _ = nt.inval_inode(ino, -1, 0);
+        }
+        empty(reply, r.map(|_| ()));
     }
 
     fn release(
