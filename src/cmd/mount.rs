@@ -69,6 +69,10 @@ pub struct MountArgs {
     /// Internal: the serving process of a detached mount (logs as a detached daemon).
     #[arg(long, hide = true)]
     pub log_target_detached: bool,
+    /// Internal: the configuration file as the mounting process read it (JSON),
+    /// so the processes it starts apply exactly that.
+    #[arg(long, hide = true, value_name = "JSON")]
+    pub config_json: Option<String>,
     /// Benchmarking only: do not hand handles to the supervisor (a killed server then loses
     /// open files and locks), to measure what the hand-over costs.
     #[arg(long, hide = true)]
@@ -149,6 +153,9 @@ pub struct MountArgs {
     /// cover the serialized fallbacks with it).
     #[arg(long, hide = true)]
     pub emulate_nfs: bool,
+    /// The kernel flags given with `-o` (for `status`).
+    #[arg(skip)]
+    pub kernel_flags: Vec<String>,
 }
 
 /// Errors before the filesystem is up, each one sentence for the operator.
@@ -274,12 +281,64 @@ impl MountArgs {
         )
     }
 
-    /// Fold `-o` options into the flags; explicit flags win.
+    /// Fold `-o` options, then the configuration file's `[mount]` table, into
+    /// the flags: a flag wins over a mount option, which wins over the file.
     fn apply_options(&mut self) -> Result<Vec<MountOption>, String> {
-        if self.options.is_empty() {
-            return Ok(Vec::new());
+        let o = if self.options.is_empty() {
+            FstabOptions::default()
+        } else {
+            FstabOptions::parse(&self.options.join(",")).map_err(|e| e.to_string())?
+        };
+        self.check_absolute()?;
+        let c = crate::config::get().mount.clone();
+        let from_file = |v: &Option<String>| v.as_deref().map(parse_duration).transpose();
+        self.retain = self.retain.or(o.retain).or(from_file(&c.retain)?);
+        if !self.no_heal {
+            self.no_heal = !o.heal.or(c.heal).unwrap_or(true);
         }
-        let o = FstabOptions::parse(&self.options.join(",")).map_err(|e| e.to_string())?;
+        if !self.no_passthrough {
+            self.no_passthrough = !o.passthrough.or(c.passthrough).unwrap_or(true);
+        }
+        let kernel = self.apply_fstab(o);
+        self.quarantine = self.quarantine.take().or(c.quarantine);
+        self.instances = self.instances.take().or(c.instances);
+        if self.protect.is_empty() {
+            self.protect = c.protect;
+        }
+        if self.ignore.is_empty() {
+            self.ignore = c.ignore;
+        }
+        self.threads = self.threads.or(c.threads);
+        self.log_file = self.log_file.take().or(c.log_file);
+        self.stats_file = self.stats_file.take().or(c.stats_file);
+        self.min_free = self.min_free.take().or(c.min_free);
+        self.log_level = self.log_level.take().or(c.log_level);
+        self.metrics_file = self.metrics_file.take().or(c.metrics_file);
+        Ok(kernel)
+    }
+
+    /// Node-local files (log, metrics, stats) given as flags must be absolute
+    /// too: the daemon detaches, and fstab has no working directory.
+    fn check_absolute(&self) -> Result<(), String> {
+        for (flag, p) in [
+            ("--log-file", &self.log_file),
+            ("--stats-file", &self.stats_file),
+            ("--metrics-file", &self.metrics_file),
+        ] {
+            if let Some(p) = p
+                && !p.is_absolute()
+            {
+                return Err(format!(
+                    "{flag} {} is not an absolute path (write it from /).",
+                    p.display()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The `-o` options' part of [`Self::apply_options`].
+    fn apply_fstab(&mut self, o: FstabOptions) -> Vec<MountOption> {
         self.retain = self.retain.or(o.retain);
         self.quarantine = self.quarantine.take().or(o.quarantine);
         self.instances = self.instances.take().or(o.instances);
@@ -289,16 +348,33 @@ impl MountArgs {
         if self.ignore.is_empty() {
             self.ignore = o.ignore;
         }
-        self.no_heal |= o.heal == Some(false);
         self.threads = self.threads.or(o.threads.map(|t| t as u32));
-        self.no_passthrough |= o.passthrough == Some(false);
         self.log_file = self.log_file.take().or(o.log_file);
         self.stats_file = self.stats_file.take().or(o.stats_file);
         self.min_free = self.min_free.take().or(o.min_free);
         self.log_level = self.log_level.take().or(o.log_level);
         self.metrics_file = self.metrics_file.take().or(o.metrics_file);
         self.ro |= o.read_only == Some(true);
-        Ok(o.kernel.iter().filter_map(|k| kernel_option(k)).collect())
+        self.kernel_flags = o.kernel.clone();
+        o.kernel.iter().filter_map(|k| kernel_option(k)).collect()
+    }
+
+    /// `args` with the configuration this process applies handed on (before a
+    /// `--`), unless they carry it already.
+    fn with_config(args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+        if args
+            .iter()
+            .any(|a| a.to_string_lossy().starts_with("--config-json"))
+        {
+            return args;
+        }
+        let mut args = args;
+        let at = args.iter().position(|a| a == "--").unwrap_or(args.len());
+        args.insert(
+            at,
+            format!("--config-json={}", crate::config::get().to_json()).into(),
+        );
+        args
     }
 
     pub fn run(mut self) -> ExitCode {
@@ -342,7 +418,7 @@ impl MountArgs {
         if !self.foreground {
             // Detach: run ourselves again in the foreground and return once
             // it says the filesystem answers (or why it could not start).
-            let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+            let args = Self::with_config(std::env::args_os().skip(1).collect());
             return match daemon::spawn_detached(&args, daemon::DEFAULT_READY_TIMEOUT) {
                 Ok(_) => ExitCode::SUCCESS,
                 Err(msg) => fail(&msg),
@@ -375,10 +451,12 @@ impl MountArgs {
             .map_err(|e| format!("cannot find the running baseguard binary: {e}"))?;
         // The server gets the same arguments, minus the READY handshake (the supervisor
         // answers the parent), plus the flag that makes it a server.
-        let mut server_args: Vec<std::ffi::OsString> = std::env::args_os()
-            .skip(1)
-            .filter(|a| a != daemon::NOTIFY_FLAG)
-            .collect();
+        let mut server_args: Vec<std::ffi::OsString> = Self::with_config(
+            std::env::args_os()
+                .skip(1)
+                .filter(|a| a != daemon::NOTIFY_FLAG)
+                .collect(),
+        );
         let at = server_args
             .iter()
             .position(|a| a == "--")
@@ -577,7 +655,10 @@ impl MountArgs {
         let limit = sys::raise_nofile_limit().unwrap_or(1024);
         // Half of the descriptors for cached inodes, the rest for open files.
         let fd_cache = (limit.saturating_sub(512) / 2).clamp(64, 1 << 16) as usize;
-        let layout = BaseLayout::detect(backing, self.instances.as_deref())?;
+        // Relative paths in options are relative to the backing directory,
+        // never to wherever `mount -a` happened to run.
+        let instances = self.instances.as_ref().map(|p| backing.join(p));
+        let layout = BaseLayout::detect(backing, instances.as_deref())?;
         let guard = self.guard(layout.is_some())?;
         if let Some(l) = &layout {
             tracing::info!(
@@ -743,16 +824,36 @@ impl MountArgs {
         if let Some(q) = qdir {
             o.push(format!("quarantine={}", q.display()));
         }
+        if let Some(i) = &self.instances {
+            let b = std::fs::canonicalize(&self.backing).unwrap_or_else(|_| self.backing.clone());
+            o.push(format!("instances={}", b.join(i).display()));
+        }
         o.extend(self.protect.iter().map(|g| format!("protect={g}")));
         o.extend(self.ignore.iter().map(|g| format!("ignore={g}")));
         if let Some(l) = &self.log_level {
             o.push(format!("log_level={l}"));
         }
+        if let Some(p) = &self.log_file {
+            o.push(format!("log_file={}", p.display()));
+        }
         if let Some(p) = &self.metrics_file {
             o.push(format!("metrics_file={}", p.display()));
         }
-        if self.ro {
-            o.push("ro".into());
+        if let Some(p) = &self.stats_file {
+            o.push(format!("stats_file={}", p.display()));
+        }
+        o.push(if self.ro { "ro" } else { "rw" }.into());
+        o.push(
+            if self.root_only {
+                "root_only"
+            } else {
+                "allow_other"
+            }
+            .into(),
+        );
+        o.extend(self.kernel_flags.iter().cloned());
+        if let Some(f) = &crate::config::get().file {
+            o.push(format!("config={}", f.display()));
         }
         o
     }

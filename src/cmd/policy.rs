@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use crate::cmd::quarantine::{Location, init_logging, open_quarantine, resolve_backing};
+use crate::cmd::quarantine::{Location, init_logging, open_quarantine, resolve_location};
 use crate::cmd::text::{self, exit, print_json, visible};
 use crate::mountopts::{format_duration, parse_duration};
 use crate::policy::{DEFAULT_RETAIN, MinFree, Policy};
@@ -25,6 +25,8 @@ pub struct PolicyArgs {
     /// Print JSON ({"version": 1, "policy": {...}}).
     #[arg(long)]
     pub json: bool,
+    #[arg(long, requires = "json", help = crate::cmd::text::COMPACT_HELP)]
+    pub compact: bool,
     #[command(subcommand)]
     pub set: Option<PolicyCmd>,
 }
@@ -52,7 +54,7 @@ pub struct SetArgs {
 impl PolicyArgs {
     pub fn run(&self) -> ExitCode {
         init_logging();
-        let b = match resolve_backing(&self.loc.dir) {
+        let b = match resolve_location(&self.loc) {
             Ok(b) => b,
             Err(e) => return text::fail_with(exit::CANNOT, e),
         };
