@@ -13,7 +13,7 @@ use fuser::{MountOption, SessionACL};
 use crate::cmd::health;
 use crate::daemon;
 use crate::fs::{FsOptions, Passthrough, Protection};
-use crate::guard::{DEFAULT_IGNORE, DEFAULT_PROTECT, Guard};
+use crate::guard::{DEFAULT_IGNORE, DEFAULT_PROTECT, Guard, LiveGuard};
 use crate::heal::{BaseLayout, References};
 use crate::logging::{self, LogTarget};
 use crate::metrics::RunFile;
@@ -524,6 +524,7 @@ impl MountArgs {
             qdir,
             min_free,
             policy: shared,
+            guard,
         } = match r {
             Ok(x) => x,
             Err(msg) => {
@@ -580,7 +581,9 @@ impl MountArgs {
                     }
                 }
                 if let Some(q) = quarantine {
-                    if let Err(e) = self.housekeeping(q, &fs, refs, &log, qdir, min_free, shared) {
+                    if let Err(e) =
+                        self.housekeeping(q, &fs, refs, &log, qdir, min_free, shared, guard)
+                    {
                         tracing::error!("{e}");
                     }
                 }
@@ -609,6 +612,7 @@ impl MountArgs {
         qdir: Option<PathBuf>,
         min_free: Option<MinFree>,
         shared: Option<Policy>,
+        guard: Arc<LiveGuard>,
     ) -> Result<(), String> {
         let purged = Arc::new(AtomicU64::new(0));
         let backing_fd = fs
@@ -626,7 +630,7 @@ impl MountArgs {
                 mountpoint: self.mountpoint.clone(),
                 backing: self.backing.clone(),
                 log: log.to_string(),
-                options: self.options_in_effect(&qdir, threads),
+                options: self.options_in_effect(&qdir, threads, guard.node()),
                 ..Default::default()
             },
             metrics_file: self.metrics_file.clone(),
@@ -642,6 +646,7 @@ impl MountArgs {
             }),
             refs,
             backing: backing_fd,
+            guard,
         })
     }
 
@@ -684,8 +689,14 @@ impl MountArgs {
             .map(MinFree::parse)
             .transpose()
             .map_err(|why| format!("--min-free is invalid: {why}."))?;
+        let guard = Arc::new(LiveGuard::new(guard));
         let shared = quarantine.as_ref().map(|q| {
-            let r = policy::reconcile_stored(q, self.retain, min_free);
+            let mut r = policy::reconcile_stored(q, self.retain, min_free);
+            apply_shared_globs(&guard, &r.policy);
+            r.notes.extend(policy::ignore_conflict(
+                &guard.node().ignore_globs(),
+                &r.policy,
+            ));
             log_policy_notes(&r.notes, &r.policy);
             r.policy
         });
@@ -705,7 +716,7 @@ impl MountArgs {
         ));
         if let Some(q) = &quarantine {
             fs.protect(Protection {
-                guard,
+                guard: Arc::clone(&guard),
                 quarantine: Arc::clone(q),
                 heal: (!self.no_heal).then(|| Arc::clone(&refs)),
                 quarantined: Default::default(),
@@ -718,7 +729,17 @@ impl MountArgs {
             qdir,
             min_free,
             policy: shared,
+            guard,
         })
+    }
+}
+
+/// Put the shared policy's globs in force on this node. Globs that do not
+/// compile (a hand-edited policy.json) leave the ones in force as they are.
+fn apply_shared_globs(guard: &LiveGuard, p: &Policy) {
+    match p.shared_guard() {
+        Ok(g) => guard.set_shared(g),
+        Err(e) => tracing::error!("{e}; the globs in force stay as they were"),
     }
 }
 
@@ -732,6 +753,8 @@ struct Built {
     min_free: Option<MinFree>,
     /// The shared policy as this node found (and proposed) it.
     policy: Option<Policy>,
+    /// This node's globs and the shared ones.
+    guard: Arc<LiveGuard>,
 }
 
 /// `MS_*` flags and the option string for mount(2) (after `fd=,rootmode=,user_id=,
@@ -775,7 +798,10 @@ fn mount_data(kernel: &[MountOption], ro: bool, allow_other: bool) -> (u64, Stri
 fn log_policy_notes(notes: &[Note], p: &Policy) {
     for n in notes {
         match n {
-            Note::Conflict { .. } | Note::FloorConflict { .. } | Note::WriteFailed(_) => {
+            Note::Conflict { .. }
+            | Note::FloorConflict { .. }
+            | Note::WriteFailed(_)
+            | Note::IgnoreConflict { .. } => {
                 tracing::warn!(retain_secs = p.retain_secs, "{n}")
             }
             _ => tracing::info!(retain_secs = p.retain_secs, "{n}"),
@@ -795,6 +821,8 @@ struct Sweeper {
     policy: Policy,
     refs: Arc<References>,
     backing: OwnedFd,
+    /// The guard, whose shared globs follow the policy.
+    guard: Arc<LiveGuard>,
 }
 
 /// How often the free-space floor is checked (one statvfs).
@@ -806,7 +834,7 @@ impl MountArgs {
     /// The options this daemon runs with, as `key=value` (node-local ones;
     /// retention and min_free as this node proposed them: the shared policy
     /// may differ, see `baseguard policy`).
-    fn options_in_effect(&self, qdir: &Option<PathBuf>, threads: u32) -> Vec<String> {
+    fn options_in_effect(&self, qdir: &Option<PathBuf>, threads: u32, node: &Guard) -> Vec<String> {
         let mut o = vec![
             format!("threads={threads}"),
             format!("heal={}", if self.no_heal { "off" } else { "on" }),
@@ -828,8 +856,10 @@ impl MountArgs {
             let b = std::fs::canonicalize(&self.backing).unwrap_or_else(|_| self.backing.clone());
             o.push(format!("instances={}", b.join(i).display()));
         }
-        o.extend(self.protect.iter().map(|g| format!("protect={g}")));
-        o.extend(self.ignore.iter().map(|g| format!("ignore={g}")));
+        // This node's globs as in force (the layout's defaults included);
+        // the shared ones are the policy's (`status` shows both).
+        o.extend(node.protect_globs().iter().map(|g| format!("protect={g}")));
+        o.extend(node.ignore_globs().iter().map(|g| format!("ignore={g}")));
         if let Some(l) = &self.log_level {
             o.push(format!("log_level={l}"));
         }
@@ -942,7 +972,18 @@ impl Sweeper {
     fn refresh_policy(&mut self) -> bool {
         match Policy::read(&self.q) {
             Ok(Some(p)) if p == self.policy => false,
-            Ok(_) => {
+            Ok(None) => {
+                // A lost file must not drop the retention or the shared
+                // globs to this node's own options: write back the last one.
+                tracing::warn!(
+                    "the shared policy file is gone; writing back the policy in force (retention, floor and globs are never dropped by a lost file)"
+                );
+                if let Err(e) = self.policy.write(&self.q) {
+                    tracing::warn!(error = %e, "cannot write the shared policy back");
+                }
+                false
+            }
+            Ok(Some(_)) => {
                 let r = policy::reconcile_stored(&self.q, self.own_retain, self.own_min_free);
                 if r.policy.retain_secs != self.policy.retain_secs
                     || r.policy.min_free != self.policy.min_free
@@ -954,6 +995,27 @@ impl Sweeper {
                         "the shared policy changed"
                     );
                     log_policy_notes(&r.notes, &r.policy);
+                }
+                if let Some((reduced, what)) = r.policy.glob_change(&self.policy) {
+                    apply_shared_globs(&self.guard, &r.policy);
+                    let by = format!(
+                        "{} at {}",
+                        r.policy.set_by,
+                        crate::quarantine::fmt_utc(r.policy.set_at)
+                    );
+                    if reduced {
+                        tracing::warn!(
+                            set_by = %r.policy.set_by,
+                            "PROTECTION REDUCED by the shared policy ({what}), set by {by}; files this node already reached through a protected name stay protected until the kernel forgets them"
+                        );
+                    } else {
+                        tracing::info!(set_by = %r.policy.set_by, "protection changed by the shared policy ({what}), set by {by}; in force now");
+                    }
+                    if let Some(n) =
+                        policy::ignore_conflict(&self.guard.node().ignore_globs(), &r.policy)
+                    {
+                        log_policy_notes(&[n], &r.policy);
+                    }
                 }
                 let changed = r.policy != self.policy;
                 self.policy = r.policy;

@@ -1447,6 +1447,20 @@ impl StatusArgs {
                 crate::mountopts::format_duration(retain)
             ),
         }
+        if let Some(p) = &stored_policy {
+            if !p.protect.is_empty() {
+                let g: Vec<String> = p.protect.iter().map(|g| text::quote_str(g)).collect();
+                println!("{:<13}  protect {} (on every node)", "", g.join(" "));
+            }
+            if !p.ignore.is_empty() {
+                let g: Vec<String> = p.ignore.iter().map(|g| text::quote_str(g)).collect();
+                println!(
+                    "{:<13}  ignore {} (narrows the shared protect only)",
+                    "",
+                    g.join(" ")
+                );
+            }
+        }
         println!("{:<13}{}", "entries:", st.entries);
         println!(
             "{:<13}{} ({} bytes); {} on disk, {:.1}% of the filesystem ({} free)",
