@@ -389,6 +389,27 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_changes_nothing_and_every_key_in_it_is_valid() {
+        let text = include_str!("../mount-helpers/baseguard.toml");
+        let c = Config::parse(text, Path::new("/x")).unwrap();
+        assert_eq!(c.mount, MountDefaults::default());
+        assert_eq!(c.commands, CommandDefaults::default());
+        // Uncomment every setting: each is a valid key with a valid value.
+        let on: String = text
+            .lines()
+            .map(|l| match l.strip_prefix("# ") {
+                Some(kv) if kv.contains(" = ") => kv.to_string(),
+                _ => l.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let c = Config::parse(&on, Path::new("/x")).unwrap();
+        assert_eq!(c.mount.threads, Some(8));
+        assert_eq!(c.mount.ignore.len(), 2);
+        assert_eq!(c.commands.json, Some(JsonStyle::Pretty));
+    }
+
+    #[test]
     fn errors_name_file_line_and_key() {
         let e = err("[mount]\nthreads = 4\nretian = \"1d\"\n");
         assert!(

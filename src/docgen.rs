@@ -165,11 +165,11 @@ fn extra_sections(cmd: &Command) -> String {
     out.push_str(&roff(exit));
     out.push_str("\n.SH FILES\n");
     out.push_str(&roff(
-        "BACKING/.baseguard/ is the quarantine (mode 0700): entries/<id>.json (the record: original path, size, mtime, when, who) and entries/<id>.data (the file), policy.json (the shared retention and min_free), history/*.json (the audit trail of restores and purges, 90 days). /run/baseguard/counters-<pid>.json: each daemon's counters and log destination. /var/log/baseguard.log: the log when neither syslog nor journald listens.",
+        "BACKING/.baseguard/ is the quarantine (mode 0700): entries/<id>.json (the record: original path, size, mtime, when, who) and entries/<id>.data (the file), policy.json (the shared retention and min_free), history/*.json (the audit trail of restores and purges, 90 days). /run/baseguard/counters-<pid>.json: each daemon's counters and log destination. /var/log/baseguard.log: the log when neither syslog nor journald listens. /etc/baseguard/baseguard.toml: node-local defaults ([mount]: the mount options; [commands]: dir, quarantine, instances, json), read by the daemon and every command; a flag or mount option wins over it; a bad value or unknown key is an error naming the line (an example is in /usr/share/doc/baseguard/examples/).",
     ));
     out.push_str("\n.SH ENVIRONMENT\n");
     out.push_str(&roff(
-        "RUST_LOG: the log level or directives when no log_level= is given. BASEGUARD_SYSLOG_SOCKET, BASEGUARD_JOURNAL_SOCKET, BASEGUARD_FALLBACK_LOG: replace /dev/log, /run/systemd/journal/socket and /var/log/baseguard.log (containers).",
+        "BASEGUARD_CONFIG: the configuration file to read instead of /etc/baseguard/baseguard.toml (it must then exist; empty: read none; --config FILE wins). RUST_LOG: the log level or directives when no log_level= is given. BASEGUARD_SYSLOG_SOCKET, BASEGUARD_JOURNAL_SOCKET, BASEGUARD_FALLBACK_LOG: replace /dev/log, /run/systemd/journal/socket and /var/log/baseguard.log (containers).",
     ));
     out.push_str("\n.SH SIGNALS\n");
     out.push_str(&roff(

@@ -314,3 +314,75 @@ fn json_is_pretty_by_default_and_compact_on_request() {
     let o = cli(&["list", "--compact", "--dir", d], None);
     assert_eq!(o.status.code(), Some(64), "{}", err(&o));
 }
+
+/// The kernel's line for the mount at `mp` in /proc/self/mounts:
+/// (source, type, options).
+fn proc_mounts(mp: &Path) -> (String, String, Vec<String>) {
+    let t = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    let l = t
+        .lines()
+        .find(|l| l.split(' ').nth(1) == Some(mp.to_str().unwrap()))
+        .unwrap_or_else(|| panic!("{} not in /proc/self/mounts", mp.display()));
+    let f: Vec<&str> = l.split(' ').collect();
+    (
+        f[0].to_string(),
+        f[2].to_string(),
+        f[3].split(',').map(str::to_string).collect(),
+    )
+}
+
+#[test]
+fn every_option_in_effect_is_shown_and_the_kernel_shows_its_own() {
+    let (t, b) = scratch();
+    let log = t.path().join("l.log");
+    let prom = t.path().join("m.prom");
+    let opts = format!(
+        "retain=1d,min_free=5%,threads=3,heal=off,passthrough=off,quarantine=qq,\
+         protect=_base/**,protect=snap/*,ignore=_base/*.part,log_level=info,\
+         log_file={},metrics_file={},noatime,noexec,dirsync,ro",
+        log.display(),
+        prom.display()
+    );
+    let m = Mount::new(&b, &["-o", &opts]);
+    let mp = m.mountpoint.clone();
+    let shown = options_of(&mp);
+    for o in [
+        "retain=1d",
+        "min_free=5%",
+        "threads=3",
+        "heal=off",
+        "passthrough=off",
+        &format!("quarantine={}/qq", b.display()),
+        "protect=_base/**",
+        "protect=snap/*",
+        "ignore=_base/*.part",
+        "log_level=info",
+        &format!("log_file={}", log.display()),
+        &format!("metrics_file={}", prom.display()),
+        "ro",
+        "allow_other",
+        "noatime",
+        "noexec",
+        "dirsync",
+    ] {
+        assert!(has(&shown, o), "{o} missing from status: {shown:?}");
+    }
+    // The kernel shows its own flags and FUSE's parameters, and the
+    // backing directory as the source (df, findmnt); baseguard's own
+    // options it cannot show (FUSE refuses unknown mount parameters).
+    let (source, fstype, kopts) = proc_mounts(&mp);
+    assert_eq!(source, b.to_str().unwrap());
+    assert_eq!(fstype, "fuse.baseguard");
+    for o in [
+        "ro",
+        "noexec",
+        "noatime",
+        "dirsync",
+        "allow_other",
+        "nosuid",
+        "nodev",
+    ] {
+        assert!(kopts.iter().any(|k| k == o), "{o} not in {kopts:?}");
+    }
+    drop(m);
+}

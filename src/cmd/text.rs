@@ -27,7 +27,7 @@ pub mod exit {
 }
 
 /// The help text block listing the statuses, for `after_help`.
-pub const EXIT_HELP: &str = "Exit status: 0 ok; 1 attention (a near miss, a restorable link, a preview, a refused request: nothing changed); 2 loss (a needed file is gone); 3 could not check (not root, not a baseguard directory, unreadable quarantine); 64 usage error.";
+pub const EXIT_HELP: &str = "Exit status: 0 ok; 1 attention (a near miss, a restorable link, a preview, a refused request: nothing changed); 2 loss (a needed file is gone); 3 could not check (not root, not a baseguard directory, unreadable quarantine); 64 usage error (a wrong option, a bad configuration file).";
 
 /// Print `msg` as `baseguard: msg` on stderr and return `code`.
 pub fn fail_with(code: u8, msg: impl std::fmt::Display) -> ExitCode {
