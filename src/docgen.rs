@@ -115,11 +115,23 @@ fn drop_hidden(text: &str, hidden: &[String], subs: &[String]) -> String {
         .chain(subs.iter().cloned())
         .collect();
     let mut out = String::with_capacity(text.len());
+    // Inside a bash `case` arm of a hidden option that takes a value.
+    let mut in_arm = false;
     for line in text.lines() {
         let t = line.trim_start();
+        if in_arm {
+            in_arm = t != ";;";
+            continue;
+        }
+        if hidden.iter().any(|h| t == format!("--{h})")) {
+            in_arm = true;
+            continue;
+        }
         let drop = hidden.iter().any(|h| {
             t.starts_with(&format!("'--{h}["))
                 || t.starts_with(&format!("\"--{h}["))
+                || t.starts_with(&format!("'--{h}=["))
+                || t.starts_with(&format!("\"--{h}=["))
                 || line.contains(&format!(" -l {h} "))
                 || line.ends_with(&format!(" -l {h}"))
         }) || subs
@@ -211,6 +223,12 @@ mod tests {
                             .action(ArgAction::SetTrue)
                             .hide(true),
                     )
+                    .arg(
+                        Arg::new("secret")
+                            .long("secret-json")
+                            .value_name("JSON")
+                            .hide(true),
+                    )
                     .arg(Arg::new("backing").required(true))
                     .arg(Arg::new("mountpoint").required(true)),
             )
@@ -259,6 +277,7 @@ mod tests {
             let text = std::fs::read_to_string(p).unwrap();
             assert!(text.contains("retain"), "{}", p.display());
             assert!(!text.contains("notify-ready"), "{}: {text}", p.display());
+            assert!(!text.contains("secret-json"), "{}: {text}", p.display());
             assert!(!text.contains("-a \"gen-docs\""), "{text}");
             assert!(!text.contains("'gen-docs:"), "{text}");
             for l in text.lines().filter(|l| l.trim_start().starts_with("opts=")) {
