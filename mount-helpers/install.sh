@@ -24,7 +24,7 @@
 #   $PREFIX/share/bash-completion/completions/baseguard
 #   $PREFIX/share/zsh/site-functions/_baseguard
 #   $PREFIX/share/fish/vendor_completions.d/baseguard.fish
-#   $PREFIX/share/doc/baseguard/examples/         (fstab.example, systemd drop-ins)
+#   $PREFIX/share/doc/baseguard/examples/         (fstab.example, baseguard.toml, systemd drop-ins)
 set -eu
 
 here=$(cd -- "$(dirname -- "$0")" && pwd)
@@ -132,6 +132,7 @@ if [ -n "$DOCS" ]; then
 fi
 
 put "$here/fstab.example" "$DESTDIR$exdir/fstab.example" 0644
+put "$here/baseguard.toml" "$DESTDIR$exdir/baseguard.toml" 0644
 for unit in nova-compute openstack-nova-compute libvirtd virtqemud; do
     put "$here/systemd/$unit.service.d/baseguard.conf" \
         "$DESTDIR$exdir/systemd/$unit.service.d/baseguard.conf" 0644

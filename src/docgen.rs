@@ -115,11 +115,23 @@ fn drop_hidden(text: &str, hidden: &[String], subs: &[String]) -> String {
         .chain(subs.iter().cloned())
         .collect();
     let mut out = String::with_capacity(text.len());
+    // Inside a bash `case` arm of a hidden option that takes a value.
+    let mut in_arm = false;
     for line in text.lines() {
         let t = line.trim_start();
+        if in_arm {
+            in_arm = t != ";;";
+            continue;
+        }
+        if hidden.iter().any(|h| t == format!("--{h})")) {
+            in_arm = true;
+            continue;
+        }
         let drop = hidden.iter().any(|h| {
             t.starts_with(&format!("'--{h}["))
                 || t.starts_with(&format!("\"--{h}["))
+                || t.starts_with(&format!("'--{h}=["))
+                || t.starts_with(&format!("\"--{h}=["))
                 || line.contains(&format!(" -l {h} "))
                 || line.ends_with(&format!(" -l {h}"))
         }) || subs
@@ -165,11 +177,11 @@ fn extra_sections(cmd: &Command) -> String {
     out.push_str(&roff(exit));
     out.push_str("\n.SH FILES\n");
     out.push_str(&roff(
-        "BACKING/.baseguard/ is the quarantine (mode 0700): entries/<id>.json (the record: original path, size, mtime, when, who) and entries/<id>.data (the file), policy.json (the shared retention and min_free), history/*.json (the audit trail of restores and purges, 90 days). /run/baseguard/counters-<pid>.json: each daemon's counters and log destination. /var/log/baseguard.log: the log when neither syslog nor journald listens.",
+        "BACKING/.baseguard/ is the quarantine (mode 0700): entries/<id>.json (the record: original path, size, mtime, when, who) and entries/<id>.data (the file), policy.json (the shared retention and min_free), history/*.json (the audit trail of restores and purges, 90 days). /run/baseguard/counters-<pid>.json: each daemon's counters and log destination. /var/log/baseguard.log: the log when neither syslog nor journald listens. /etc/baseguard/baseguard.toml: node-local defaults ([mount]: the mount options; [commands]: dir, quarantine, instances, json), read by the daemon and every command; a flag or mount option wins over it; a bad value or unknown key is an error naming the line (an example is in /usr/share/doc/baseguard/examples/).",
     ));
     out.push_str("\n.SH ENVIRONMENT\n");
     out.push_str(&roff(
-        "RUST_LOG: the log level or directives when no log_level= is given. BASEGUARD_SYSLOG_SOCKET, BASEGUARD_JOURNAL_SOCKET, BASEGUARD_FALLBACK_LOG: replace /dev/log, /run/systemd/journal/socket and /var/log/baseguard.log (containers).",
+        "BASEGUARD_CONFIG: the configuration file to read instead of /etc/baseguard/baseguard.toml (it must then exist; empty: read none; --config FILE wins). RUST_LOG: the log level or directives when no log_level= is given. BASEGUARD_SYSLOG_SOCKET, BASEGUARD_JOURNAL_SOCKET, BASEGUARD_FALLBACK_LOG: replace /dev/log, /run/systemd/journal/socket and /var/log/baseguard.log (containers).",
     ));
     out.push_str("\n.SH SIGNALS\n");
     out.push_str(&roff(
@@ -209,6 +221,12 @@ mod tests {
                         Arg::new("notify")
                             .long("notify-ready")
                             .action(ArgAction::SetTrue)
+                            .hide(true),
+                    )
+                    .arg(
+                        Arg::new("secret")
+                            .long("secret-json")
+                            .value_name("JSON")
                             .hide(true),
                     )
                     .arg(Arg::new("backing").required(true))
@@ -259,6 +277,7 @@ mod tests {
             let text = std::fs::read_to_string(p).unwrap();
             assert!(text.contains("retain"), "{}", p.display());
             assert!(!text.contains("notify-ready"), "{}: {text}", p.display());
+            assert!(!text.contains("secret-json"), "{}: {text}", p.display());
             assert!(!text.contains("-a \"gen-docs\""), "{text}");
             assert!(!text.contains("'gen-docs:"), "{text}");
             for l in text.lines().filter(|l| l.trim_start().starts_with("opts=")) {

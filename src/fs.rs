@@ -16,7 +16,7 @@ use dashmap::DashMap;
 use parking_lot::Mutex;
 
 use crate::creds::{Caller, Credentials};
-use crate::guard::Guard;
+use crate::guard::LiveGuard;
 use crate::heal::{QuarantinedPaths, References};
 use crate::inode::{Inode, InodeStore, ROOT_ID};
 use crate::quarantine::{Quarantine, VersionChoice, Who, Why, pick_version};
@@ -201,7 +201,8 @@ pub struct Passthrough {
 
 /// What the guard protects and where protected files go instead of away.
 pub struct Protection {
-    pub guard: Guard,
+    /// This node's globs and the shared policy's (swapped in by the daemon).
+    pub guard: Arc<LiveGuard>,
     pub quarantine: Arc<Quarantine>,
     /// Restore on access: quarantined files an instance disk still uses.
     pub heal: Option<Arc<References>>,

@@ -121,6 +121,63 @@ impl Guard {
     }
 }
 
+/// The guard a daemon applies: this node's own globs (`protect=`/`ignore=`,
+/// or the layout's defaults) and the shared policy's, which the daemon swaps
+/// in when `baseguard policy set` changes them. A path is protected when
+/// either layer protects it: an ignore glob narrows only its own layer's
+/// protect globs, so a node can never let through what the shared policy
+/// protects, nor the shared policy what a node protects.
+#[derive(Debug)]
+pub struct LiveGuard {
+    node: Guard,
+    shared: parking_lot::RwLock<std::sync::Arc<Guard>>,
+}
+
+impl LiveGuard {
+    /// This node's guard, with no shared globs yet.
+    pub fn new(node: Guard) -> LiveGuard {
+        LiveGuard {
+            node,
+            shared: parking_lot::RwLock::new(std::sync::Arc::new(Guard::none())),
+        }
+    }
+
+    /// Put the shared policy's globs in force (from the next request on).
+    pub fn set_shared(&self, g: Guard) {
+        *self.shared.write() = std::sync::Arc::new(g);
+    }
+
+    /// Is `rel` protected by this node's globs or the shared ones?
+    pub fn protects(&self, rel: &Path) -> bool {
+        self.node.protects(rel) || self.shared.read().protects(rel)
+    }
+
+    /// [`Guard::may_protect_below`] of either layer.
+    pub fn may_protect_below(&self, rel: &Path) -> bool {
+        self.node.may_protect_below(rel) || self.shared.read().may_protect_below(rel)
+    }
+
+    /// This node's own guard.
+    pub fn node(&self) -> &Guard {
+        &self.node
+    }
+}
+
+impl Guard {
+    /// A guard that protects nothing.
+    pub fn none() -> Guard {
+        Guard {
+            protect: Vec::new(),
+            ignore: Vec::new(),
+        }
+    }
+
+    /// The ignore globs as given.
+    pub fn ignore_globs(&self) -> Vec<&str> {
+        self.ignore.iter().map(|g| g.src.as_str()).collect()
+    }
+}
+
 #[derive(Clone, Debug)]
 enum Tok {
     Lit(Vec<u8>),

@@ -15,6 +15,7 @@
 //! - [`space`]: what the quarantine holds on disk (allocated, hard links once) and free space.
 //! - [`floor`]: the free-space floor (`min_free=`): purge the oldest unreferenced entries.
 //! - [`cmd`]: the `baseguard` subcommands.
+//! - [`config`]: the node-local configuration file (`/etc/baseguard/baseguard.toml`).
 //! - [`audit`]: the audit trail of restores and purges (`list --history`).
 //! - [`metrics`]: Prometheus text format metrics and the daemons' run files.
 //! - [`mountopts`]: fstab-style `-o` option parsing and `parse_duration`.
@@ -26,6 +27,7 @@
 
 pub mod audit;
 pub mod cmd;
+pub mod config;
 pub mod creds;
 pub mod daemon;
 pub mod docgen;

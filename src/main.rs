@@ -17,6 +17,10 @@ use baseguard::cmd::upgrade::UpgradeArgs;
 #[derive(Parser)]
 #[command(name = "baseguard", version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("BASEGUARD_COMMIT"), ")"), propagate_version = true, after_help = baseguard::cmd::text::EXIT_HELP)]
 struct Cli {
+    /// Node-local defaults from FILE (TOML) [default: $BASEGUARD_CONFIG, else
+    /// /etc/baseguard/baseguard.toml if it exists].
+    #[arg(long, value_name = "FILE", global = true)]
+    config: Option<std::path::PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -24,7 +28,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Mount BACKING at MOUNTPOINT (detaches once it answers; -f to stay).
-    Mount(MountArgs),
+    Mount(Box<MountArgs>),
     Umount(UmountArgs),
     List(ListArgs),
     Show(ShowArgs),
@@ -43,7 +47,21 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
-    let daemon = std::env::args_os().nth(1).is_some_and(|a| a == "mount");
+    // The subcommand: the first word that is neither an option nor the value
+    // of `--config FILE`.
+    let daemon = {
+        let mut it = std::env::args_os().skip(1);
+        let mut sub = None;
+        while let Some(a) = it.next() {
+            if a == "--config" {
+                it.next();
+            } else if !a.to_string_lossy().starts_with('-') {
+                sub = Some(a);
+                break;
+            }
+        }
+        sub.is_some_and(|a| a == "mount")
+    };
     if !daemon {
         // `baseguard list | head`: end quietly, as ls does, instead of a
         // panic on the next write to the closed pipe.
@@ -67,6 +85,36 @@ fn main() -> ExitCode {
             });
         }
     };
+    // The configuration file: a mount's serving process gets what its
+    // supervisor read (never a file edited since); everything else reads it.
+    let loaded = match &cli.cmd {
+        Cmd::Mount(a) if a.config_json.is_some() => {
+            baseguard::config::Config::from_json(a.config_json.as_deref().unwrap_or_default())
+        }
+        _ => baseguard::config::Config::load(cli.config.as_deref()),
+    };
+    match loaded {
+        Ok(c) => baseguard::config::install(c),
+        Err(msg) => {
+            eprintln!("baseguard: {msg}");
+            // mount(8)'s convention for a helper: 1; the commands: a usage error.
+            return ExitCode::from(if daemon {
+                1
+            } else {
+                baseguard::cmd::text::exit::USAGE
+            });
+        }
+    }
+    let compact = match &cli.cmd {
+        Cmd::List(a) => a.compact,
+        Cmd::Show(a) => a.compact,
+        Cmd::Purge(a) => a.compact,
+        Cmd::Status(a) => a.compact,
+        Cmd::Check(a) => a.compact,
+        Cmd::Policy(a) => a.compact,
+        _ => false,
+    };
+    baseguard::cmd::text::set_json_style(compact);
     match cli.cmd {
         Cmd::Mount(a) => a.run(),
         Cmd::Umount(a) => a.run(),

@@ -216,11 +216,9 @@ impl FstabOptions {
                     )
                 })?);
             }
-            ("log_file", Some(v)) => self.log_file = Some(PathBuf::from(nonempty(item, v)?)),
-            ("stats_file", Some(v)) => self.stats_file = Some(PathBuf::from(nonempty(item, v)?)),
-            ("metrics_file", Some(v)) => {
-                self.metrics_file = Some(PathBuf::from(nonempty(item, v)?))
-            }
+            ("log_file", Some(v)) => self.log_file = Some(absolute(item, v)?),
+            ("stats_file", Some(v)) => self.stats_file = Some(absolute(item, v)?),
+            ("metrics_file", Some(v)) => self.metrics_file = Some(absolute(item, v)?),
             ("min_free", Some(v)) => {
                 crate::policy::MinFree::parse(v).map_err(|why| {
                     err(item, format!("Mount option `{item}` is invalid: {why}."))
@@ -228,16 +226,7 @@ impl FstabOptions {
                 self.min_free = Some(v.to_string());
             }
             ("log_level", Some(v)) => {
-                const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
-                if !v.contains(['=', ',']) && !LEVELS.contains(&v.to_ascii_lowercase().as_str()) {
-                    return Err(err(
-                        item,
-                        format!(
-                            "Mount option `{item}` is invalid: use error, warn, info, debug or trace (or a directive such as baseguard=debug)."
-                        ),
-                    ));
-                }
-                crate::logging::filter(Some(v)).map_err(|why| {
+                check_log_level(v).map_err(|why| {
                     err(item, format!("Mount option `{item}` is invalid: {why}."))
                 })?;
                 self.log_level = Some(v.to_string());
@@ -360,6 +349,34 @@ fn nonempty<'a>(item: &str, v: &'a str) -> Result<&'a str, OptionError> {
     } else {
         Ok(v)
     }
+}
+
+/// A node-local file (log, metrics, stats) must be named from `/`: relative to
+/// what? From fstab the working directory is wherever `mount -a` ran, and the
+/// backing directory is shared by every node.
+fn absolute(item: &str, v: &str) -> Result<PathBuf, OptionError> {
+    let v = nonempty(item, v)?;
+    if !v.starts_with('/') {
+        return Err(err(
+            item,
+            format!(
+                "Mount option `{item}` is invalid: `{v}` is not an absolute path (write it from /)."
+            ),
+        ));
+    }
+    Ok(PathBuf::from(v))
+}
+
+/// A log level: `error`, `warn`, `info`, `debug`, `trace`, `off`, or a
+/// tracing directive (`baseguard=debug`). Errors are a phrase.
+pub fn check_log_level(v: &str) -> Result<(), String> {
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    if !v.contains(['=', ',']) && !LEVELS.contains(&v.to_ascii_lowercase().as_str()) {
+        return Err(format!(
+            "`{v}` is not a log level (use error, warn, info, debug or trace, or a directive such as baseguard=debug)"
+        ));
+    }
+    crate::logging::filter(Some(v)).map(|_| ())
 }
 
 fn on_off(item: &str, v: &str) -> Result<bool, OptionError> {

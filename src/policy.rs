@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::guard::Guard;
 use crate::quarantine::{Quarantine, unix_now};
 use crate::sys;
 
@@ -118,6 +119,15 @@ pub struct Policy {
     /// has less free space than this.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_free: Option<MinFree>,
+    /// Protected on every node, in addition to each node's own `protect=`
+    /// (globs relative to the mount root, as the mount options'). Only
+    /// `baseguard policy set` changes them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub protect: Vec<String>,
+    /// Narrow the shared `protect` globs (Nova's download temporaries, say).
+    /// They never let through what a node's own globs protect.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ignore: Vec<String>,
     /// Set with `baseguard policy set` (mount options no longer change it).
     #[serde(default)]
     pub explicit: bool,
@@ -136,6 +146,8 @@ impl Policy {
             version: 1,
             retain_secs: retain.as_secs(),
             min_free,
+            protect: Vec::new(),
+            ignore: Vec::new(),
             explicit: false,
             set_by: format!("{} ({by})", sys::hostname()),
             set_at: unix_now(),
@@ -144,6 +156,47 @@ impl Policy {
 
     pub fn retain(&self) -> Duration {
         Duration::from_secs(self.retain_secs)
+    }
+
+    /// The shared globs as a guard layer (see [`crate::guard::LiveGuard`]).
+    pub fn shared_guard(&self) -> Result<Guard, String> {
+        Guard::new(&self.protect, &self.ignore)
+            .map_err(|e| format!("the shared policy's globs are invalid: {e}"))
+    }
+
+    /// What changed in the shared globs from `old` to `self`, if anything:
+    /// `Some((reduced, sentence))`. Less protection is a protect glob gone
+    /// or an ignore glob added.
+    pub fn glob_change(&self, old: &Policy) -> Option<(bool, String)> {
+        let gone = |a: &[String], b: &[String]| -> Vec<String> {
+            a.iter().filter(|g| !b.contains(g)).cloned().collect()
+        };
+        let (p_gone, p_new) = (
+            gone(&old.protect, &self.protect),
+            gone(&self.protect, &old.protect),
+        );
+        let (i_gone, i_new) = (
+            gone(&old.ignore, &self.ignore),
+            gone(&self.ignore, &old.ignore),
+        );
+        if p_gone.is_empty() && p_new.is_empty() && i_gone.is_empty() && i_new.is_empty() {
+            return None;
+        }
+        let mut parts = Vec::new();
+        if !p_new.is_empty() {
+            parts.push(format!("now protected: {}", p_new.join(" ")));
+        }
+        if !i_gone.is_empty() {
+            parts.push(format!("no longer ignored: {}", i_gone.join(" ")));
+        }
+        if !p_gone.is_empty() {
+            parts.push(format!("no longer protected: {}", p_gone.join(" ")));
+        }
+        if !i_new.is_empty() {
+            parts.push(format!("now ignored: {}", i_new.join(" ")));
+        }
+        let reduced = !p_gone.is_empty() || !i_new.is_empty();
+        Some((reduced, parts.join("; ")))
     }
 
     /// The stored policy, `None` if there is none yet.
@@ -211,6 +264,24 @@ pub enum Note {
     },
     /// The policy could not be stored (the node applies it anyway).
     WriteFailed(String),
+    /// This node ignores globs the shared policy does not: what the shared
+    /// policy protects stays protected here.
+    IgnoreConflict { globs: Vec<String> },
+}
+
+/// This node's ignore globs that the shared policy, which protects
+/// something, does not have (a conflict: they cannot let through what the
+/// shared policy protects).
+pub fn ignore_conflict(node_ignore: &[&str], p: &Policy) -> Option<Note> {
+    if p.protect.is_empty() {
+        return None;
+    }
+    let globs: Vec<String> = node_ignore
+        .iter()
+        .filter(|g| !p.ignore.iter().any(|s| s == *g))
+        .map(|g| g.to_string())
+        .collect();
+    (!globs.is_empty()).then_some(Note::IgnoreConflict { globs })
 }
 
 impl fmt::Display for Note {
@@ -243,6 +314,11 @@ impl fmt::Display for Note {
                     .unwrap_or_else(|| "none".into())
             ),
             Note::WriteFailed(e) => write!(f, "cannot store the shared policy: {e}"),
+            Note::IgnoreConflict { globs } => write!(
+                f,
+                "POLICY CONFLICT: this node ignores {} but the shared policy does not; what the shared policy protects stays protected on this node (add them for every node with 'baseguard policy set --ignore GLOB')",
+                globs.join(" ")
+            ),
         }
     }
 }
@@ -345,6 +421,44 @@ mod tests {
         assert!(MinFree::parse("lots").is_err());
         assert!(MinFree::parse("3X").is_err());
         assert_eq!(MinFree::Percent(40.0).bytes(1000), 400);
+    }
+
+    #[test]
+    fn shared_globs_union_and_conflicts() {
+        let mut p = Policy::new(DEFAULT_RETAIN, None, "test");
+        // No shared protection: a node's ignore= conflicts with nothing.
+        assert_eq!(ignore_conflict(&["_base/*.part"], &p), None);
+        let before = p.clone();
+        p.protect = vec!["_base/**".into()];
+        p.ignore = vec!["_base/*.part".into()];
+        assert_eq!(
+            ignore_conflict(&["_base/*.part", "_base/*.converted"], &p),
+            Some(Note::IgnoreConflict {
+                globs: vec!["_base/*.converted".into()]
+            })
+        );
+        // More protection, then less.
+        let (reduced, what) = p.glob_change(&before).unwrap();
+        assert!(!reduced || what.contains("now ignored"), "{what}");
+        let mut less = p.clone();
+        less.protect.clear();
+        let (reduced, what) = less.glob_change(&p).unwrap();
+        assert!(reduced, "{what}");
+        assert!(what.contains("no longer protected: _base/**"), "{what}");
+        assert_eq!(p.glob_change(&p), None);
+        // A node's guard and the shared one: either protects.
+        let node = Guard::new(&["_base/**".into()], &["_base/*.tmp".into()]).unwrap();
+        let live = crate::guard::LiveGuard::new(node);
+        let tmp = std::path::Path::new("_base/x.tmp");
+        let snap = std::path::Path::new("snapshots/s");
+        assert!(!live.protects(tmp) && !live.protects(snap));
+        live.set_shared(Guard::new(&["**".into()], &["**/*.part".into()]).unwrap());
+        assert!(live.protects(tmp) && live.protects(snap));
+        // The shared ignore never lets through what the node protects.
+        assert!(live.protects(std::path::Path::new("_base/x.part")));
+        assert!(!live.protects(std::path::Path::new("other/x.part")));
+        live.set_shared(Guard::none());
+        assert!(!live.protects(snap));
     }
 
     #[test]

@@ -305,3 +305,107 @@ fn an_expired_displaced_copy_of_an_image_in_use_is_not_kept_forever() {
     }
     assert_eq!(paths(&b), vec!["_base/gone"], "a needed file was purged");
 }
+
+/// Delete a fresh file `dir/stemN` through `m` until one lands in the
+/// quarantine (`want`) or one really goes (`!want`): the daemons re-read the
+/// shared policy every 2 s. Returns how many tries it took.
+fn until_quarantined(m: &Mount, b: &Path, dir: &str, stem: &str, want: bool) -> usize {
+    let (stem, ext) = stem.split_once('#').unwrap_or((stem, ""));
+    std::fs::create_dir_all(m.path(dir)).unwrap();
+    let start = Instant::now();
+    for n in 0.. {
+        let rel = format!("{dir}/{stem}{n}{ext}");
+        std::fs::write(m.path(&rel), b"data").unwrap();
+        std::fs::remove_file(m.path(&rel)).unwrap();
+        let held = paths(b).contains(&rel);
+        if held == want {
+            return n;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{rel}: quarantined={held}, wanted {want}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    unreachable!()
+}
+
+#[test]
+fn shared_globs_protect_on_every_node_and_never_shrink_silently() {
+    let (t, b) = scratch();
+    let (la, lc) = (t.path().join("a.log"), t.path().join("c.log"));
+    let a = Mount::new(&b, &["--log-file", la.to_str().unwrap()]);
+    // Node C lets its own snapshots/*.tmp through.
+    let c = Mount::new(
+        &b,
+        &[
+            "-o",
+            "ignore=snapshots/*.tmp",
+            "--log-file",
+            lc.to_str().unwrap(),
+        ],
+    );
+    // Nothing protects snapshots/ yet.
+    assert_eq!(until_quarantined(&a, &b, "snapshots", "before", false), 0);
+
+    // Protect it for the whole cloud: both nodes apply it.
+    let o = bg(&["policy", "set", "--protect", "snapshots/**"], &b);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    until_quarantined(&a, &b, "snapshots", "a", true);
+    until_quarantined(&c, &b, "snapshots", "c", true);
+    // C's own ignore= cannot let through what the shared policy protects,
+    // and C says so.
+    std::fs::write(c.path("snapshots/x.tmp"), b"tmp").unwrap();
+    std::fs::remove_file(c.path("snapshots/x.tmp")).unwrap();
+    assert!(paths(&b).contains(&"snapshots/x.tmp".to_string()));
+    let start = Instant::now();
+    while !log_of(&lc).contains("POLICY CONFLICT: this node ignores snapshots/*.tmp") {
+        assert!(start.elapsed() < Duration::from_secs(10), "{}", log_of(&lc));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let p = json(&bg(&["policy", "--json"], &b));
+    assert_eq!(p["policy"]["protect"], serde_json::json!(["snapshots/**"]));
+    let s = json(&bg(&["status", "--json"], &b));
+    assert_eq!(s["policy"]["protect"], serde_json::json!(["snapshots/**"]));
+
+    // A lost policy file does not drop the shared globs: a daemon writes
+    // the policy in force back.
+    std::fs::remove_file(b.join(".baseguard/policy.json")).unwrap();
+    let start = Instant::now();
+    while !b.join(".baseguard/policy.json").exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "never written back"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let p = json(&bg(&["policy", "--json"], &b));
+    assert_eq!(p["policy"]["protect"], serde_json::json!(["snapshots/**"]));
+
+    // The shared ignore narrows the shared protect: now C's *.tmp go.
+    let o = bg(&["policy", "set", "--ignore", "snapshots/*.tmp"], &b);
+    assert!(o.status.success());
+    until_quarantined(&c, &b, "snapshots", "y#.tmp", false);
+    // Less protection is never silent: the command and every daemon say it.
+    let o = bg(&["policy", "set", "--clear-protect"], &b);
+    assert!(o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("PROTECTION REDUCED"),
+        "{o:?}"
+    );
+    until_quarantined(&a, &b, "snapshots", "after", false);
+    let start = Instant::now();
+    while !log_of(&la).contains("PROTECTION REDUCED") {
+        assert!(start.elapsed() < Duration::from_secs(10), "{}", log_of(&la));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // What each node protects on its own stays protected throughout.
+    std::fs::write(a.path("_base/img"), b"img").unwrap();
+    std::fs::remove_file(a.path("_base/img")).unwrap();
+    assert!(paths(&b).contains(&"_base/img".to_string()));
+    // A glob that cannot be one is refused as a usage error.
+    let o = bg(&["policy", "set", "--protect", "/abs/**"], &b);
+    assert_eq!(o.status.code(), Some(64));
+    drop(c);
+    drop(a);
+}

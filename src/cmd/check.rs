@@ -33,6 +33,8 @@ pub struct CheckArgs {
     /// Print JSON (for monitoring).
     #[arg(long)]
     pub json: bool,
+    #[arg(long, requires = "json", help = crate::cmd::text::COMPACT_HELP)]
+    pub compact: bool,
     /// Restore every quarantined file that a disk needs: the version the
     /// disk was created on (never one it cannot tell; see the README).
     #[arg(long)]

@@ -6,7 +6,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use crate::cmd::quarantine::{
-    Location, baseguard_mounts, init_logging, open_quarantine, resolve_backing,
+    Location, baseguard_mounts, init_logging, open_quarantine, resolve_location,
 };
 use crate::cmd::text::exit;
 use crate::heal::References;
@@ -54,7 +54,7 @@ impl MetricsArgs {
         let runs = RunFile::all();
         let mut fams = metrics::daemon_families(&mounts, &runs);
         let mut code = ExitCode::SUCCESS;
-        let r = resolve_backing(&self.loc.dir)
+        let r = resolve_location(&self.loc)
             .and_then(|b| open_quarantine(&b, &self.loc).map(|q| (b, q)));
         match r {
             Ok((b, Some(q))) => {

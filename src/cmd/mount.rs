@@ -13,7 +13,7 @@ use fuser::{MountOption, SessionACL};
 use crate::cmd::health;
 use crate::daemon;
 use crate::fs::{FsOptions, Passthrough, Protection};
-use crate::guard::{DEFAULT_IGNORE, DEFAULT_PROTECT, Guard};
+use crate::guard::{DEFAULT_IGNORE, DEFAULT_PROTECT, Guard, LiveGuard};
 use crate::heal::{BaseLayout, References};
 use crate::logging::{self, LogTarget};
 use crate::metrics::RunFile;
@@ -69,6 +69,10 @@ pub struct MountArgs {
     /// Internal: the serving process of a detached mount (logs as a detached daemon).
     #[arg(long, hide = true)]
     pub log_target_detached: bool,
+    /// Internal: the configuration file as the mounting process read it (JSON),
+    /// so the processes it starts apply exactly that.
+    #[arg(long, hide = true, value_name = "JSON")]
+    pub config_json: Option<String>,
     /// Benchmarking only: do not hand handles to the supervisor (a killed server then loses
     /// open files and locks), to measure what the hand-over costs.
     #[arg(long, hide = true)]
@@ -149,6 +153,9 @@ pub struct MountArgs {
     /// cover the serialized fallbacks with it).
     #[arg(long, hide = true)]
     pub emulate_nfs: bool,
+    /// The kernel flags given with `-o` (for `status`).
+    #[arg(skip)]
+    pub kernel_flags: Vec<String>,
 }
 
 /// Errors before the filesystem is up, each one sentence for the operator.
@@ -274,12 +281,64 @@ impl MountArgs {
         )
     }
 
-    /// Fold `-o` options into the flags; explicit flags win.
+    /// Fold `-o` options, then the configuration file's `[mount]` table, into
+    /// the flags: a flag wins over a mount option, which wins over the file.
     fn apply_options(&mut self) -> Result<Vec<MountOption>, String> {
-        if self.options.is_empty() {
-            return Ok(Vec::new());
+        let o = if self.options.is_empty() {
+            FstabOptions::default()
+        } else {
+            FstabOptions::parse(&self.options.join(",")).map_err(|e| e.to_string())?
+        };
+        self.check_absolute()?;
+        let c = crate::config::get().mount.clone();
+        let from_file = |v: &Option<String>| v.as_deref().map(parse_duration).transpose();
+        self.retain = self.retain.or(o.retain).or(from_file(&c.retain)?);
+        if !self.no_heal {
+            self.no_heal = !o.heal.or(c.heal).unwrap_or(true);
         }
-        let o = FstabOptions::parse(&self.options.join(",")).map_err(|e| e.to_string())?;
+        if !self.no_passthrough {
+            self.no_passthrough = !o.passthrough.or(c.passthrough).unwrap_or(true);
+        }
+        let kernel = self.apply_fstab(o);
+        self.quarantine = self.quarantine.take().or(c.quarantine);
+        self.instances = self.instances.take().or(c.instances);
+        if self.protect.is_empty() {
+            self.protect = c.protect;
+        }
+        if self.ignore.is_empty() {
+            self.ignore = c.ignore;
+        }
+        self.threads = self.threads.or(c.threads);
+        self.log_file = self.log_file.take().or(c.log_file);
+        self.stats_file = self.stats_file.take().or(c.stats_file);
+        self.min_free = self.min_free.take().or(c.min_free);
+        self.log_level = self.log_level.take().or(c.log_level);
+        self.metrics_file = self.metrics_file.take().or(c.metrics_file);
+        Ok(kernel)
+    }
+
+    /// Node-local files (log, metrics, stats) given as flags must be absolute
+    /// too: the daemon detaches, and fstab has no working directory.
+    fn check_absolute(&self) -> Result<(), String> {
+        for (flag, p) in [
+            ("--log-file", &self.log_file),
+            ("--stats-file", &self.stats_file),
+            ("--metrics-file", &self.metrics_file),
+        ] {
+            if let Some(p) = p
+                && !p.is_absolute()
+            {
+                return Err(format!(
+                    "{flag} {} is not an absolute path (write it from /).",
+                    p.display()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The `-o` options' part of [`Self::apply_options`].
+    fn apply_fstab(&mut self, o: FstabOptions) -> Vec<MountOption> {
         self.retain = self.retain.or(o.retain);
         self.quarantine = self.quarantine.take().or(o.quarantine);
         self.instances = self.instances.take().or(o.instances);
@@ -289,16 +348,33 @@ impl MountArgs {
         if self.ignore.is_empty() {
             self.ignore = o.ignore;
         }
-        self.no_heal |= o.heal == Some(false);
         self.threads = self.threads.or(o.threads.map(|t| t as u32));
-        self.no_passthrough |= o.passthrough == Some(false);
         self.log_file = self.log_file.take().or(o.log_file);
         self.stats_file = self.stats_file.take().or(o.stats_file);
         self.min_free = self.min_free.take().or(o.min_free);
         self.log_level = self.log_level.take().or(o.log_level);
         self.metrics_file = self.metrics_file.take().or(o.metrics_file);
         self.ro |= o.read_only == Some(true);
-        Ok(o.kernel.iter().filter_map(|k| kernel_option(k)).collect())
+        self.kernel_flags = o.kernel.clone();
+        o.kernel.iter().filter_map(|k| kernel_option(k)).collect()
+    }
+
+    /// `args` with the configuration this process applies handed on (before a
+    /// `--`), unless they carry it already.
+    fn with_config(args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+        if args
+            .iter()
+            .any(|a| a.to_string_lossy().starts_with("--config-json"))
+        {
+            return args;
+        }
+        let mut args = args;
+        let at = args.iter().position(|a| a == "--").unwrap_or(args.len());
+        args.insert(
+            at,
+            format!("--config-json={}", crate::config::get().to_json()).into(),
+        );
+        args
     }
 
     pub fn run(mut self) -> ExitCode {
@@ -342,7 +418,7 @@ impl MountArgs {
         if !self.foreground {
             // Detach: run ourselves again in the foreground and return once
             // it says the filesystem answers (or why it could not start).
-            let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+            let args = Self::with_config(std::env::args_os().skip(1).collect());
             return match daemon::spawn_detached(&args, daemon::DEFAULT_READY_TIMEOUT) {
                 Ok(_) => ExitCode::SUCCESS,
                 Err(msg) => fail(&msg),
@@ -375,10 +451,12 @@ impl MountArgs {
             .map_err(|e| format!("cannot find the running baseguard binary: {e}"))?;
         // The server gets the same arguments, minus the READY handshake (the supervisor
         // answers the parent), plus the flag that makes it a server.
-        let mut server_args: Vec<std::ffi::OsString> = std::env::args_os()
-            .skip(1)
-            .filter(|a| a != daemon::NOTIFY_FLAG)
-            .collect();
+        let mut server_args: Vec<std::ffi::OsString> = Self::with_config(
+            std::env::args_os()
+                .skip(1)
+                .filter(|a| a != daemon::NOTIFY_FLAG)
+                .collect(),
+        );
         let at = server_args
             .iter()
             .position(|a| a == "--")
@@ -446,6 +524,7 @@ impl MountArgs {
             qdir,
             min_free,
             policy: shared,
+            guard,
         } = match r {
             Ok(x) => x,
             Err(msg) => {
@@ -502,7 +581,9 @@ impl MountArgs {
                     }
                 }
                 if let Some(q) = quarantine {
-                    if let Err(e) = self.housekeeping(q, &fs, refs, &log, qdir, min_free, shared) {
+                    if let Err(e) =
+                        self.housekeeping(q, &fs, refs, &log, qdir, min_free, shared, guard)
+                    {
                         tracing::error!("{e}");
                     }
                 }
@@ -531,6 +612,7 @@ impl MountArgs {
         qdir: Option<PathBuf>,
         min_free: Option<MinFree>,
         shared: Option<Policy>,
+        guard: Arc<LiveGuard>,
     ) -> Result<(), String> {
         let purged = Arc::new(AtomicU64::new(0));
         let backing_fd = fs
@@ -548,7 +630,7 @@ impl MountArgs {
                 mountpoint: self.mountpoint.clone(),
                 backing: self.backing.clone(),
                 log: log.to_string(),
-                options: self.options_in_effect(&qdir, threads),
+                options: self.options_in_effect(&qdir, threads, guard.node()),
                 ..Default::default()
             },
             metrics_file: self.metrics_file.clone(),
@@ -564,6 +646,7 @@ impl MountArgs {
             }),
             refs,
             backing: backing_fd,
+            guard,
         })
     }
 
@@ -577,7 +660,10 @@ impl MountArgs {
         let limit = sys::raise_nofile_limit().unwrap_or(1024);
         // Half of the descriptors for cached inodes, the rest for open files.
         let fd_cache = (limit.saturating_sub(512) / 2).clamp(64, 1 << 16) as usize;
-        let layout = BaseLayout::detect(backing, self.instances.as_deref())?;
+        // Relative paths in options are relative to the backing directory,
+        // never to wherever `mount -a` happened to run.
+        let instances = self.instances.as_ref().map(|p| backing.join(p));
+        let layout = BaseLayout::detect(backing, instances.as_deref())?;
         let guard = self.guard(layout.is_some())?;
         if let Some(l) = &layout {
             tracing::info!(
@@ -603,8 +689,14 @@ impl MountArgs {
             .map(MinFree::parse)
             .transpose()
             .map_err(|why| format!("--min-free is invalid: {why}."))?;
+        let guard = Arc::new(LiveGuard::new(guard));
         let shared = quarantine.as_ref().map(|q| {
-            let r = policy::reconcile_stored(q, self.retain, min_free);
+            let mut r = policy::reconcile_stored(q, self.retain, min_free);
+            apply_shared_globs(&guard, &r.policy);
+            r.notes.extend(policy::ignore_conflict(
+                &guard.node().ignore_globs(),
+                &r.policy,
+            ));
             log_policy_notes(&r.notes, &r.policy);
             r.policy
         });
@@ -624,7 +716,7 @@ impl MountArgs {
         ));
         if let Some(q) = &quarantine {
             fs.protect(Protection {
-                guard,
+                guard: Arc::clone(&guard),
                 quarantine: Arc::clone(q),
                 heal: (!self.no_heal).then(|| Arc::clone(&refs)),
                 quarantined: Default::default(),
@@ -637,7 +729,17 @@ impl MountArgs {
             qdir,
             min_free,
             policy: shared,
+            guard,
         })
+    }
+}
+
+/// Put the shared policy's globs in force on this node. Globs that do not
+/// compile (a hand-edited policy.json) leave the ones in force as they are.
+fn apply_shared_globs(guard: &LiveGuard, p: &Policy) {
+    match p.shared_guard() {
+        Ok(g) => guard.set_shared(g),
+        Err(e) => tracing::error!("{e}; the globs in force stay as they were"),
     }
 }
 
@@ -651,6 +753,8 @@ struct Built {
     min_free: Option<MinFree>,
     /// The shared policy as this node found (and proposed) it.
     policy: Option<Policy>,
+    /// This node's globs and the shared ones.
+    guard: Arc<LiveGuard>,
 }
 
 /// `MS_*` flags and the option string for mount(2) (after `fd=,rootmode=,user_id=,
@@ -694,7 +798,10 @@ fn mount_data(kernel: &[MountOption], ro: bool, allow_other: bool) -> (u64, Stri
 fn log_policy_notes(notes: &[Note], p: &Policy) {
     for n in notes {
         match n {
-            Note::Conflict { .. } | Note::FloorConflict { .. } | Note::WriteFailed(_) => {
+            Note::Conflict { .. }
+            | Note::FloorConflict { .. }
+            | Note::WriteFailed(_)
+            | Note::IgnoreConflict { .. } => {
                 tracing::warn!(retain_secs = p.retain_secs, "{n}")
             }
             _ => tracing::info!(retain_secs = p.retain_secs, "{n}"),
@@ -714,6 +821,8 @@ struct Sweeper {
     policy: Policy,
     refs: Arc<References>,
     backing: OwnedFd,
+    /// The guard, whose shared globs follow the policy.
+    guard: Arc<LiveGuard>,
 }
 
 /// How often the free-space floor is checked (one statvfs).
@@ -725,7 +834,7 @@ impl MountArgs {
     /// The options this daemon runs with, as `key=value` (node-local ones;
     /// retention and min_free as this node proposed them: the shared policy
     /// may differ, see `baseguard policy`).
-    fn options_in_effect(&self, qdir: &Option<PathBuf>, threads: u32) -> Vec<String> {
+    fn options_in_effect(&self, qdir: &Option<PathBuf>, threads: u32, node: &Guard) -> Vec<String> {
         let mut o = vec![
             format!("threads={threads}"),
             format!("heal={}", if self.no_heal { "off" } else { "on" }),
@@ -743,16 +852,38 @@ impl MountArgs {
         if let Some(q) = qdir {
             o.push(format!("quarantine={}", q.display()));
         }
-        o.extend(self.protect.iter().map(|g| format!("protect={g}")));
-        o.extend(self.ignore.iter().map(|g| format!("ignore={g}")));
+        if let Some(i) = &self.instances {
+            let b = std::fs::canonicalize(&self.backing).unwrap_or_else(|_| self.backing.clone());
+            o.push(format!("instances={}", b.join(i).display()));
+        }
+        // This node's globs as in force (the layout's defaults included);
+        // the shared ones are the policy's (`status` shows both).
+        o.extend(node.protect_globs().iter().map(|g| format!("protect={g}")));
+        o.extend(node.ignore_globs().iter().map(|g| format!("ignore={g}")));
         if let Some(l) = &self.log_level {
             o.push(format!("log_level={l}"));
+        }
+        if let Some(p) = &self.log_file {
+            o.push(format!("log_file={}", p.display()));
         }
         if let Some(p) = &self.metrics_file {
             o.push(format!("metrics_file={}", p.display()));
         }
-        if self.ro {
-            o.push("ro".into());
+        if let Some(p) = &self.stats_file {
+            o.push(format!("stats_file={}", p.display()));
+        }
+        o.push(if self.ro { "ro" } else { "rw" }.into());
+        o.push(
+            if self.root_only {
+                "root_only"
+            } else {
+                "allow_other"
+            }
+            .into(),
+        );
+        o.extend(self.kernel_flags.iter().cloned());
+        if let Some(f) = &crate::config::get().file {
+            o.push(format!("config={}", f.display()));
         }
         o
     }
@@ -841,7 +972,18 @@ impl Sweeper {
     fn refresh_policy(&mut self) -> bool {
         match Policy::read(&self.q) {
             Ok(Some(p)) if p == self.policy => false,
-            Ok(_) => {
+            Ok(None) => {
+                // A lost file must not drop the retention or the shared
+                // globs to this node's own options: write back the last one.
+                tracing::warn!(
+                    "the shared policy file is gone; writing back the policy in force (retention, floor and globs are never dropped by a lost file)"
+                );
+                if let Err(e) = self.policy.write(&self.q) {
+                    tracing::warn!(error = %e, "cannot write the shared policy back");
+                }
+                false
+            }
+            Ok(Some(_)) => {
                 let r = policy::reconcile_stored(&self.q, self.own_retain, self.own_min_free);
                 if r.policy.retain_secs != self.policy.retain_secs
                     || r.policy.min_free != self.policy.min_free
@@ -853,6 +995,27 @@ impl Sweeper {
                         "the shared policy changed"
                     );
                     log_policy_notes(&r.notes, &r.policy);
+                }
+                if let Some((reduced, what)) = r.policy.glob_change(&self.policy) {
+                    apply_shared_globs(&self.guard, &r.policy);
+                    let by = format!(
+                        "{} at {}",
+                        r.policy.set_by,
+                        crate::quarantine::fmt_utc(r.policy.set_at)
+                    );
+                    if reduced {
+                        tracing::warn!(
+                            set_by = %r.policy.set_by,
+                            "PROTECTION REDUCED by the shared policy ({what}), set by {by}; files this node already reached through a protected name stay protected until the kernel forgets them"
+                        );
+                    } else {
+                        tracing::info!(set_by = %r.policy.set_by, "protection changed by the shared policy ({what}), set by {by}; in force now");
+                    }
+                    if let Some(n) =
+                        policy::ignore_conflict(&self.guard.node().ignore_globs(), &r.policy)
+                    {
+                        log_policy_notes(&[n], &r.policy);
+                    }
                 }
                 let changed = r.policy != self.policy;
                 self.policy = r.policy;

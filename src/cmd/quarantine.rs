@@ -34,18 +34,44 @@ pub const FSTYPE: &str = "fuse.baseguard";
 pub struct Location {
     /// The instances directory: a baseguard mountpoint or the backing
     /// directory under it.
-    #[arg(long, value_name = "DIR", default_value = DEFAULT_DIR, global = true)]
-    pub dir: PathBuf,
+    /// [default: the configuration file's [commands] dir, else
+    /// /var/lib/nova/instances]
+    #[arg(long = "dir", value_name = "DIR", global = true)]
+    pub dir_arg: Option<PathBuf>,
     /// The quarantine directory, if the daemon runs with --quarantine
     /// (default: DIR's backing directory/.baseguard; a relative QDIR is
     /// taken relative to the backing directory, as the mount option is).
-    #[arg(long, value_name = "QDIR", global = true)]
-    pub quarantine: Option<PathBuf>,
+    #[arg(long = "quarantine", value_name = "QDIR", global = true)]
+    pub quarantine_arg: Option<PathBuf>,
     /// The instances directory, when baseguard serves `_base` alone and it
     /// is not `_base`'s parent (the daemon's --instances). When DIR has no
     /// baseguard mount but DIR/_base has, that mount is used.
-    #[arg(long, value_name = "IDIR")]
-    pub instances: Option<PathBuf>,
+    #[arg(long = "instances", value_name = "IDIR")]
+    pub instances_arg: Option<PathBuf>,
+}
+
+impl Location {
+    /// `--dir`, else the configuration file's, else [`DEFAULT_DIR`].
+    pub fn dir(&self) -> PathBuf {
+        self.dir_arg
+            .clone()
+            .or_else(|| crate::config::get().commands.dir.clone())
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DIR))
+    }
+
+    /// `--quarantine`, else the configuration file's.
+    pub fn quarantine(&self) -> Option<PathBuf> {
+        self.quarantine_arg
+            .clone()
+            .or_else(|| crate::config::get().commands.quarantine.clone())
+    }
+
+    /// `--instances`, else the configuration file's.
+    pub fn instances(&self) -> Option<PathBuf> {
+        self.instances_arg
+            .clone()
+            .or_else(|| crate::config::get().commands.instances.clone())
+    }
 }
 
 /// Durations (`30m`, `12h`, `14d`, `2w`, `1d12h`): the one parser of the crate.
@@ -229,12 +255,12 @@ pub fn resolve_backing(dir: &Path) -> Result<Backing, String> {
 
 /// [`resolve_backing`] for a command's `--dir`, `--instances`.
 pub fn resolve_location(loc: &Location) -> Result<Backing, String> {
-    let mut b = resolve_backing(&loc.dir)?;
+    let mut b = resolve_backing(&loc.dir())?;
     // Not mounted, and the quarantine is in `_base` (the `_base`-only
     // layout seen from a node without the mount): use `DIR/_base`.
     let q = quarantine::DEFAULT_DIR_NAME;
     let base = b.path.join(crate::refs::BASE_DIR);
-    if loc.quarantine.is_none()
+    if loc.quarantine().is_none()
         && b.mount.is_none()
         && b.instances.is_none()
         && !b.path.join(q).exists()
@@ -242,7 +268,7 @@ pub fn resolve_location(loc: &Location) -> Result<Backing, String> {
     {
         b = resolve_backing(&base)?;
     }
-    if let Some(i) = &loc.instances {
+    if let Some(i) = &loc.instances() {
         b.instances = Some(std::path::absolute(i).map_err(|e| {
             format!(
                 "cannot resolve the instances directory '{}': {e}",
@@ -342,7 +368,7 @@ fn cannot(msg: impl std::fmt::Display) -> ExitCode {
 
 /// The quarantine path a command uses, for messages.
 fn quarantine_path(b: &Backing, loc: &Location) -> PathBuf {
-    match &loc.quarantine {
+    match &loc.quarantine() {
         Some(p) => b.path.join(p),
         None => b.path.join(quarantine::DEFAULT_DIR_NAME),
     }
@@ -356,12 +382,12 @@ fn quarantine_path(b: &Backing, loc: &Location) -> PathBuf {
 /// could not see.
 pub fn open_quarantine(b: &Backing, loc: &Location) -> Result<Option<Quarantine>, String> {
     // A relative --quarantine is relative to the backing directory.
-    let qdir = loc.quarantine.as_ref().map(|p| b.path.join(p));
+    let qdir = loc.quarantine().map(|p| b.path.join(p));
     let qpath = quarantine_path(b, loc);
     match Quarantine::open_existing(b.fd.as_fd(), qdir.as_deref()) {
         Ok(q) => Ok(Some(q)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            if loc.quarantine.is_some() {
+            if loc.quarantine().is_some() {
                 Err(format!(
                     "there is no quarantine at '{}' (--quarantine names a directory that does not exist)",
                     qpath.display()
@@ -451,6 +477,8 @@ pub struct ListArgs {
     /// Print JSON: {"version": 1, "retain_secs": N, "entries": [...]}.
     #[arg(long)]
     pub json: bool,
+    #[arg(long, requires = "json", help = crate::cmd::text::COMPACT_HELP)]
+    pub compact: bool,
     /// Also show records whose stash or restore is in flight or was
     /// interrupted (state pending/restoring).
     #[arg(long)]
@@ -660,6 +688,8 @@ pub struct ShowArgs {
     /// `list --json` plus referenced_by and next_step.
     #[arg(long)]
     pub json: bool,
+    #[arg(long, requires = "json", help = crate::cmd::text::COMPACT_HELP)]
+    pub compact: bool,
     /// Retention time for the expiry [default: the shared policy's].
     #[arg(long, value_name = "DUR", value_parser = parse_duration)]
     pub retain: Option<Duration>,
@@ -980,6 +1010,8 @@ pub struct PurgeArgs {
     /// (with --dry-run, "purged" is what --yes would purge).
     #[arg(long)]
     pub json: bool,
+    #[arg(long, requires = "json", help = crate::cmd::text::COMPACT_HELP)]
+    pub compact: bool,
     /// Also delete files that an instance disk still references (without
     /// it they are kept, and said why).
     #[arg(long)]
@@ -1220,6 +1252,8 @@ pub struct StatusArgs {
     /// Print JSON ({"version": 1, ...}).
     #[arg(long)]
     pub json: bool,
+    #[arg(long, requires = "json", help = crate::cmd::text::COMPACT_HELP)]
+    pub compact: bool,
     /// Retention time, to count entries due for purging [default: the shared
     /// policy's].
     #[arg(long, value_name = "DUR", value_parser = parse_duration)]
@@ -1412,6 +1446,20 @@ impl StatusArgs {
                 "policy:",
                 crate::mountopts::format_duration(retain)
             ),
+        }
+        if let Some(p) = &stored_policy {
+            if !p.protect.is_empty() {
+                let g: Vec<String> = p.protect.iter().map(|g| text::quote_str(g)).collect();
+                println!("{:<13}  protect {} (on every node)", "", g.join(" "));
+            }
+            if !p.ignore.is_empty() {
+                let g: Vec<String> = p.ignore.iter().map(|g| text::quote_str(g)).collect();
+                println!(
+                    "{:<13}  ignore {} (narrows the shared protect only)",
+                    "",
+                    g.join(" ")
+                );
+            }
         }
         println!("{:<13}{}", "entries:", st.entries);
         println!(

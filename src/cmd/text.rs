@@ -27,7 +27,7 @@ pub mod exit {
 }
 
 /// The help text block listing the statuses, for `after_help`.
-pub const EXIT_HELP: &str = "Exit status: 0 ok; 1 attention (a near miss, a restorable link, a preview, a refused request: nothing changed); 2 loss (a needed file is gone); 3 could not check (not root, not a baseguard directory, unreadable quarantine); 64 usage error.";
+pub const EXIT_HELP: &str = "Exit status: 0 ok; 1 attention (a near miss, a restorable link, a preview, a refused request: nothing changed); 2 loss (a needed file is gone); 3 could not check (not root, not a baseguard directory, unreadable quarantine); 64 usage error (a wrong option, a bad configuration file).";
 
 /// Print `msg` as `baseguard: msg` on stderr and return `code`.
 pub fn fail_with(code: u8, msg: impl std::fmt::Display) -> ExitCode {
@@ -142,8 +142,25 @@ pub fn visible(s: &str) -> String {
 /// The version of every `--json` document's layout.
 pub const JSON_VERSION: u32 = 1;
 
-/// Print a JSON document: an object carrying `"version": 1` first.
-pub fn print_json(mut v: serde_json::Value) {
+/// `--compact` was given (or the configuration file asks for compact JSON).
+static COMPACT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// One line per document (`--compact`), else the configuration file's
+/// `[commands] json`, else pretty.
+pub fn set_json_style(compact_flag: bool) {
+    let from_file = crate::config::get().commands.json == Some(crate::config::JsonStyle::Compact);
+    COMPACT.store(
+        compact_flag || from_file,
+        std::sync::atomic::Ordering::Relaxed,
+    );
+}
+
+/// The help of every command's `--compact`.
+pub const COMPACT_HELP: &str = "With --json: the document on one line (default: pretty-printed, or [commands] json in the configuration file)";
+
+/// A JSON document as printed: an object carrying `"version": 1` first,
+/// pretty-printed unless compact was asked for.
+pub fn json_text(mut v: serde_json::Value) -> String {
     if let Some(o) = v.as_object_mut() {
         let mut m = serde_json::Map::new();
         m.insert("version".into(), JSON_VERSION.into());
@@ -154,7 +171,16 @@ pub fn print_json(mut v: serde_json::Value) {
         }
         v = serde_json::Value::Object(m);
     }
-    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    if COMPACT.load(std::sync::atomic::Ordering::Relaxed) {
+        serde_json::to_string(&v).unwrap_or_default()
+    } else {
+        serde_json::to_string_pretty(&v).unwrap_or_default()
+    }
+}
+
+/// Print a JSON document (see [`json_text`]).
+pub fn print_json(v: serde_json::Value) {
+    println!("{}", json_text(v));
 }
 
 /// RFC 3339 (UTC, seconds) for an epoch-seconds time.
