@@ -10,5 +10,6 @@
 pub mod custody;
 pub mod proto;
 pub mod registry;
+pub mod ring;
 pub mod server;
 pub mod supervisor;
