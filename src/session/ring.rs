@@ -269,13 +269,31 @@ pub fn start(
     }
     drop(tx);
     for _ in 0..threads.len() {
-        match rx.recv() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(e),
-            Err(_) => return Err("a ring thread ended before it registered".into()),
+        let r = match rx.recv() {
+            Ok(r) => r,
+            Err(_) => Err("a ring thread ended before it registered".into()),
+        };
+        if let Err(e) = r {
+            turn_off(fuse);
+            return Err(e);
         }
     }
     Ok(threads)
+}
+
+/// After a failure with some queues registered: make the kernel give up the rings for
+/// this connection (it waits for every queue before it sends a request otherwise). A
+/// REGISTER it refuses does that; one for a queue that does not exist is always refused.
+fn turn_off(fuse: &OwnedFd) {
+    let r = fuse.try_clone().and_then(|f| {
+        let mut ring = Ring::new(f, 2)?;
+        let e = ring.new_entry(PAYLOAD)?;
+        ring.register(e, u16::MAX)?;
+        ring.submit(&mut Vec::new())
+    });
+    if let Err(e) = r {
+        tracing::error!(error = %e, "cannot turn the rings off: requests may wait");
+    }
 }
 
 fn serve_queue(

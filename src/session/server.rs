@@ -136,6 +136,7 @@ impl Attached {
         let ring_fd = fuse
             .try_clone()
             .map_err(|e| format!("cannot duplicate the FUSE descriptor: {e}"))?;
+        let mut agreed = params;
         let session = match params {
             None => {
                 let s = Session::from_fd(adapter, fuse, acl, config)
@@ -149,6 +150,7 @@ impl Attached {
                 };
                 link.send(&ToSupervisor::Params { params }, &[])
                     .map_err(|e| format!("cannot reach the supervisor: {e}"))?;
+                agreed = Some(params);
                 s
             }
             Some(p) => {
@@ -191,7 +193,7 @@ impl Attached {
         session
             .run_with(|dispatcher| {
                 let threads = if uring {
-                    start_rings(
+                    let t = start_rings(
                         &ring_fd,
                         dispatcher,
                         threads,
@@ -199,7 +201,16 @@ impl Attached {
                         &ring_stats,
                         transport,
                         resumed,
-                    )
+                    );
+                    if t.is_empty() {
+                        // The kernel turned the rings off for this connection (a failed
+                        // REGISTER does): later servers must not try them again.
+                        if let Some(mut p) = agreed {
+                            p.uring = false;
+                            let _ = link.send(&ToSupervisor::Params { params: p }, &[]);
+                        }
+                    }
+                    t
                 } else {
                     say_transport(Transport::Dev, transport, "");
                     Vec::new()
