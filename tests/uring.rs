@@ -169,7 +169,10 @@ fn passthrough_still_carries_the_data_over_the_rings() {
     assert_eq!(s["write"], 0, "{s}");
     assert!(s["passthrough_opens"].as_u64().unwrap() >= 2, "{s}");
     assert!(s["uring_requests"].as_u64().unwrap() > 0, "{s}");
-    assert_eq!(&std::fs::read(b.join("image")).unwrap()[..11], b"overwritten");
+    assert_eq!(
+        &std::fs::read(b.join("image")).unwrap()[..11],
+        b"overwritten"
+    );
     assert_eq!(m.unmount().code(), Some(0));
 }
 
@@ -229,7 +232,10 @@ fn a_killed_server_is_replaced_and_requests_made_meanwhile_are_answered() {
     let after = registry::find(&m.mountpoint).unwrap();
     assert!(after.generation > before.generation);
     churn(&m, 5);
-    assert!(uring_requests(&m) > 0, "the new server does not serve the rings");
+    assert!(
+        uring_requests(&m) > 0,
+        "the new server does not serve the rings"
+    );
     assert_eq!(m.unmount().code(), Some(0));
 }
 
