@@ -104,6 +104,13 @@ pub struct MountDefaults {
     pub threads: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub passthrough: Option<bool>,
+    /// `auto`, `uring` or `dev` (see `transport=`).
+    #[serde(
+        default,
+        deserialize_with = "de_transport",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub transport: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub heal: Option<bool>,
     #[serde(
@@ -222,6 +229,16 @@ fn de_threads<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> 
         )));
     }
     Ok(Some(n as u32))
+}
+
+fn de_transport<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let v = String::deserialize(d)?;
+    match crate::session::ring::Choice::parse(&v) {
+        Some(_) => Ok(Some(v)),
+        None => Err(custom::<D>(format!(
+            "`{v}` is not a transport (auto, uring or dev)"
+        ))),
+    }
 }
 
 fn de_globs<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {

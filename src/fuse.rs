@@ -52,6 +52,11 @@ pub struct Handover {
     /// Set once the session exists: tells the kernel when an attribute it
     /// caches changed behind its back (a write that cleared set-ID bits).
     pub notifier: OnceLock<Notifier>,
+    /// Ask the kernel for FUSE-over-io_uring at INIT (`transport=uring`).
+    pub want_uring: AtomicBool,
+    /// FUSE-over-io_uring was negotiated (set at INIT, or restored on a resume): the
+    /// kernel waits for ring entries on every CPU queue before it sends a request.
+    pub uring: AtomicBool,
 }
 
 /// The adapter.
@@ -366,12 +371,24 @@ impl fuser::Filesystem for FuseAdapter {
         self.shared
             .passthrough
             .store(self.passthrough, Ordering::Relaxed);
+        // FUSE-over-io_uring: offered only when the module parameter allows it. The ring
+        // entries' payload buffers must hold max_write: 1 MiB keeps them small.
+        let uring = self.shared.want_uring.load(Ordering::Relaxed)
+            && caps.contains(InitFlags::FUSE_OVER_IO_URING)
+            && config
+                .add_capabilities(InitFlags::FUSE_OVER_IO_URING)
+                .is_ok();
+        if uring {
+            let _ = config.set_max_write(crate::session::ring::PAYLOAD as u32);
+        }
+        self.shared.uring.store(uring, Ordering::Relaxed);
         if let Some(c) = self.custody() {
             let v = config.kernel_abi();
             c.keep_params(crate::session::proto::Params {
                 major: v.0,
                 minor: v.1,
                 passthrough: self.passthrough,
+                uring,
             });
         }
         tracing::info!(

@@ -95,6 +95,9 @@ pub struct RunFile {
     /// The options in effect (`key=value`), for `status`.
     #[serde(default)]
     pub options: Vec<String>,
+    /// How requests reach it: `dev` (/dev/fuse) or `uring` (FUSE-over-io_uring).
+    #[serde(default)]
+    pub transport: String,
 }
 
 impl RunFile {

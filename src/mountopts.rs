@@ -28,6 +28,7 @@
 //! | `heal=on\|off` | `off` → `--no-heal` |
 //! | `threads=N` (1..=1024) | `--threads=N` |
 //! | `passthrough=on\|off` | `off` → `--no-passthrough` |
+//! | `transport=auto\|uring\|dev` | `--transport=...` |
 //! | `log_file=PATH` / `log-file=PATH` | `--log-file=PATH` |
 //! | `stats_file=PATH` / `stats-file=PATH` | `--stats-file=PATH` |
 //! | `min_free=N%\|SIZE` (`10%`, `20G`) | `--min-free=N%\|SIZE` |
@@ -100,6 +101,8 @@ pub struct FstabOptions {
     pub threads: Option<usize>,
     /// `passthrough=on|off`.
     pub passthrough: Option<bool>,
+    /// `transport=auto|uring|dev`.
+    pub transport: Option<String>,
     /// `log_file=` / `log-file=`.
     pub log_file: Option<PathBuf>,
     /// `stats_file=` / `stats-file=`.
@@ -202,6 +205,22 @@ impl FstabOptions {
             ("ignore", Some(v)) => self.ignore.push(nonempty(item, v)?.to_string()),
             ("heal", Some(v)) => self.heal = Some(on_off(item, v)?),
             ("passthrough", Some(v)) => self.passthrough = Some(on_off(item, v)?),
+            ("transport", Some(v)) => {
+                if crate::session::ring::Choice::parse(v).is_none() {
+                    return Err(err(
+                        item,
+                        format!(
+                            "Mount option `{item}` is invalid: use auto, uring (FUSE-over-io_uring) or dev (/dev/fuse)."
+                        ),
+                    ));
+                }
+                self.transport = Some(
+                    crate::session::ring::Choice::parse(v)
+                        .unwrap_or_default()
+                        .name()
+                        .to_string(),
+                );
+            }
             ("threads", Some(v)) => {
                 let n = v
                     .parse::<usize>()
@@ -237,7 +256,7 @@ impl FstabOptions {
             (
                 "retain" | "quarantine" | "instances" | "protect" | "ignore" | "heal"
                 | "passthrough" | "threads" | "log_file" | "stats_file" | "min_free" | "log_level"
-                | "metrics_file",
+                | "metrics_file" | "transport",
                 None,
             ) => {
                 return Err(err(
@@ -257,7 +276,7 @@ impl FstabOptions {
                     return Err(err(
                         item,
                         format!(
-                            "Unknown mount option `{item}` (baseguard knows retain, quarantine, instances, protect, ignore, heal, threads, passthrough, log_file, stats_file, min_free, log_level, metrics_file, allow_other, ro, rw and the kernel flags noatime, nosuid, nodev, noexec and the like)."
+                            "Unknown mount option `{item}` (baseguard knows retain, quarantine, instances, protect, ignore, heal, threads, passthrough, transport, log_file, stats_file, min_free, log_level, metrics_file, allow_other, ro, rw and the kernel flags noatime, nosuid, nodev, noexec and the like)."
                         ),
                     ));
                 }
@@ -278,6 +297,9 @@ impl FstabOptions {
         }
         if self.passthrough == Some(false) {
             a.push("--no-passthrough".into());
+        }
+        if let Some(t) = &self.transport {
+            a.push(format!("--transport={t}"));
         }
         if self.allow_other {
             a.push("--allow-other".into());

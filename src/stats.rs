@@ -27,6 +27,7 @@ ops! {
     Getxattr => "getxattr", Listxattr => "listxattr", Setxattr => "setxattr",
     Removexattr => "removexattr", Passthrough => "passthrough_opens",
     Quarantined => "quarantined", Healed => "healed", Errors => "errors",
+    UringRequests => "uring_requests",
 }
 
 /// The counters.

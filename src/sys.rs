@@ -14,6 +14,8 @@ use std::os::unix::ffi::OsStrExt;
 
 pub use libc::stat as Stat;
 
+pub mod uring;
+
 /// Result of a raw syscall returning -1 on error.
 fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
     if ret == -1 {

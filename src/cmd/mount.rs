@@ -85,6 +85,11 @@ pub struct MountArgs {
     /// (much slower; for kernels without CONFIG_FUSE_PASSTHROUGH or debugging).
     #[arg(long)]
     pub no_passthrough: bool,
+    /// How requests reach the daemon: `dev` (/dev/fuse), `uring` (FUSE-over-io_uring when
+    /// the kernel allows it, else /dev/fuse; a request held by a serving process that is
+    /// killed or upgraded can be lost) or `auto` (today /dev/fuse) [default: auto].
+    #[arg(long, value_enum)]
+    pub transport: Option<crate::session::ring::Choice>,
     /// Mount read-only.
     #[arg(long)]
     pub ro: bool,
@@ -309,6 +314,10 @@ impl MountArgs {
             self.ignore = c.ignore;
         }
         self.threads = self.threads.or(c.threads);
+        self.transport = self.transport.or(c
+            .transport
+            .as_deref()
+            .and_then(crate::session::ring::Choice::parse));
         self.log_file = self.log_file.take().or(c.log_file);
         self.stats_file = self.stats_file.take().or(c.stats_file);
         self.min_free = self.min_free.take().or(c.min_free);
@@ -349,6 +358,10 @@ impl MountArgs {
             self.ignore = o.ignore;
         }
         self.threads = self.threads.or(o.threads.map(|t| t as u32));
+        self.transport = self.transport.or(o
+            .transport
+            .as_deref()
+            .and_then(crate::session::ring::Choice::parse));
         self.log_file = self.log_file.take().or(o.log_file);
         self.stats_file = self.stats_file.take().or(o.stats_file);
         self.min_free = self.min_free.take().or(o.min_free);
@@ -560,12 +573,15 @@ impl MountArgs {
         let generation = att.generation();
         let detached = self.log_target_detached;
         let handover = !self.no_handover;
+        let transport = self.transport.unwrap_or_default();
+        *crate::session::ring::MOUNTPOINT.lock() = Some(mountpoint.clone());
         let r = att.serve(
             Arc::clone(&fs),
             !self.no_passthrough,
             acl,
             threads,
             handover,
+            transport,
             || {
                 tracing::info!(
                     backing = %backing.display(),
@@ -837,6 +853,7 @@ impl MountArgs {
     fn options_in_effect(&self, qdir: &Option<PathBuf>, threads: u32, node: &Guard) -> Vec<String> {
         let mut o = vec![
             format!("threads={threads}"),
+            format!("transport={}", self.transport.unwrap_or_default().name()),
             format!("heal={}", if self.no_heal { "off" } else { "on" }),
             format!(
                 "passthrough={}",
@@ -1076,6 +1093,7 @@ fn spawn_reporter(mut r: Reporter) -> Result<(), String> {
                     return;
                 }
                 r.run.counters = r.fs.stats.to_json();
+                r.run.transport = crate::session::ring::current().to_string();
                 r.run.purged = r.purged.load(Ordering::Relaxed);
                 if let Err(e) = r.run.write()
                     && !warned

@@ -1344,6 +1344,10 @@ impl StatusArgs {
                     if let Some(o) = v.as_object_mut() {
                         o.insert("log".into(), serde_json::json!(run.map(|r| r.log.clone())));
                         o.insert(
+                            "transport".into(),
+                            serde_json::json!(run.map(|r| r.transport.clone()).filter(|t| !t.is_empty())),
+                        );
+                        o.insert(
                             "options".into(),
                             serde_json::json!(run.map(|r| r.options.clone())),
                         );
@@ -1391,7 +1395,14 @@ impl StatusArgs {
                 let log = runs
                     .iter()
                     .find(|r| r.mountpoint == m.mountpoint)
-                    .map(|r| format!(", logging to {}", r.log))
+                    .map(|r| {
+                        let t = if r.transport.is_empty() {
+                            "dev"
+                        } else {
+                            r.transport.as_str()
+                        };
+                        format!(", logging to {}, transport {t}", r.log)
+                    })
                     .unwrap_or_default();
                 println!(
                     "{:<13}{} (backing {}){}{log}",

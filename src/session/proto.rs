@@ -19,6 +19,10 @@ pub struct Params {
     pub minor: u32,
     /// Kernel passthrough was negotiated (backing ids are in use).
     pub passthrough: bool,
+    /// FUSE-over-io_uring was negotiated: every server must register ring entries (once
+    /// the kernel has them on every queue, it sends requests nowhere else).
+    #[serde(default)]
+    pub uring: bool,
 }
 
 /// Supervisor to serving process.

@@ -5,6 +5,7 @@
 use std::io::Write;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -12,6 +13,7 @@ use fuser::{Config, Session, SessionACL};
 
 use super::custody::{Custody, Kept};
 use super::proto::{Link, Params, ToServer, ToSupervisor};
+use super::ring::{self, Choice, RingStats, Transport};
 use crate::fs::{Handle, InodeRecord, Passthrough};
 use crate::fuse::{FuseAdapter, Handover};
 
@@ -92,6 +94,7 @@ impl Attached {
 
     /// Serve `fs` on the session until it is unmounted (or handed over, in which case the
     /// process exits here). `on_serving` runs once requests are answered.
+    #[allow(clippy::too_many_arguments)]
     pub fn serve(
         self,
         fs: Arc<Passthrough>,
@@ -99,6 +102,7 @@ impl Attached {
         acl: SessionACL,
         threads: usize,
         handover: bool,
+        transport: Choice,
         on_serving: impl FnOnce(),
     ) -> Result<(), String> {
         let Attached {
@@ -113,6 +117,9 @@ impl Attached {
         let (ack_tx, ack_rx) = mpsc::channel();
         let custody = Arc::new(Custody::new(Arc::clone(&link), ack_rx));
         let shared = Arc::new(Handover::default());
+        shared
+            .want_uring
+            .store(transport.wants_uring(), Ordering::Relaxed);
         if handover {
             let _ = shared.custody.set(Arc::clone(&custody));
         }
@@ -126,6 +133,10 @@ impl Attached {
         let notify = fuse
             .try_clone()
             .map_err(|e| format!("cannot duplicate the FUSE descriptor: {e}"))?;
+        let ring_fd = fuse
+            .try_clone()
+            .map_err(|e| format!("cannot duplicate the FUSE descriptor: {e}"))?;
+        let mut agreed = params;
         let session = match params {
             None => {
                 let s = Session::from_fd(adapter, fuse, acl, config)
@@ -134,18 +145,17 @@ impl Attached {
                 let params = Params {
                     major,
                     minor,
-                    passthrough: shared
-                        .passthrough
-                        .load(std::sync::atomic::Ordering::Relaxed),
+                    passthrough: shared.passthrough.load(Ordering::Relaxed),
+                    uring: shared.uring.load(Ordering::Relaxed),
                 };
                 link.send(&ToSupervisor::Params { params }, &[])
                     .map_err(|e| format!("cannot reach the supervisor: {e}"))?;
+                agreed = Some(params);
                 s
             }
             Some(p) => {
-                shared
-                    .passthrough
-                    .store(p.passthrough, std::sync::atomic::Ordering::Relaxed);
+                shared.passthrough.store(p.passthrough, Ordering::Relaxed);
+                shared.uring.store(p.uring, Ordering::Relaxed);
                 let s = Session::resume(adapter, fuse, acl, config, (p.major, p.minor));
                 let n = kept.len();
                 let t = std::time::Instant::now();
@@ -161,7 +171,9 @@ impl Attached {
         };
         let _ = shared.gate.set(session.gate());
         let _ = shared.notifier.set(session.notifier());
-        listen(&link, &session.gate(), &custody, ack_tx);
+        let uring = shared.uring.load(Ordering::Relaxed);
+        let ring_stats = Arc::new(RingStats::default());
+        listen(&link, &session.gate(), &custody, &ring_stats, ack_tx);
         if params.is_some() {
             let mut f = std::fs::File::from(notify);
             let mut msg = Vec::with_capacity(16);
@@ -176,10 +188,100 @@ impl Attached {
         }
         link.send(&ToSupervisor::Serving, &[])
             .map_err(|e| format!("cannot reach the supervisor: {e}"))?;
-        on_serving();
+        let resumed = params.is_some();
+        let mut on_serving = Some(on_serving);
         session
-            .run()
+            .run_with(|dispatcher| {
+                let threads = if uring {
+                    let t = start_rings(
+                        &ring_fd,
+                        dispatcher,
+                        threads,
+                        &fs,
+                        &ring_stats,
+                        transport,
+                        resumed,
+                    );
+                    if t.is_empty() {
+                        // The kernel turned the rings off for this connection (a failed
+                        // REGISTER does): later servers must not try them again.
+                        if let Some(mut p) = agreed {
+                            p.uring = false;
+                            let _ = link.send(&ToSupervisor::Params { params: p }, &[]);
+                        }
+                    }
+                    t
+                } else {
+                    say_transport(Transport::Dev, transport, "");
+                    Vec::new()
+                };
+                if let Some(f) = on_serving.take() {
+                    f();
+                }
+                threads
+            })
             .map_err(|e| format!("the FUSE session ended with an error: {e}"))
+    }
+}
+
+/// Register the ring entries (FUSE-over-io_uring was negotiated at INIT). On failure the
+/// kernel has turned the rings off for this connection and /dev/fuse carries on.
+fn start_rings(
+    fuse: &OwnedFd,
+    dispatcher: fuser::Dispatcher<FuseAdapter>,
+    threads: usize,
+    fs: &Arc<Passthrough>,
+    ring_stats: &Arc<RingStats>,
+    choice: Choice,
+    resumed: bool,
+) -> Vec<std::thread::JoinHandle<()>> {
+    let per_queue = threads.div_ceil(ring::possible_cpus()).max(2);
+    match ring::start(
+        fuse,
+        dispatcher,
+        per_queue,
+        Arc::clone(fs),
+        Arc::clone(ring_stats),
+    ) {
+        Ok(t) => {
+            say_transport(Transport::Uring, choice, "");
+            if resumed {
+                ring::kick_queues();
+            }
+            t
+        }
+        Err(e) => {
+            say_transport(Transport::Dev, choice, &e);
+            Vec::new()
+        }
+    }
+}
+
+/// Log which transport serves, once per serving process, and publish it for `status`.
+fn say_transport(t: Transport, choice: Choice, why: &str) {
+    ring::set_current(t);
+    match (t, choice) {
+        (Transport::Uring, _) => tracing::warn!(
+            transport = "uring",
+            option = choice.name(),
+            "requests go through FUSE-over-io_uring: a request held by a serving process \
+             that is killed or upgraded can be lost (its caller hangs); see README"
+        ),
+        (Transport::Dev, Choice::Uring) => tracing::warn!(
+            transport = "dev",
+            option = "uring",
+            reason = if why.is_empty() {
+                "the kernel did not offer FUSE-over-io_uring (fuse.enable_uring=0 or kernel < 6.14)"
+            } else {
+                why
+            },
+            "FUSE-over-io_uring unavailable: requests go through /dev/fuse"
+        ),
+        (Transport::Dev, _) => tracing::info!(
+            transport = "dev",
+            option = choice.name(),
+            "requests go through /dev/fuse"
+        ),
     }
 }
 
@@ -268,9 +370,11 @@ fn listen(
     link: &Arc<Link>,
     gate: &Arc<fuser::Gate>,
     custody: &Arc<Custody>,
+    ring_stats: &Arc<RingStats>,
     acks: mpsc::Sender<()>,
 ) {
     let (link, gate, custody) = (Arc::clone(link), Arc::clone(gate), Arc::clone(custody));
+    let ring_stats = Arc::clone(ring_stats);
     let spawned = std::thread::Builder::new()
         .name("supervisor".into())
         .spawn(move || {
@@ -281,7 +385,9 @@ fn listen(
                     }
                     Ok(Some((ToServer::Drain, _))) => {
                         gate.close();
-                        while gate.busy() > 0 {
+                        // Ring requests cannot be left to the next server (the kernel
+                        // resends none from rings): the ring threads answer what they hold.
+                        while gate.busy() > 0 || ring_stats.busy.load(Ordering::SeqCst) > 0 {
                             std::thread::sleep(Duration::from_micros(200));
                         }
                         custody.flush();

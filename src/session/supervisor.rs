@@ -22,6 +22,9 @@
 //!
 //! Requests that arrive while no server runs wait in the kernel; requests a dead server had
 //! read and not answered are handed out again by `FUSE_NOTIFY_RESEND` (kernel >= 6.9).
+//! Not with FUSE-over-io_uring (`transport=uring`, [`super::ring`]): on 6.18 a request held
+//! in a dead server's ring entry is never resent and its caller waits until the mount is
+//! aborted, so `transport=auto` keeps /dev/fuse.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;

@@ -36,8 +36,12 @@ use crate::passthrough::BackingId;
 
 /// Generic reply callback to send data
 #[derive(Debug)]
+#[derive(Clone)]
 pub(crate) enum ReplySender {
     Channel(ChannelSender),
+    /// An external transport (baseguard patch): the reply goes to `1`; backing ids are
+    /// still registered through the /dev/fuse channel `0`.
+    External(ChannelSender, std::sync::Arc<dyn ExternalReply>),
     #[cfg(test)]
     Assert(AssertSender),
     #[cfg(test)]
@@ -49,6 +53,7 @@ impl ReplySender {
     pub(crate) fn send(&self, data: &[IoSlice<'_>]) -> std::io::Result<()> {
         match self {
             ReplySender::Channel(sender) => sender.send(data),
+            ReplySender::External(_, ext) => ext.send(data),
             #[cfg(test)]
             ReplySender::Assert(sender) => sender.send(data),
             #[cfg(test)]
@@ -62,7 +67,9 @@ impl ReplySender {
     /// Open a backing file
     pub(crate) fn open_backing(&self, fd: BorrowedFd<'_>) -> std::io::Result<BackingId> {
         match self {
-            ReplySender::Channel(sender) => sender.open_backing(fd),
+            ReplySender::Channel(sender) | ReplySender::External(sender, _) => {
+                sender.open_backing(fd)
+            }
             #[cfg(test)]
             ReplySender::Assert(_) => unreachable!(),
             #[cfg(test)]
@@ -73,7 +80,9 @@ impl ReplySender {
     /// Wraps a raw backing file ID
     pub(crate) unsafe fn wrap_backing(&self, id: u32) -> BackingId {
         match self {
-            ReplySender::Channel(sender) => unsafe { sender.wrap_backing(id) },
+            ReplySender::Channel(sender) | ReplySender::External(sender, _) => unsafe {
+                sender.wrap_backing(id)
+            },
             #[cfg(test)]
             ReplySender::Assert(_) => unreachable!(),
             #[cfg(test)]
@@ -82,8 +91,17 @@ impl ReplySender {
     }
 }
 
+/// Where a reply goes when a request came through a transport other than reading
+/// /dev/fuse, e.g. a FUSE-over-io_uring ring entry (baseguard patch). `data` is the whole
+/// reply as /dev/fuse would take it: `fuse_out_header` first, then the body. Called at most
+/// once per request, from whichever thread replies.
+pub trait ExternalReply: Send + Sync + std::fmt::Debug {
+    /// Deliver the reply.
+    fn send(&self, data: &[IoSlice<'_>]) -> std::io::Result<()>;
+}
+
 #[cfg(test)]
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct AssertSender {
     expected: Vec<u8>,
 }

@@ -335,6 +335,17 @@ impl<FS: Filesystem> Session<FS> {
     /// # Errors
     /// Returns any final error when the session comes to an end.
     pub fn run(self) -> io::Result<()> {
+        self.run_with(|_| Vec::new())
+    }
+
+    /// Like [`Session::run`], and first hands `extra` a [`Dispatcher`] through which
+    /// requests that arrive by another transport (e.g. FUSE-over-io_uring) reach the same
+    /// filesystem (baseguard patch). The threads `extra` returns are joined, after the event
+    /// loops end, before `destroy`.
+    pub fn run_with<F>(self, extra: F) -> io::Result<()>
+    where
+        F: FnOnce(Dispatcher<FS>) -> Vec<JoinHandle<()>>,
+    {
         let Session {
             filesystem,
             ch,
@@ -378,9 +389,24 @@ impl<FS: Filesystem> Session<FS> {
                 channels.push(ch.clone());
             }
         }
-        channels.push(ch);
 
         let mut threads = Vec::with_capacity(n_threads);
+
+        let extra_threads = {
+            let sender = ch.sender();
+            extra(Dispatcher {
+                event_loop: SessionEventLoop {
+                    thread_name: "fuser-ext".to_string(),
+                    filesystem: filesystem.clone(),
+                    ch: ch.clone(),
+                    allowed,
+                    session_owner,
+                    gate: Arc::clone(&gate),
+                },
+                sender,
+            })
+        };
+        channels.push(ch);
 
         for (i, ch) in channels.into_iter().enumerate() {
             let thread_name = format!("fuser-{i}");
@@ -411,6 +437,12 @@ impl<FS: Filesystem> Session<FS> {
                 if reply.is_ok() {
                     reply = Err(e);
                 }
+            }
+        }
+
+        for thread in extra_threads {
+            if thread.join().is_err() && reply.is_ok() {
+                reply = Err(io::Error::other("a transport thread panicked"));
             }
         }
 
@@ -604,6 +636,47 @@ impl SessionUnmounter {
     }
 }
 
+/// Dispatches requests that arrived by another transport than reading /dev/fuse to the
+/// session's filesystem (baseguard patch); see [`Session::run_with`].
+#[derive(Debug)]
+pub struct Dispatcher<FS: Filesystem> {
+    event_loop: SessionEventLoop<FS>,
+    sender: ChannelSender,
+}
+
+impl<FS: Filesystem> Dispatcher<FS> {
+    /// Parse `data` (a request as /dev/fuse would give it: `fuse_in_header`, then its
+    /// arguments) and call the filesystem; the reply goes to `reply`. False, with no reply,
+    /// if `data` is not a request.
+    pub fn dispatch(&self, data: &[u8], reply: Arc<dyn crate::reply::ExternalReply>) -> bool {
+        let sender = ReplySender::External(self.sender.clone(), reply);
+        match RequestWithSender::with_sender(sender, data) {
+            Some(req) => {
+                req.dispatch(&self.event_loop);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+impl<FS: Filesystem> Clone for Dispatcher<FS> {
+    fn clone(&self) -> Self {
+        Dispatcher {
+            event_loop: SessionEventLoop {
+                thread_name: self.event_loop.thread_name.clone(),
+                filesystem: Arc::clone(&self.event_loop.filesystem),
+                ch: self.event_loop.ch.clone(),
+                allowed: self.event_loop.allowed,
+                session_owner: self.event_loop.session_owner,
+                gate: Arc::clone(&self.event_loop.gate),
+            },
+            sender: self.sender.clone(),
+        }
+    }
+}
+
+#[derive(Debug)]
 pub(crate) struct SessionEventLoop<FS: Filesystem> {
     /// Cache thread name for faster `debug!`.
     pub(crate) thread_name: String,
