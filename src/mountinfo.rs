@@ -3,6 +3,10 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
+use serde::Serialize;
+
+use crate::sys;
+
 /// One mount, the parts baseguard uses.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MountInfo {
@@ -89,5 +93,119 @@ mod tests {
         assert!(topmost(&m, Path::new("/nope")).is_none());
         assert_eq!(unescape("a\\134b\\011"), "a\\b\t");
         assert_eq!(unescape("trailing\\04"), "trailing\\04");
+    }
+}
+
+// ---- who holds a mount, and unmounting without detaching -------------------
+
+/// A process that keeps a mount busy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Holder {
+    pub pid: u32,
+    pub comm: String,
+    /// What it holds: an open file's path, or `cwd PATH`.
+    pub what: String,
+}
+
+impl std::fmt::Display for Holder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "pid {} ({}) {}", self.pid, self.comm, self.what)
+    }
+}
+
+/// The processes holding files open on the mount with id `mount_id` (from
+/// `/proc/PID/fdinfo`, exact), or with their working directory under `mp`
+/// (by path). This process is left out.
+pub fn holders(mount_id: u64, mp: &Path) -> Vec<Holder> {
+    let me = std::process::id();
+    let mut out = Vec::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for p in procs.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let base = p.path();
+        let comm = std::fs::read_to_string(base.join("comm"))
+            .map(|s| s.trim_end().to_string())
+            .unwrap_or_default();
+        if let Ok(cwd) = std::fs::read_link(base.join("cwd")) {
+            if cwd.starts_with(mp) {
+                out.push(Holder {
+                    pid,
+                    comm: comm.clone(),
+                    what: format!("cwd {}", cwd.display()),
+                });
+            }
+        }
+        let Ok(fds) = std::fs::read_dir(base.join("fdinfo")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let Ok(info) = std::fs::read_to_string(fd.path()) else {
+                continue;
+            };
+            let on_mount = info
+                .lines()
+                .find_map(|l| l.strip_prefix("mnt_id:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                == Some(mount_id);
+            if on_mount {
+                let what = std::fs::read_link(base.join("fd").join(fd.file_name()))
+                    .map(|t| t.display().to_string())
+                    .unwrap_or_else(|_| "an open file".into());
+                out.push(Holder {
+                    pid,
+                    comm: comm.clone(),
+                    what,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// The topmost mount exactly at `mp` (not resolved: a dead mountpoint
+/// cannot be stat'ed).
+pub fn mount_at(mp: &Path) -> Option<MountInfo> {
+    let ms = read().ok()?;
+    topmost(&ms, mp).cloned()
+}
+
+/// "pid 12 (qemu) /x/disk; pid 13 (...) ..." (the first few).
+pub fn describe_holders(h: &[Holder]) -> String {
+    let mut s: Vec<String> = h.iter().take(8).map(|h| h.to_string()).collect();
+    if h.len() > 8 {
+        s.push(format!("and {} more", h.len() - 8));
+    }
+    s.join("; ")
+}
+
+/// What `unmount_unless_busy` did.
+#[derive(Debug)]
+pub enum Unmount {
+    Done,
+    /// Files are open on the mount: it stays.
+    Busy(Vec<Holder>),
+    Failed(std::io::Error),
+}
+
+/// Unmount `mp` unless something uses it; never detaches lazily, so the
+/// directory underneath never shows while files are open through the mount.
+pub fn unmount_unless_busy(mp: &Path) -> Unmount {
+    match sys::umount(mp) {
+        Ok(()) => Unmount::Done,
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+            let h = match mount_at(mp) {
+                Some(m) => holders(m.id, mp),
+                None => Vec::new(),
+            };
+            Unmount::Busy(h)
+        }
+        Err(e) => Unmount::Failed(e),
     }
 }

@@ -404,22 +404,22 @@ impl Supervisor<'_> {
                 // `baseguard umount --lazy`).
                 Event::Signal(sig) => {
                     let mp = &self.plan.mountpoint;
-                    match crate::cmd::health::unmount_unless_busy(mp) {
-                        crate::cmd::health::Unmount::Done => {
+                    match crate::mountinfo::unmount_unless_busy(mp) {
+                        crate::mountinfo::Unmount::Done => {
                             tracing::info!(signal = sig, "unmounting");
                             unmounting = true;
                         }
-                        crate::cmd::health::Unmount::Busy(h) => {
+                        crate::mountinfo::Unmount::Busy(h) => {
                             tracing::warn!(
                                 signal = sig,
                                 error = "EBUSY",
-                                holders = %crate::cmd::health::describe_holders(&h),
+                                holders = %crate::mountinfo::describe_holders(&h),
                                 "not unmounting: files are open through the mount; still serving \
                                  (stop the holders, or detach with 'baseguard umount --lazy {}')",
                                 mp.display()
                             );
                         }
-                        crate::cmd::health::Unmount::Failed(e) => {
+                        crate::mountinfo::Unmount::Failed(e) => {
                             tracing::warn!(signal = sig, error = %e, "cannot unmount; still serving");
                         }
                     }
