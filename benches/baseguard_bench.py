@@ -928,6 +928,8 @@ class Bench:
                 specs.append(("baseguard", DEFAULT_BASEGUARD_TEMPLATE, False))
             if cfg.with_no_passthrough and not specs[0][2]:
                 specs.append(("baseguard-nopt", "{baseguard} mount --no-passthrough {bg_opts} {backing} {mnt}", False))
+            if cfg.with_uring and not specs[0][2]:
+                specs.append(("baseguard-uring", "{baseguard} mount -o transport=uring {bg_opts} {backing} {mnt}", False))
         for p in cfg.peer:
             name, sep, tmpl = p.partition("=")
             if not sep:
@@ -1596,6 +1598,16 @@ type otherwise). Examples:
         help="libfuse's passthrough_hp for the passthrough_hp peers (default: $PASSTHROUGH_HP, else PATH)",
     )
     p.add_argument(
+        "--no-auto-peers",
+        action="store_true",
+        help="do not add the peers found installed (passthrough_hp plain and -o io_uring, bindfs)",
+    )
+    p.add_argument(
+        "--with-uring",
+        action="store_true",
+        help="add a baseguard-uring column (-o transport=uring; turns FUSE-over-io_uring on for the run)",
+    )
+    p.add_argument(
         "--uring",
         action="store_true",
         help="turn FUSE-over-io_uring on for the run (enable_uring=1, put back after): "
@@ -1637,6 +1649,18 @@ type otherwise). Examples:
     elif not os.path.isabs(cfg.baseguard_bin):
         cfg.baseguard_bin = shutil.which(cfg.baseguard_bin) or os.path.abspath(cfg.baseguard_bin)
     cfg.stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    if not cfg.no_auto_peers:
+        named = {p.partition("=")[0] for p in cfg.peer}
+        found = []
+        if cfg.passthrough_hp:
+            found += ["passthrough_hp", "passthrough_hp-uring"]
+        if shutil.which("bindfs"):
+            found.append("bindfs")
+        for name in found:
+            if name not in named:
+                cfg.peer.append(name)
+    if cfg.with_uring:
+        cfg.uring = True
     if cfg.rounds < 1 or cfg.files < 1 or cfg.files_per_dir < 1:
         p.error("rounds, files and files-per-dir must be >= 1")
     return cfg
