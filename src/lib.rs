@@ -26,6 +26,7 @@
 //! - [`docgen`]: shell completions and man pages from the clap command.
 
 pub mod audit;
+pub mod bdi;
 pub mod cmd;
 pub mod config;
 pub mod creds;

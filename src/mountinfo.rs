@@ -18,6 +18,10 @@ pub struct MountInfo {
     pub fstype: String,
     /// The source field: for baseguard, the backing directory.
     pub source: String,
+    /// `major:minor` of the filesystem (for a FUSE mount, its connection's
+    /// device, which names its entries in `/sys/fs/fuse/connections` and
+    /// `/sys/class/bdi`).
+    pub dev: String,
 }
 
 /// Decode mountinfo's octal escapes (`\040` is a space).
@@ -49,6 +53,7 @@ pub fn parse(text: &str) -> Vec<MountInfo> {
         .filter_map(|line| {
             let (left, right) = line.split_once(" - ")?;
             let id = left.split(' ').next()?.parse().ok()?;
+            let dev = left.split(' ').nth(2)?.to_string();
             let mountpoint = PathBuf::from(unescape(left.split(' ').nth(4)?));
             let mut r = right.split(' ');
             let fstype = r.next()?.to_string();
@@ -58,6 +63,7 @@ pub fn parse(text: &str) -> Vec<MountInfo> {
                 mountpoint,
                 fstype,
                 source,
+                dev,
             })
         })
         .collect()

@@ -786,3 +786,35 @@ print("ok", reads)
     );
     assert_eq!(st["errors"].as_u64().unwrap(), 0, "{st}");
 }
+
+/// Without kernel passthrough a sequential read reaches the daemon in large
+/// requests: the mount's readahead window is raised from the kernel's
+/// 128 KiB to 1 MiB (the largest request it sends).
+#[test]
+fn a_sequential_read_reaches_the_daemon_in_large_requests() {
+    let t = scratch();
+    let backing = dir_in(&t, "backing", None);
+    std::fs::write(backing.join("img"), vec![7u8; 32 << 20]).unwrap();
+    let m = Mount::new(&backing, &["--no-passthrough"]);
+    let before = m.stats();
+    let mut f = std::fs::File::open(m.path("img")).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0usize;
+    loop {
+        let n = std::io::Read::read(&mut f, &mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        total += n;
+    }
+    assert_eq!(total, 32 << 20);
+    let after = m.stats();
+    let reqs = after["read"].as_u64().unwrap() - before["read"].as_u64().unwrap();
+    let bytes = after["read_bytes"].as_u64().unwrap() - before["read_bytes"].as_u64().unwrap();
+    assert!(reqs > 0, "served by the daemon");
+    assert!(
+        bytes / reqs > 256 << 10,
+        "{reqs} requests for {bytes} bytes: {} KiB each",
+        bytes / reqs >> 10
+    );
+}
