@@ -815,6 +815,6 @@ fn a_sequential_read_reaches_the_daemon_in_large_requests() {
     assert!(
         bytes / reqs > 256 << 10,
         "{reqs} requests for {bytes} bytes: {} KiB each",
-        bytes / reqs >> 10
+        (bytes / reqs) >> 10
     );
 }
