@@ -112,6 +112,7 @@ impl Attached {
             params,
             generation,
             kept,
+            mountpoint,
             ..
         } = self;
         let (ack_tx, ack_rx) = mpsc::channel();
@@ -200,7 +201,7 @@ impl Attached {
                         &fs,
                         &ring_stats,
                         transport,
-                        resumed,
+                        resumed.then_some(mountpoint.as_path()),
                     );
                     if t.is_empty() {
                         // The kernel turned the rings off for this connection (a failed
@@ -233,7 +234,7 @@ fn start_rings(
     fs: &Arc<Passthrough>,
     ring_stats: &Arc<RingStats>,
     choice: Choice,
-    resumed: bool,
+    resumed: Option<&std::path::Path>,
 ) -> Vec<std::thread::JoinHandle<()>> {
     let per_queue = threads.div_ceil(ring::possible_cpus()).max(2);
     match ring::start(
@@ -245,8 +246,9 @@ fn start_rings(
     ) {
         Ok(t) => {
             say_transport(Transport::Uring, choice, "");
-            if resumed {
-                ring::kick_queues();
+            // Requests made while no server ran wait in their queues: get them going.
+            if let Some(mp) = resumed {
+                ring::kick_queues(mp);
             }
             t
         }
