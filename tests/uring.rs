@@ -260,3 +260,73 @@ fn an_upgraded_server_serves_the_rings() {
     assert_eq!(status(&m.mountpoint)["transport"], "uring");
     assert_eq!(m.unmount().code(), Some(0));
 }
+
+/// Why `transport=auto` keeps /dev/fuse, and a canary for the day the kernel changes: a
+/// blocking lock wait being served when the serving process is killed. Through /dev/fuse
+/// the kernel hands the request to the next server (`FUSE_NOTIFY_RESEND`) and the waiter
+/// gets the lock once the holder lets go; through a ring it stays in the dead process's
+/// entry, nobody answers it, and only aborting the connection (every /dev/fuse descriptor
+/// closed: the supervisor killed too) ends it. If the uring half fails, the kernel now
+/// resends ring requests: reconsider `ring::AUTO_USES_URING`.
+#[test]
+fn a_request_held_by_a_killed_server_is_resent_through_dev_fuse_and_lost_in_a_ring() {
+    use std::os::fd::AsFd;
+    let wr = baseguard::sys::LockRange {
+        typ: libc::F_WRLCK,
+        start: 0,
+        end: 0,
+        pid: 0,
+    };
+    for (transport, resent) in [("dev", true), ("uring", false)] {
+        let Some(_p) = Param::set(true) else { return };
+        let (_d, b) = backing();
+        std::fs::write(b.join("lk"), b"x").unwrap();
+        let mut m = Mount::new(&b, &["--transport", transport]);
+        let open = |p: &Path| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(p)
+                .unwrap()
+        };
+        let holder = open(&m.path("lk"));
+        baseguard::sys::ofd_setlk(holder.as_fd(), &wr, false).unwrap();
+        let waiter = open(&m.path("lk"));
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let r = baseguard::sys::ofd_setlk(waiter.as_fd(), &wr, true);
+            let _ = tx.send(r.map_err(|e| e.raw_os_error()));
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(
+            rx.try_recv().is_err(),
+            "{transport}: the waiter did not wait"
+        );
+        let before = registry::find(&m.mountpoint).expect("session published");
+        baseguard::sys::kill(before.server_pid as i32, libc::SIGKILL).unwrap();
+        let start = Instant::now();
+        while registry::find(&m.mountpoint).is_none_or(|e| e.generation == before.generation) {
+            assert!(start.elapsed() < Duration::from_secs(10), "no new server");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::fs::metadata(m.path("lk")).unwrap(); // the new server answers
+        drop(holder); // its lock goes (through the new server)
+        let r = rx.recv_timeout(Duration::from_secs(5));
+        if resent {
+            assert_eq!(r, Ok(Ok(())), "{transport}: the resent lock request");
+            assert_eq!(m.unmount().code(), Some(0));
+        } else {
+            assert!(
+                r.is_err(),
+                "{transport}: the request held by the killed server was answered ({r:?}): \
+                 the kernel resends ring requests now"
+            );
+            m.kill9();
+            let r = rx
+                .recv_timeout(Duration::from_secs(10))
+                .expect("aborting the connection ends the lost request");
+            assert!(r.is_err(), "{r:?}");
+            m.crash();
+        }
+    }
+}
