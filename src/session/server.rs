@@ -187,8 +187,6 @@ impl Attached {
                 tracing::warn!(error = %e, "the kernel cannot resend requests in flight");
             }
         }
-        link.send(&ToSupervisor::Serving, &[])
-            .map_err(|e| format!("cannot reach the supervisor: {e}"))?;
         let resumed = params.is_some();
         let mut on_serving = Some(on_serving);
         session
@@ -216,6 +214,11 @@ impl Attached {
                     say_transport(Transport::Dev, transport, "");
                     Vec::new()
                 };
+                // Serving only once the rings (if any) are registered: `baseguard upgrade`
+                // returns then, and a request made after it goes to this server's entries.
+                if let Err(e) = link.send(&ToSupervisor::Serving, &[]) {
+                    tracing::error!(error = %e, "cannot reach the supervisor");
+                }
                 if let Some(f) = on_serving.take() {
                     f();
                 }
