@@ -62,6 +62,11 @@ fn every_mapped_key() {
     assert_eq!(args("heal=on"), Vec::<String>::new());
     assert_eq!(args("passthrough=off"), ["--no-passthrough"]);
     assert_eq!(args("passthrough=no,passthrough=yes"), Vec::<String>::new());
+    assert_eq!(args("transport=uring"), ["--transport=uring"]);
+    assert_eq!(args("transport=uring,transport=dev"), ["--transport=dev"]);
+    assert_eq!(args("transport=auto"), ["--transport=auto"]);
+    assert!(error("transport=rdma").contains("`transport=rdma`"));
+    assert!(error("transport").contains("needs a value"));
     assert_eq!(args("log-file=/l"), ["--log-file=/l"]);
     assert_eq!(args("stats_file=/s"), ["--stats-file=/s"]);
     assert_eq!(args("stats-file=/s"), ["--stats-file=/s"]);

@@ -176,6 +176,47 @@ fn passthrough_still_carries_the_data_over_the_rings() {
     assert_eq!(m.unmount().code(), Some(0));
 }
 
+#[test]
+fn file_data_through_the_daemon_travels_in_the_ring_payloads() {
+    let Some(_p) = Param::set(true) else { return };
+    let (_d, b) = backing();
+    let m = Mount::new(&b, &["--transport", "uring", "--no-passthrough"]);
+    // Larger than one payload buffer (1 MiB): the kernel splits it into requests.
+    let data: Vec<u8> = (0..3 << 20).map(|i| (i * 7 % 253) as u8).collect();
+    std::fs::write(m.path("blob"), &data).unwrap();
+    assert!(
+        std::fs::read(b.join("blob")).unwrap() == data,
+        "written data differs"
+    );
+    // O_DIRECT: past the page cache the write filled, to the daemon.
+    use std::os::unix::fs::FileExt;
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(m.path("blob"))
+        .unwrap();
+    // Page-aligned 1 MiB chunks (the backing file is read with O_DIRECT too).
+    let mut raw = vec![0u8; (1 << 20) + 4096];
+    let skew = (4096 - raw.as_ptr() as usize % 4096) % 4096;
+    let buf = &mut raw[skew..skew + (1 << 20)];
+    let mut got = Vec::new();
+    loop {
+        let n = f.read_at(buf, got.len() as u64).unwrap();
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(got == data, "data read back differs");
+    drop(f);
+    let s = m.stats();
+    assert!(s["write"].as_u64().unwrap() > 0, "{s}");
+    assert!(s["read"].as_u64().unwrap() > 0, "{s}");
+    assert!(s["uring_requests"].as_u64().unwrap() > 0, "{s}");
+    assert_eq!(m.unmount().code(), Some(0));
+}
+
 /// SIGKILL the serving process while the supervisor is stopped, make a request on every CPU
 /// (they wait in the kernel's ring queues), then let the supervisor start the next server:
 /// it registers new entries and makes one request per CPU, without which the waiting
@@ -192,7 +233,16 @@ fn a_killed_server_is_replaced_and_requests_made_meanwhile_are_answered() {
     let before = registry::find(&m.mountpoint).expect("session published");
     let sup = m.pid().to_string();
     let run = |args: &[&str]| Command::new("kill").args(args).status().unwrap();
+    /// Lets the supervisor go again even if an assertion fails (a stopped supervisor would
+    /// leave its next serving process behind).
+    struct Cont(String);
+    impl Drop for Cont {
+        fn drop(&mut self) {
+            let _ = Command::new("kill").args(["-CONT", &self.0]).status();
+        }
+    }
     run(&["-STOP", &sup]);
+    let _cont = Cont(sup.clone());
     baseguard::sys::kill(before.server_pid as i32, libc::SIGKILL).unwrap();
     // Wait until the server is gone (the supervisor, stopped, cannot reap it: a zombie).
     let start = Instant::now();
@@ -255,8 +305,82 @@ fn an_upgraded_server_serves_the_rings() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // For a moment after the old server exits, the kernel may still hand a request to one
+    // of its ring entries and end it with ECANCELED (the documented risk of
+    // `transport=uring`); what this tests is that the new server serves the rings.
+    std::thread::sleep(Duration::from_secs(1));
     churn(&m, 10);
     assert!(uring_requests(&m) >= 50);
     assert_eq!(status(&m.mountpoint)["transport"], "uring");
     assert_eq!(m.unmount().code(), Some(0));
+}
+
+/// Why `transport=auto` keeps /dev/fuse, and a canary for the day the kernel changes: a
+/// blocking lock wait being served when the serving process is killed. Through /dev/fuse
+/// the kernel hands the request to the next server (`FUSE_NOTIFY_RESEND`) and the waiter
+/// gets the lock once the holder lets go; through a ring it stays in the dead process's
+/// entry, nobody answers it, and only aborting the connection (every /dev/fuse descriptor
+/// closed: the supervisor killed too) ends it. If the uring half fails, the kernel now
+/// resends ring requests: reconsider `ring::AUTO_USES_URING`.
+#[test]
+fn a_request_held_by_a_killed_server_is_resent_through_dev_fuse_and_lost_in_a_ring() {
+    use std::os::fd::AsFd;
+    let wr = baseguard::sys::LockRange {
+        typ: libc::F_WRLCK,
+        start: 0,
+        end: 0,
+        pid: 0,
+    };
+    for (transport, resent) in [("dev", true), ("uring", false)] {
+        let Some(_p) = Param::set(true) else { return };
+        let (_d, b) = backing();
+        std::fs::write(b.join("lk"), b"x").unwrap();
+        let mut m = Mount::new(&b, &["--transport", transport]);
+        let open = |p: &Path| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(p)
+                .unwrap()
+        };
+        let holder = open(&m.path("lk"));
+        baseguard::sys::ofd_setlk(holder.as_fd(), &wr, false).unwrap();
+        let waiter = open(&m.path("lk"));
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let r = baseguard::sys::ofd_setlk(waiter.as_fd(), &wr, true);
+            let _ = tx.send(r.map_err(|e| e.raw_os_error()));
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(
+            rx.try_recv().is_err(),
+            "{transport}: the waiter did not wait"
+        );
+        let before = registry::find(&m.mountpoint).expect("session published");
+        baseguard::sys::kill(before.server_pid as i32, libc::SIGKILL).unwrap();
+        let start = Instant::now();
+        while registry::find(&m.mountpoint).is_none_or(|e| e.generation == before.generation) {
+            assert!(start.elapsed() < Duration::from_secs(10), "no new server");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::fs::metadata(m.path("lk")).unwrap(); // the new server answers
+        drop(holder); // its lock goes (through the new server)
+        let r = rx.recv_timeout(Duration::from_secs(5));
+        if resent {
+            assert_eq!(r, Ok(Ok(())), "{transport}: the resent lock request");
+            assert_eq!(m.unmount().code(), Some(0));
+        } else {
+            assert!(
+                r.is_err(),
+                "{transport}: the request held by the killed server was answered ({r:?}): \
+                 the kernel resends ring requests now"
+            );
+            m.kill9();
+            let r = rx
+                .recv_timeout(Duration::from_secs(10))
+                .expect("aborting the connection ends the lost request");
+            assert!(r.is_err(), "{r:?}");
+            m.crash();
+        }
+    }
 }

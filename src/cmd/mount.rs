@@ -574,7 +574,6 @@ impl MountArgs {
         let detached = self.log_target_detached;
         let handover = !self.no_handover;
         let transport = self.transport.unwrap_or_default();
-        *crate::session::ring::MOUNTPOINT.lock() = Some(mountpoint.clone());
         let r = att.serve(
             Arc::clone(&fs),
             !self.no_passthrough,

@@ -435,12 +435,9 @@ fn serve_queue(
 /// After a restart: requests that arrived while no entry was registered wait in their
 /// queue until an entry of that queue commits (a new registration does not fetch them).
 /// One request made on each CPU gets every queue going again.
-pub fn kick_queues() {
-    let Some(mp) = MOUNTPOINT.lock().clone() else {
-        return;
-    };
+pub fn kick_queues(mountpoint: &std::path::Path) {
     for cpu in 0..possible_cpus() {
-        let mp = mp.clone();
+        let mp = mountpoint.to_path_buf();
         let _ = std::thread::Builder::new()
             .name(format!("uring-kick-{cpu}"))
             .spawn(move || {
@@ -450,6 +447,3 @@ pub fn kick_queues() {
             });
     }
 }
-
-/// The mountpoint, for [`kick_queues`].
-pub static MOUNTPOINT: Mutex<Option<std::path::PathBuf>> = Mutex::new(None);

@@ -112,6 +112,7 @@ impl Attached {
             params,
             generation,
             kept,
+            mountpoint,
             ..
         } = self;
         let (ack_tx, ack_rx) = mpsc::channel();
@@ -186,8 +187,6 @@ impl Attached {
                 tracing::warn!(error = %e, "the kernel cannot resend requests in flight");
             }
         }
-        link.send(&ToSupervisor::Serving, &[])
-            .map_err(|e| format!("cannot reach the supervisor: {e}"))?;
         let resumed = params.is_some();
         let mut on_serving = Some(on_serving);
         session
@@ -200,7 +199,7 @@ impl Attached {
                         &fs,
                         &ring_stats,
                         transport,
-                        resumed,
+                        resumed.then_some(mountpoint.as_path()),
                     );
                     if t.is_empty() {
                         // The kernel turned the rings off for this connection (a failed
@@ -215,6 +214,11 @@ impl Attached {
                     say_transport(Transport::Dev, transport, "");
                     Vec::new()
                 };
+                // Serving only once the rings (if any) are registered: `baseguard upgrade`
+                // returns then, and a request made after it goes to this server's entries.
+                if let Err(e) = link.send(&ToSupervisor::Serving, &[]) {
+                    tracing::error!(error = %e, "cannot reach the supervisor");
+                }
                 if let Some(f) = on_serving.take() {
                     f();
                 }
@@ -233,7 +237,7 @@ fn start_rings(
     fs: &Arc<Passthrough>,
     ring_stats: &Arc<RingStats>,
     choice: Choice,
-    resumed: bool,
+    resumed: Option<&std::path::Path>,
 ) -> Vec<std::thread::JoinHandle<()>> {
     let per_queue = threads.div_ceil(ring::possible_cpus()).max(2);
     match ring::start(
@@ -245,8 +249,9 @@ fn start_rings(
     ) {
         Ok(t) => {
             say_transport(Transport::Uring, choice, "");
-            if resumed {
-                ring::kick_queues();
+            // Requests made while no server ran wait in their queues: get them going.
+            if let Some(mp) = resumed {
+                ring::kick_queues(mp);
             }
             t
         }
