@@ -1325,6 +1325,16 @@ impl StatusArgs {
         };
         let qpath = quarantine_path(&b, &self.loc).display().to_string();
         let runs = crate::metrics::RunFile::all();
+        // What a daemon of this backing directory asks for that the shared
+        // policy does not apply.
+        let conflicts = |m: &MountHealth, run: Option<&crate::metrics::RunFile>| -> Vec<String> {
+            match (run, &stored_policy) {
+                (Some(r), Some(p)) if Path::new(&m.backing) == b.path => {
+                    policy::conflicts_of(&r.options, p)
+                }
+                _ => Vec::new(),
+            }
+        };
         let code = if near.is_empty() {
             ok
         } else {
@@ -1346,6 +1356,10 @@ impl StatusArgs {
                         o.insert(
                             "options".into(),
                             serde_json::json!(run.map(|r| r.options.clone())),
+                        );
+                        o.insert(
+                            "policy_conflicts".into(),
+                            serde_json::json!(conflicts(m, run)),
                         );
                     }
                     v
@@ -1405,8 +1419,12 @@ impl StatusArgs {
                         health::Liveness::Error => " NOT WORKING",
                     }
                 );
-                if let Some(r) = runs.iter().find(|r| r.mountpoint == m.mountpoint) {
+                let run = runs.iter().find(|r| r.mountpoint == m.mountpoint);
+                if let Some(r) = run {
                     println!("{:<13}  options {}", "", visible(&r.options.join(",")));
+                }
+                for c in conflicts(m, run) {
+                    println!("{:<13}  POLICY CONFLICT: {}", "", visible(&c));
                 }
             }
         }
