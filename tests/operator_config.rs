@@ -386,3 +386,29 @@ fn every_option_in_effect_is_shown_and_the_kernel_shows_its_own() {
     }
     drop(m);
 }
+
+#[test]
+fn commands_on_a_mount_use_its_own_quarantine_without_repeating_it() {
+    let (_t, b) = scratch();
+    let m = Mount::new(&b, &["-o", "quarantine=elsewhere-q"]);
+    std::fs::write(m.path("_base/img"), b"img").unwrap();
+    std::fs::remove_file(m.path("_base/img")).unwrap();
+    let d = m.mountpoint.to_str().unwrap();
+    // The daemon's run file is written at start: wait for status to see it.
+    options_of(&m.mountpoint);
+    let l = json(&cli(&["list", "--json", "--dir", d], None));
+    assert_eq!(l["entries"][0]["path"], "_base/img", "{l}");
+    let s = json(&cli(&["status", "--json", "--dir", d], None));
+    assert_eq!(
+        s["quarantine"],
+        b.join("elsewhere-q").to_str().unwrap(),
+        "{s}"
+    );
+    let id = l["entries"][0]["id"].as_str().unwrap().to_string();
+    let o = cli(&["restore", &id, "--dir", d], None);
+    assert!(o.status.success(), "{}", err(&o));
+    assert_eq!(std::fs::read(m.path("_base/img")).unwrap(), b"img");
+    // On the backing directory (no mount there), --quarantine is still needed.
+    let o = cli(&["list", "--dir", b.to_str().unwrap()], None);
+    assert_eq!(o.status.code(), Some(3), "{}", out(&o));
+}
