@@ -1040,8 +1040,9 @@ pub struct PurgeArgs {
     /// Show what --yes would delete and keep, and delete nothing (exit 0).
     #[arg(long)]
     pub dry_run: bool,
-    /// Print JSON: {"version": 1, "dry_run": bool, "purged": [...], "kept": [...]}
-    /// (with --dry-run, "purged" is what --yes would purge).
+    /// Print JSON: {"version": 1, "purged": [...], "kept": [...]} (and
+    /// "failed" when something failed); --dry-run prints exactly what --yes
+    /// then does.
     #[arg(long)]
     pub json: bool,
     #[arg(long, requires = "json", help = crate::cmd::text::COMPACT_HELP)]
