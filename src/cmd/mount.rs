@@ -636,6 +636,10 @@ impl MountArgs {
             metrics_file: self.metrics_file.clone(),
             purged: Arc::clone(&purged),
         })?;
+        let q2 = Arc::clone(&q);
+        let start_policy = shared.clone().unwrap_or_else(|| {
+            Policy::new(self.retain.unwrap_or(DEFAULT_RETAIN), min_free, "mount")
+        });
         spawn_sweeper(Sweeper {
             q,
             purged,
@@ -646,8 +650,8 @@ impl MountArgs {
             }),
             refs,
             backing: backing_fd,
-            guard,
-        })
+        })?;
+        spawn_glob_watch(q2, guard, start_policy)
     }
 
     /// The filesystem over the backing directory the supervisor handed over.
@@ -821,8 +825,53 @@ struct Sweeper {
     policy: Policy,
     refs: Arc<References>,
     backing: OwnedFd,
-    /// The guard, whose shared globs follow the policy.
+}
+
+/// How often the shared globs are re-read (by their own thread: a sweep may
+/// take long, scanning many instance disks, and more protection must not
+/// wait for it).
+const GLOBS_EVERY: Duration = Duration::from_secs(2);
+
+/// Keep the guard's shared layer equal to the shared policy's globs: more
+/// protection from the next request on, less logged loudly.
+fn spawn_glob_watch(
+    q: Arc<Quarantine>,
     guard: Arc<LiveGuard>,
+    mut last: Policy,
+) -> Result<(), String> {
+    std::thread::Builder::new()
+        .name("policy-globs".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(GLOBS_EVERY);
+                if REPORTER_STOP.load(Ordering::SeqCst) {
+                    return;
+                }
+                // A missing or unreadable file changes nothing here (the
+                // sweeper writes a lost one back).
+                let Ok(Some(p)) = Policy::read(&q) else {
+                    continue;
+                };
+                if let Some((reduced, what)) = p.glob_change(&last) {
+                    apply_shared_globs(&guard, &p);
+                    let by = format!("{} at {}", p.set_by, crate::quarantine::fmt_utc(p.set_at));
+                    if reduced {
+                        tracing::warn!(
+                            set_by = %p.set_by,
+                            "PROTECTION REDUCED by the shared policy ({what}), set by {by}; files this node already reached through a protected name stay protected until the kernel forgets them"
+                        );
+                    } else {
+                        tracing::info!(set_by = %p.set_by, "protection changed by the shared policy ({what}), set by {by}; in force now");
+                    }
+                    if let Some(n) = policy::ignore_conflict(&guard.node().ignore_globs(), &p) {
+                        log_policy_notes(&[n], &p);
+                    }
+                }
+                last = p;
+            }
+        })
+        .map(|_| ())
+        .map_err(|e| format!("cannot start the policy thread: {e}"))
 }
 
 /// How often the free-space floor is checked (one statvfs).
@@ -995,27 +1044,6 @@ impl Sweeper {
                         "the shared policy changed"
                     );
                     log_policy_notes(&r.notes, &r.policy);
-                }
-                if let Some((reduced, what)) = r.policy.glob_change(&self.policy) {
-                    apply_shared_globs(&self.guard, &r.policy);
-                    let by = format!(
-                        "{} at {}",
-                        r.policy.set_by,
-                        crate::quarantine::fmt_utc(r.policy.set_at)
-                    );
-                    if reduced {
-                        tracing::warn!(
-                            set_by = %r.policy.set_by,
-                            "PROTECTION REDUCED by the shared policy ({what}), set by {by}; files this node already reached through a protected name stay protected until the kernel forgets them"
-                        );
-                    } else {
-                        tracing::info!(set_by = %r.policy.set_by, "protection changed by the shared policy ({what}), set by {by}; in force now");
-                    }
-                    if let Some(n) =
-                        policy::ignore_conflict(&self.guard.node().ignore_globs(), &r.policy)
-                    {
-                        log_policy_notes(&[n], &r.policy);
-                    }
                 }
                 let changed = r.policy != self.policy;
                 self.policy = r.policy;
