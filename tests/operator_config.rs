@@ -458,3 +458,19 @@ fn commands_on_a_mount_use_its_own_quarantine_without_repeating_it() {
     let o = cli(&["list", "--dir", b.to_str().unwrap()], None);
     assert_eq!(o.status.code(), Some(3), "{}", out(&o));
 }
+
+#[test]
+fn a_mount_made_with_relative_paths_shows_its_options() {
+    let (t, _b) = scratch();
+    std::fs::create_dir(t.path().join("mnt")).unwrap();
+    let mp = t.path().join("mnt");
+    let o = run(Command::new(BIN)
+        .current_dir(t.path())
+        .env("BASEGUARD_CONFIG", "")
+        .args(["mount", "-o", "threads=2", "nfs", "mnt"]));
+    let _g = Detached { mp: mp.clone() };
+    assert!(o.status.success(), "{}", err(&o));
+    // The run file names the absolute mountpoint, so status finds it.
+    let opts = options_of(&mp);
+    assert!(has(&opts, "threads=2"), "{opts:?}");
+}

@@ -105,6 +105,17 @@ fn a_short_retain_on_one_node_never_shortens_the_clouds() {
         text.contains("POLICY CONFLICT: retain=2s is not applied"),
         "{text}"
     );
+    // ... and so does `metrics`, for an alert.
+    let m = String::from_utf8_lossy(&bg(&["metrics"], &b).stdout).into_owned();
+    let line = |mp: &Path| {
+        format!(
+            "baseguard_policy_conflicts{{mountpoint=\"{}\"}} ",
+            mp.display()
+        )
+    };
+    assert!(m.contains("# TYPE baseguard_policy_conflicts gauge"), "{m}");
+    assert!(m.contains(&(line(&node_b.mountpoint) + "1\n")), "{m}");
+    assert!(m.contains(&(line(&a.mountpoint) + "0\n")), "{m}");
     let l = json(&bg(&["list", "--json"], &b));
     assert_eq!(l["retain_secs"], 3600);
     let o = bg(&["purge", "--expired", "--yes", "--json"], &b);

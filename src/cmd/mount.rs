@@ -581,9 +581,17 @@ impl MountArgs {
                     }
                 }
                 if let Some(q) = quarantine {
-                    if let Err(e) =
-                        self.housekeeping(q, &fs, refs, &log, qdir, min_free, shared, guard)
-                    {
+                    if let Err(e) = self.housekeeping(
+                        q,
+                        &fs,
+                        refs,
+                        &log,
+                        qdir,
+                        min_free,
+                        shared,
+                        guard,
+                        (&backing, &mountpoint),
+                    ) {
                         tracing::error!("{e}");
                     }
                 }
@@ -613,6 +621,9 @@ impl MountArgs {
         min_free: Option<MinFree>,
         shared: Option<Policy>,
         guard: Arc<LiveGuard>,
+        // The backing directory and mountpoint as the supervisor resolved
+        // them (absolute: the arguments may be relative).
+        (backing, mountpoint): (&Path, &Path),
     ) -> Result<(), String> {
         let purged = Arc::new(AtomicU64::new(0));
         let backing_fd = fs
@@ -627,10 +638,10 @@ impl MountArgs {
             refs: Arc::clone(&refs),
             run: RunFile {
                 pid: std::process::id(),
-                mountpoint: self.mountpoint.clone(),
-                backing: self.backing.clone(),
+                mountpoint: mountpoint.to_path_buf(),
+                backing: backing.to_path_buf(),
                 log: log.to_string(),
-                options: self.options_in_effect(&qdir, threads, guard.node()),
+                options: self.options_in_effect(&qdir, threads, guard.node(), backing),
                 ..Default::default()
             },
             metrics_file: self.metrics_file.clone(),
@@ -883,7 +894,13 @@ impl MountArgs {
     /// The options this daemon runs with, as `key=value` (node-local ones;
     /// retention and min_free as this node proposed them: the shared policy
     /// may differ, see `baseguard policy`).
-    fn options_in_effect(&self, qdir: &Option<PathBuf>, threads: u32, node: &Guard) -> Vec<String> {
+    fn options_in_effect(
+        &self,
+        qdir: &Option<PathBuf>,
+        threads: u32,
+        node: &Guard,
+        backing: &Path,
+    ) -> Vec<String> {
         let mut o = vec![
             format!("threads={threads}"),
             format!("heal={}", if self.no_heal { "off" } else { "on" }),
@@ -902,8 +919,7 @@ impl MountArgs {
             o.push(format!("quarantine={}", q.display()));
         }
         if let Some(i) = &self.instances {
-            let b = std::fs::canonicalize(&self.backing).unwrap_or_else(|_| self.backing.clone());
-            o.push(format!("instances={}", b.join(i).display()));
+            o.push(format!("instances={}", backing.join(i).display()));
         }
         // This node's globs as in force (the layout's defaults included);
         // the shared ones are the policy's (`status` shows both).
