@@ -27,7 +27,7 @@
 //! missing (an empty `BASEGUARD_CONFIG=` reads no file at all). A bad value or
 //! an unknown key is one sentence naming the file, the line and the key.
 //!
-//! Parsed with the `toml` crate through serde: TOML is what operators already
+//! Parsed with the `toml` crate (1.x, parse only) through serde: TOML is what operators already
 //! write for node-local services, and the crate gives the byte span of every
 //! error, from which the line and key are named.
 
