@@ -27,7 +27,7 @@
 //! missing (an empty `BASEGUARD_CONFIG=` reads no file at all). A bad value or
 //! an unknown key is one sentence naming the file, the line and the key.
 //!
-//! Parsed with the `toml` crate through serde: TOML is what operators already
+//! Parsed with the `toml` crate (1.x, parse only) through serde: TOML is what operators already
 //! write for node-local services, and the crate gives the byte span of every
 //! error, from which the line and key are named.
 
@@ -257,30 +257,33 @@ impl Config {
 
     /// The file to read: `--config`, else `$BASEGUARD_CONFIG`, else the
     /// default (which alone may be missing). `None`: read none.
-    fn which(flag: Option<&Path>) -> Option<(PathBuf, bool)> {
+    fn which(flag: Option<&Path>) -> Option<(PathBuf, Option<&'static str>)> {
         if let Some(f) = flag {
-            return Some((f.to_path_buf(), true));
+            return Some((f.to_path_buf(), Some("--config")));
         }
         match std::env::var_os(ENV) {
             Some(v) if v.is_empty() => None,
-            Some(v) => Some((PathBuf::from(v), true)),
-            None => Some((PathBuf::from(DEFAULT_PATH), false)),
+            Some(v) => Some((PathBuf::from(v), Some(ENV))),
+            None => Some((PathBuf::from(DEFAULT_PATH), None)),
         }
     }
 
     /// Load the configuration (see the module docs).
     pub fn load(flag: Option<&Path>) -> Result<Config, String> {
-        let Some((path, required)) = Config::which(flag) else {
+        let Some((path, named_by)) = Config::which(flag) else {
             return Ok(Config::default());
         };
         match std::fs::read_to_string(&path) {
             Ok(text) => Config::parse(&text, &path),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && named_by.is_none() => {
                 Ok(Config::default())
             }
             Err(e) => Err(format!(
-                "cannot read the configuration file {}: {}",
+                "cannot read the configuration file {}{}: {}",
                 path.display(),
+                named_by
+                    .map(|n| format!(" (named by {n})"))
+                    .unwrap_or_default(),
                 crate::cmd::text::io_reason(&e)
             )),
         }

@@ -323,6 +323,48 @@ impl fmt::Display for Note {
     }
 }
 
+/// What a daemon's options in effect (`key=value`, as `status` shows them)
+/// ask for that the shared policy `p` does not apply: one sentence each.
+pub fn conflicts_of(options: &[String], p: &Policy) -> Vec<String> {
+    let mut out = Vec::new();
+    let value = |k: &str| {
+        options
+            .iter()
+            .filter_map(|o| o.strip_prefix(k)?.strip_prefix('='))
+            .next_back()
+    };
+    if let Some(r) = value("retain")
+        && let Ok(mine) = crate::mountopts::parse_duration(r)
+        && mine != p.retain()
+        && (mine < p.retain() || p.explicit)
+    {
+        out.push(format!(
+            "retain={r} is not applied: the shared policy keeps files {}",
+            crate::mountopts::format_duration(p.retain())
+        ));
+    }
+    if let Some(m) = value("min_free")
+        && let Ok(mine) = MinFree::parse(m)
+        && p.min_free != Some(mine)
+    {
+        out.push(format!(
+            "min_free={m} is not applied: the shared policy has {}",
+            p.min_free.map_or("none".to_string(), |s| s.to_string())
+        ));
+    }
+    let ignores: Vec<&str> = options
+        .iter()
+        .filter_map(|o| o.strip_prefix("ignore="))
+        .collect();
+    if let Some(Note::IgnoreConflict { globs }) = ignore_conflict(&ignores, p) {
+        out.push(format!(
+            "ignore={} does not let through what the shared policy protects",
+            globs.join(",ignore=")
+        ));
+    }
+    out
+}
+
 /// Merge this node's options into the stored policy (see the module docs):
 /// the longest retention wins unless the policy was set explicitly.
 /// `stored` is what [`Policy::read`] returned.
@@ -459,6 +501,21 @@ mod tests {
         assert!(!live.protects(std::path::Path::new("other/x.part")));
         live.set_shared(Guard::none());
         assert!(!live.protects(snap));
+    }
+
+    #[test]
+    fn conflicts_seen_from_status() {
+        let mut p = Policy::new(Duration::from_secs(3600), None, "t");
+        let o = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(conflicts_of(&o(&["retain=2h", "threads=8"]), &p).is_empty());
+        let c = conflicts_of(&o(&["retain=2s", "min_free=10%"]), &p);
+        assert_eq!(c.len(), 2, "{c:?}");
+        assert!(c[0].contains("retain=2s is not applied"), "{c:?}");
+        p.explicit = true;
+        assert_eq!(conflicts_of(&o(&["retain=2h"]), &p).len(), 1);
+        p.protect = vec!["**".into()];
+        let c = conflicts_of(&o(&["ignore=*.part"]), &p);
+        assert!(c[0].starts_with("ignore=*.part does not"), "{c:?}");
     }
 
     #[test]

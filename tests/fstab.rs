@@ -76,6 +76,12 @@ impl Drop for Unmount {
 /// mount(8) with `args`, in a mount namespace where /sbin holds only this repository's
 /// helper (see [`HELPER_SRC`]); the mount point must be under a [`SharedDir`].
 fn mount(args: &[&str]) -> Output {
+    mount_with_config(args, "")
+}
+
+/// [`mount`] with `BASEGUARD_CONFIG` set to `config` (empty: no file, so
+/// these tests never read /etc/baseguard).
+fn mount_with_config(args: &[&str], config: &str) -> Output {
     let sbin = tempfile::tempdir().unwrap();
     std::fs::copy(HELPER_SRC, sbin.path().join("mount.fuse.baseguard")).unwrap();
     std::fs::set_permissions(sbin.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -92,6 +98,7 @@ fn mount(args: &[&str]) -> Output {
         .args(args)
         .env("SBIN", sbin.path())
         .env("BASEGUARD_BIN", BIN)
+        .env("BASEGUARD_CONFIG", config)
         .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"))
 }
 
@@ -277,4 +284,67 @@ fn remount_read_only_and_back_through_the_helper() {
     );
     std::fs::write(s.mp.join("_base/rw"), "x").unwrap();
     assert_eq!(daemons_for(&s.mp), daemons, "a remount starts no daemon");
+}
+
+#[test]
+fn the_node_configuration_reaches_an_fstab_mount_and_a_bad_one_fails_it() {
+    let s = setup("retain=1d");
+    let cfg = s.fstab.with_file_name("baseguard.toml");
+    // A bad key: mount(8) fails with the daemon's sentence naming the line.
+    std::fs::write(&cfg, "[mount]\nthreads = 2\nthreds = 3\n").unwrap();
+    {
+        let _u = Unmount(s.mp.clone());
+        let out = mount_with_config(
+            &["-T", s.fstab.to_str().unwrap(), s.mp.to_str().unwrap()],
+            cfg.to_str().unwrap(),
+        );
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(
+            !out.status.success(),
+            "mounted with a bad configuration file"
+        );
+        assert!(
+            err.contains(&format!("{}, line 3, key `mount.threds`", cfg.display())),
+            "{err}"
+        );
+        assert!(!is_mounted(&s.mp));
+        wait_no_daemon(&s.mp);
+    }
+    // A good one gives the defaults the fstab line does not.
+    std::fs::write(&cfg, "[mount]\nthreads = 2\nretain = \"2h\"\n").unwrap();
+    let _u = Unmount(s.mp.clone());
+    let out = mount_with_config(
+        &["-T", s.fstab.to_str().unwrap(), s.mp.to_str().unwrap()],
+        cfg.to_str().unwrap(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let start = Instant::now();
+    let opts = loop {
+        let o = run(Command::new(BIN)
+            .args(["status", "--json", "--dir"])
+            .arg(&s.mp)
+            .env("BASEGUARD_CONFIG", ""));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let m = v["mounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["mountpoint"] == s.mp.to_str().unwrap())
+            .cloned();
+        if let Some(o) = m.and_then(|m| m["options"].as_array().cloned()) {
+            break o;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "{v}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // The fstab line's retain=1d wins over the file's 2h; threads come from the file.
+    assert!(opts.iter().any(|o| o == "threads=2"), "{opts:?}");
+    assert!(opts.iter().any(|o| o == "retain=1d"), "{opts:?}");
+    let st = Command::new("umount").arg(&s.mp).status().unwrap();
+    assert!(st.success());
+    wait_no_daemon(&s.mp);
 }

@@ -276,6 +276,43 @@ fn node_local_files_must_be_absolute_and_other_paths_follow_the_backing_dir() {
     );
 }
 
+/// Every key of `v` (and of the objects in it, one level down, and of
+/// lists of objects) is named in the README's JSON section.
+fn undocumented(v: &Value, what: &[&str]) {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let start = readme.find("### JSON").unwrap();
+    let end = start + readme[start..].find("### Metrics").unwrap();
+    let doc = &readme[start..end];
+    let mut missing = Vec::new();
+    let mut check = |o: &serde_json::Map<String, Value>| {
+        for k in o.keys() {
+            // Times have an `_rfc3339` twin, documented once for all.
+            let base = k.strip_suffix("_rfc3339").unwrap_or(k);
+            if !doc.contains(&format!("`{base}`")) {
+                missing.push(k.clone());
+            }
+        }
+    };
+    let top = v.as_object().unwrap();
+    check(top);
+    for val in top.values() {
+        match val {
+            Value::Object(o) => check(o),
+            Value::Array(a) => {
+                for o in a.iter().filter_map(Value::as_object) {
+                    check(o);
+                }
+            }
+            _ => {}
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "{what:?}: undocumented keys {missing:?}"
+    );
+}
+
 #[test]
 fn json_is_pretty_by_default_and_compact_on_request() {
     let (t, b) = scratch();
@@ -283,6 +320,14 @@ fn json_is_pretty_by_default_and_compact_on_request() {
     std::fs::write(m.path("_base/img"), b"img").unwrap();
     std::fs::remove_file(m.path("_base/img")).unwrap();
     let d = m.mountpoint.to_str().unwrap();
+    // Something in the history too (a restore).
+    std::fs::write(m.path("_base/back"), b"back").unwrap();
+    std::fs::remove_file(m.path("_base/back")).unwrap();
+    assert!(
+        cli(&["restore", "_base/back", "--dir", d], None)
+            .status
+            .success()
+    );
     let lines = |o: &Output| out(o).trim_end().lines().count();
     for args in [
         vec!["list", "--json"],
@@ -292,11 +337,12 @@ fn json_is_pretty_by_default_and_compact_on_request() {
         vec!["policy", "--json"],
         vec!["show", "_base/img", "--json"],
         vec!["purge", "--expired", "--dry-run", "--json"],
+        vec!["purge", "--older-than", "0s", "--dry-run", "--json"],
     ] {
         let mut a = args.clone();
         a.extend(["--dir", d]);
         let o = cli(&a, None);
-        json(&o);
+        undocumented(&json(&o), &args);
         assert!(lines(&o) > 1, "{args:?} is not pretty: {}", out(&o));
         a.push("--compact");
         let o = cli(&a, None);
@@ -385,4 +431,46 @@ fn every_option_in_effect_is_shown_and_the_kernel_shows_its_own() {
         assert!(kopts.iter().any(|k| k == o), "{o} not in {kopts:?}");
     }
     drop(m);
+}
+
+#[test]
+fn commands_on_a_mount_use_its_own_quarantine_without_repeating_it() {
+    let (_t, b) = scratch();
+    let m = Mount::new(&b, &["-o", "quarantine=elsewhere-q"]);
+    std::fs::write(m.path("_base/img"), b"img").unwrap();
+    std::fs::remove_file(m.path("_base/img")).unwrap();
+    let d = m.mountpoint.to_str().unwrap();
+    // The daemon's run file is written at start: wait for status to see it.
+    options_of(&m.mountpoint);
+    let l = json(&cli(&["list", "--json", "--dir", d], None));
+    assert_eq!(l["entries"][0]["path"], "_base/img", "{l}");
+    let s = json(&cli(&["status", "--json", "--dir", d], None));
+    assert_eq!(
+        s["quarantine"],
+        b.join("elsewhere-q").to_str().unwrap(),
+        "{s}"
+    );
+    let id = l["entries"][0]["id"].as_str().unwrap().to_string();
+    let o = cli(&["restore", &id, "--dir", d], None);
+    assert!(o.status.success(), "{}", err(&o));
+    assert_eq!(std::fs::read(m.path("_base/img")).unwrap(), b"img");
+    // On the backing directory (no mount there), --quarantine is still needed.
+    let o = cli(&["list", "--dir", b.to_str().unwrap()], None);
+    assert_eq!(o.status.code(), Some(3), "{}", out(&o));
+}
+
+#[test]
+fn a_mount_made_with_relative_paths_shows_its_options() {
+    let (t, _b) = scratch();
+    std::fs::create_dir(t.path().join("mnt")).unwrap();
+    let mp = t.path().join("mnt");
+    let o = run(Command::new(BIN)
+        .current_dir(t.path())
+        .env("BASEGUARD_CONFIG", "")
+        .args(["mount", "-o", "threads=2", "nfs", "mnt"]));
+    let _g = Detached { mp: mp.clone() };
+    assert!(o.status.success(), "{}", err(&o));
+    // The run file names the absolute mountpoint, so status finds it.
+    let opts = options_of(&mp);
+    assert!(has(&opts, "threads=2"), "{opts:?}");
 }

@@ -76,6 +76,46 @@ fn a_short_retain_on_one_node_never_shortens_the_clouds() {
     let s = json(&bg(&["status", "--json"], &b));
     assert_eq!(s["retain_secs"], 3600, "{s}");
     assert_eq!(s["policy"]["retain_secs"], 3600, "{s}");
+    // status names the node whose option is not applied, and why.
+    let start = Instant::now();
+    loop {
+        let s = json(&bg(&["status", "--json"], &b));
+        let mounts = s["mounts"].as_array().unwrap().clone();
+        let of = |mp: &Path| {
+            mounts
+                .iter()
+                .find(|m| m["mountpoint"] == mp.to_str().unwrap())
+                .map(|m| m["policy_conflicts"].clone())
+        };
+        if let Some(c) = of(&node_b.mountpoint)
+            && c.as_array().is_some_and(|c| !c.is_empty())
+        {
+            assert!(
+                c[0].as_str().unwrap().contains("retain=2s is not applied"),
+                "{c}"
+            );
+            assert_eq!(of(&a.mountpoint), Some(serde_json::json!([])), "{s}");
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "{s}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let text = String::from_utf8_lossy(&bg(&["status"], &b).stdout).into_owned();
+    assert!(
+        text.contains("POLICY CONFLICT: retain=2s is not applied"),
+        "{text}"
+    );
+    // ... and so does `metrics`, for an alert.
+    let m = String::from_utf8_lossy(&bg(&["metrics"], &b).stdout).into_owned();
+    let line = |mp: &Path| {
+        format!(
+            "baseguard_policy_conflicts{{mountpoint=\"{}\"}} ",
+            mp.display()
+        )
+    };
+    assert!(m.contains("# TYPE baseguard_policy_conflicts gauge"), "{m}");
+    assert!(m.contains(&(line(&node_b.mountpoint) + "1\n")), "{m}");
+    assert!(m.contains(&(line(&a.mountpoint) + "0\n")), "{m}");
     let l = json(&bg(&["list", "--json"], &b));
     assert_eq!(l["retain_secs"], 3600);
     let o = bg(&["purge", "--expired", "--yes", "--json"], &b);

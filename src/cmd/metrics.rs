@@ -76,6 +76,27 @@ impl MetricsArgs {
                     .count();
                 let retain = policy::retain_for_cli(Some(&q), None);
                 fams.extend(metrics::quarantine_families(&q, near, retain.as_secs()));
+                // Per daemon of this backing directory: the options the
+                // shared policy does not apply (alert on > 0).
+                if let Ok(Some(p)) = policy::Policy::read(&q) {
+                    let mut f = metrics::Family::new(
+                        "baseguard_policy_conflicts",
+                        "gauge",
+                        "Options of this daemon the shared policy does not apply (see 'baseguard status')",
+                    );
+                    let ours = |r: &&RunFile| {
+                        mounts.iter().any(|(mp, source, _)| {
+                            *mp == r.mountpoint && std::path::Path::new(source) == b.path
+                        })
+                    };
+                    for r in runs.iter().filter(ours) {
+                        f.samples.push((
+                            vec![("mountpoint", r.mountpoint.display().to_string())],
+                            policy::conflicts_of(&r.options, &p).len() as f64,
+                        ));
+                    }
+                    fams.push(f);
+                }
             }
             Ok((_, None)) => {}
             Err(e) => {

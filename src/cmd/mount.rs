@@ -602,9 +602,17 @@ impl MountArgs {
                     }
                 }
                 if let Some(q) = quarantine {
-                    if let Err(e) =
-                        self.housekeeping(q, &fs, refs, &log, qdir, min_free, shared, guard)
-                    {
+                    if let Err(e) = self.housekeeping(
+                        q,
+                        &fs,
+                        refs,
+                        &log,
+                        qdir,
+                        min_free,
+                        shared,
+                        guard,
+                        (&backing, &mountpoint),
+                    ) {
                         tracing::error!("{e}");
                     }
                 }
@@ -634,6 +642,9 @@ impl MountArgs {
         min_free: Option<MinFree>,
         shared: Option<Policy>,
         guard: Arc<LiveGuard>,
+        // The backing directory and mountpoint as the supervisor resolved
+        // them (absolute: the arguments may be relative).
+        (backing, mountpoint): (&Path, &Path),
     ) -> Result<(), String> {
         let purged = Arc::new(AtomicU64::new(0));
         let backing_fd = fs
@@ -648,15 +659,19 @@ impl MountArgs {
             refs: Arc::clone(&refs),
             run: RunFile {
                 pid: std::process::id(),
-                mountpoint: self.mountpoint.clone(),
-                backing: self.backing.clone(),
+                mountpoint: mountpoint.to_path_buf(),
+                backing: backing.to_path_buf(),
                 log: log.to_string(),
-                options: self.options_in_effect(&qdir, threads, guard.node()),
+                options: self.options_in_effect(&qdir, threads, guard.node(), backing),
                 ..Default::default()
             },
             metrics_file: self.metrics_file.clone(),
             purged: Arc::clone(&purged),
         })?;
+        let q2 = Arc::clone(&q);
+        let start_policy = shared.clone().unwrap_or_else(|| {
+            Policy::new(self.retain.unwrap_or(DEFAULT_RETAIN), min_free, "mount")
+        });
         spawn_sweeper(Sweeper {
             q,
             purged,
@@ -667,8 +682,8 @@ impl MountArgs {
             }),
             refs,
             backing: backing_fd,
-            guard,
-        })
+        })?;
+        spawn_glob_watch(q2, guard, start_policy)
     }
 
     /// The filesystem over the backing directory the supervisor handed over.
@@ -842,8 +857,53 @@ struct Sweeper {
     policy: Policy,
     refs: Arc<References>,
     backing: OwnedFd,
-    /// The guard, whose shared globs follow the policy.
+}
+
+/// How often the shared globs are re-read (by their own thread: a sweep may
+/// take long, scanning many instance disks, and more protection must not
+/// wait for it).
+const GLOBS_EVERY: Duration = Duration::from_secs(2);
+
+/// Keep the guard's shared layer equal to the shared policy's globs: more
+/// protection from the next request on, less logged loudly.
+fn spawn_glob_watch(
+    q: Arc<Quarantine>,
     guard: Arc<LiveGuard>,
+    mut last: Policy,
+) -> Result<(), String> {
+    std::thread::Builder::new()
+        .name("policy-globs".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(GLOBS_EVERY);
+                if REPORTER_STOP.load(Ordering::SeqCst) {
+                    return;
+                }
+                // A missing or unreadable file changes nothing here (the
+                // sweeper writes a lost one back).
+                let Ok(Some(p)) = Policy::read(&q) else {
+                    continue;
+                };
+                if let Some((reduced, what)) = p.glob_change(&last) {
+                    apply_shared_globs(&guard, &p);
+                    let by = format!("{} at {}", p.set_by, crate::quarantine::fmt_utc(p.set_at));
+                    if reduced {
+                        tracing::warn!(
+                            set_by = %p.set_by,
+                            "PROTECTION REDUCED by the shared policy ({what}), set by {by}; files this node already reached through a protected name stay protected until the kernel forgets them"
+                        );
+                    } else {
+                        tracing::info!(set_by = %p.set_by, "protection changed by the shared policy ({what}), set by {by}; in force now");
+                    }
+                    if let Some(n) = policy::ignore_conflict(&guard.node().ignore_globs(), &p) {
+                        log_policy_notes(&[n], &p);
+                    }
+                }
+                last = p;
+            }
+        })
+        .map(|_| ())
+        .map_err(|e| format!("cannot start the policy thread: {e}"))
 }
 
 /// How often the free-space floor is checked (one statvfs).
@@ -855,7 +915,13 @@ impl MountArgs {
     /// The options this daemon runs with, as `key=value` (node-local ones;
     /// retention and min_free as this node proposed them: the shared policy
     /// may differ, see `baseguard policy`).
-    fn options_in_effect(&self, qdir: &Option<PathBuf>, threads: u32, node: &Guard) -> Vec<String> {
+    fn options_in_effect(
+        &self,
+        qdir: &Option<PathBuf>,
+        threads: u32,
+        node: &Guard,
+        backing: &Path,
+    ) -> Vec<String> {
         let mut o = vec![
             format!("threads={threads}"),
             format!("transport={}", self.transport.unwrap_or_default().name()),
@@ -875,8 +941,7 @@ impl MountArgs {
             o.push(format!("quarantine={}", q.display()));
         }
         if let Some(i) = &self.instances {
-            let b = std::fs::canonicalize(&self.backing).unwrap_or_else(|_| self.backing.clone());
-            o.push(format!("instances={}", b.join(i).display()));
+            o.push(format!("instances={}", backing.join(i).display()));
         }
         // This node's globs as in force (the layout's defaults included);
         // the shared ones are the policy's (`status` shows both).
@@ -1017,27 +1082,6 @@ impl Sweeper {
                         "the shared policy changed"
                     );
                     log_policy_notes(&r.notes, &r.policy);
-                }
-                if let Some((reduced, what)) = r.policy.glob_change(&self.policy) {
-                    apply_shared_globs(&self.guard, &r.policy);
-                    let by = format!(
-                        "{} at {}",
-                        r.policy.set_by,
-                        crate::quarantine::fmt_utc(r.policy.set_at)
-                    );
-                    if reduced {
-                        tracing::warn!(
-                            set_by = %r.policy.set_by,
-                            "PROTECTION REDUCED by the shared policy ({what}), set by {by}; files this node already reached through a protected name stay protected until the kernel forgets them"
-                        );
-                    } else {
-                        tracing::info!(set_by = %r.policy.set_by, "protection changed by the shared policy ({what}), set by {by}; in force now");
-                    }
-                    if let Some(n) =
-                        policy::ignore_conflict(&self.guard.node().ignore_globs(), &r.policy)
-                    {
-                        log_policy_notes(&[n], &r.policy);
-                    }
                 }
                 let changed = r.policy != self.policy;
                 self.policy = r.policy;

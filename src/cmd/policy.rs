@@ -104,7 +104,14 @@ impl PolicyArgs {
         };
         let stored = match Policy::read(&q) {
             Ok(p) => p,
-            Err(e) => return text::fail_with(exit::CANNOT, format!("cannot read the policy: {e}")),
+            Err(e) => {
+                return text::fail_with(
+                    exit::CANNOT,
+                    format!(
+                        "cannot read the shared policy: {e}; fix or remove that file (each running daemon writes back the policy it applies within a few seconds)"
+                    ),
+                );
+            }
         };
         let policy = if let Some(PolicyCmd::Set(s)) = &self.set {
             if s.retain.is_none()

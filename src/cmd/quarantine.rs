@@ -177,6 +177,20 @@ pub struct Backing {
     pub instances: Option<PathBuf>,
     /// The baseguard mount at `dir` probed (before any private detach).
     pub health: Option<MountHealth>,
+    /// The options that mount's daemon runs with (its run file), so that a
+    /// command on that mount needs no `--quarantine`/`--instances` repeated.
+    pub mount_options: Vec<String>,
+}
+
+impl Backing {
+    /// The value of `key=` among the mount's options in effect.
+    fn mount_option(&self, key: &str) -> Option<PathBuf> {
+        self.mount_options
+            .iter()
+            .filter_map(|o| o.strip_prefix(key)?.strip_prefix('='))
+            .next_back()
+            .map(PathBuf::from)
+    }
 }
 
 /// Resolve `--dir` to the backing directory (see the module docs). Must run
@@ -209,6 +223,14 @@ pub fn resolve_backing(dir: &Path) -> Result<Backing, String> {
         None => dir_abs.clone(),
     };
     let health = mount.as_ref().map(MountHealth::of);
+    let mount_options = match &mount {
+        Some(m) => crate::metrics::RunFile::all()
+            .into_iter()
+            .find(|r| r.mountpoint == m.mountpoint)
+            .map(|r| r.options)
+            .unwrap_or_default(),
+        None => Vec::new(),
+    };
     let covered = |ms: &[MountInfo]| -> Option<PathBuf> {
         ms.iter()
             .rev()
@@ -250,6 +272,7 @@ pub fn resolve_backing(dir: &Path) -> Result<Backing, String> {
         mount,
         instances,
         health,
+        mount_options,
     })
 }
 
@@ -267,6 +290,11 @@ pub fn resolve_location(loc: &Location) -> Result<Backing, String> {
         && base.join(q).is_dir()
     {
         b = resolve_backing(&base)?;
+    }
+    if loc.instances().is_none()
+        && let Some(i) = b.mount_option("instances")
+    {
+        b.instances = Some(i);
     }
     if let Some(i) = &loc.instances() {
         b.instances = Some(std::path::absolute(i).map_err(|e| {
@@ -366,9 +394,15 @@ fn cannot(msg: impl std::fmt::Display) -> ExitCode {
     text::fail_with(exit::CANNOT, msg)
 }
 
+/// `--quarantine` (or the configuration file's), else the mount's own
+/// `quarantine=`.
+fn quarantine_of(b: &Backing, loc: &Location) -> Option<PathBuf> {
+    loc.quarantine().or_else(|| b.mount_option("quarantine"))
+}
+
 /// The quarantine path a command uses, for messages.
 fn quarantine_path(b: &Backing, loc: &Location) -> PathBuf {
-    match &loc.quarantine() {
+    match &quarantine_of(b, loc) {
         Some(p) => b.path.join(p),
         None => b.path.join(quarantine::DEFAULT_DIR_NAME),
     }
@@ -382,12 +416,12 @@ fn quarantine_path(b: &Backing, loc: &Location) -> PathBuf {
 /// could not see.
 pub fn open_quarantine(b: &Backing, loc: &Location) -> Result<Option<Quarantine>, String> {
     // A relative --quarantine is relative to the backing directory.
-    let qdir = loc.quarantine().map(|p| b.path.join(p));
+    let qdir = quarantine_of(b, loc).map(|p| b.path.join(p));
     let qpath = quarantine_path(b, loc);
     match Quarantine::open_existing(b.fd.as_fd(), qdir.as_deref()) {
         Ok(q) => Ok(Some(q)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            if loc.quarantine().is_some() {
+            if quarantine_of(b, loc).is_some() {
                 Err(format!(
                     "there is no quarantine at '{}' (--quarantine names a directory that does not exist)",
                     qpath.display()
@@ -1006,8 +1040,9 @@ pub struct PurgeArgs {
     /// Show what --yes would delete and keep, and delete nothing (exit 0).
     #[arg(long)]
     pub dry_run: bool,
-    /// Print JSON: {"version": 1, "dry_run": bool, "purged": [...], "kept": [...]}
-    /// (with --dry-run, "purged" is what --yes would purge).
+    /// Print JSON: {"version": 1, "purged": [...], "kept": [...]} (and
+    /// "failed" when something failed); --dry-run prints exactly what --yes
+    /// then does.
     #[arg(long)]
     pub json: bool,
     #[arg(long, requires = "json", help = crate::cmd::text::COMPACT_HELP)]
@@ -1325,6 +1360,16 @@ impl StatusArgs {
         };
         let qpath = quarantine_path(&b, &self.loc).display().to_string();
         let runs = crate::metrics::RunFile::all();
+        // What a daemon of this backing directory asks for that the shared
+        // policy does not apply.
+        let conflicts = |m: &MountHealth, run: Option<&crate::metrics::RunFile>| -> Vec<String> {
+            match (run, &stored_policy) {
+                (Some(r), Some(p)) if Path::new(&m.backing) == b.path => {
+                    policy::conflicts_of(&r.options, p)
+                }
+                _ => Vec::new(),
+            }
+        };
         let code = if near.is_empty() {
             ok
         } else {
@@ -1350,6 +1395,10 @@ impl StatusArgs {
                         o.insert(
                             "options".into(),
                             serde_json::json!(run.map(|r| r.options.clone())),
+                        );
+                        o.insert(
+                            "policy_conflicts".into(),
+                            serde_json::json!(conflicts(m, run)),
                         );
                     }
                     v
@@ -1416,8 +1465,12 @@ impl StatusArgs {
                         health::Liveness::Error => " NOT WORKING",
                     }
                 );
-                if let Some(r) = runs.iter().find(|r| r.mountpoint == m.mountpoint) {
+                let run = runs.iter().find(|r| r.mountpoint == m.mountpoint);
+                if let Some(r) = run {
                     println!("{:<13}  options {}", "", visible(&r.options.join(",")));
+                }
+                for c in conflicts(m, run) {
+                    println!("{:<13}  POLICY CONFLICT: {}", "", visible(&c));
                 }
             }
         }
