@@ -78,7 +78,7 @@ impl Mount {
         if std::env::var_os("BG_TEST_VERBOSE").is_none() {
             cmd.stderr(Stdio::null());
         }
-        let child = cmd.spawn().expect("spawn baseguard");
+        let child = no_node_config(&mut cmd).spawn().expect("spawn baseguard");
         let mut m = Mount {
             mountpoint: mp.to_path_buf(),
             backing: backing.to_path_buf(),
@@ -254,7 +254,16 @@ impl Drop for Mount {
 
 /// Run a command, returning its output.
 pub fn run(cmd: &mut Command) -> Output {
-    cmd.output().expect("run command")
+    no_node_config(cmd).output().expect("run command")
+}
+
+/// Tests never read the machine's `/etc/baseguard/baseguard.toml`: an empty
+/// `BASEGUARD_CONFIG` means no configuration file, unless the test names one.
+pub fn no_node_config(cmd: &mut Command) -> &mut Command {
+    if !cmd.get_envs().any(|(k, _)| k == "BASEGUARD_CONFIG") {
+        cmd.env("BASEGUARD_CONFIG", "");
+    }
+    cmd
 }
 
 /// Run a shell snippet as an unprivileged user (uid/gid 65534).
