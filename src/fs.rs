@@ -111,6 +111,10 @@ struct OpenDir {
     /// The snapshot, and whether a pass over it has started (so that a later
     /// read at offset 0 is a rewind and re-reads the directory).
     state: Mutex<(bool, Arc<Vec<DirEntry>>)>,
+    /// The directory's ctime before `opendir` took the snapshot: a first
+    /// read that finds it changed takes a fresh one (names created between
+    /// `opendir` and the first read or `rewinddir` are listed, as natively).
+    ctime: (i64, i64),
 }
 
 /// Where an inode's extended attributes are reached.
@@ -727,10 +731,19 @@ impl Passthrough {
             && a.size.is_none()
             && a.atime.is_none()
             && a.mtime.is_none();
-        // `chown(f, -1, -1)` reaches us as a setattr of nothing; it still
-        // changes the ctime (and whatever else the backing filesystem's
-        // chown does), so it is passed on as that chown.
-        if a.uid.is_some() || a.gid.is_some() || nothing {
+        // A setattr of nothing is `chown(f, -1, -1)` (which changes the
+        // ctime natively) or the kernel's request to remove privileges before
+        // a fallocate or copy_file_range by an unprivileged writer: the two
+        // look the same. It is passed on as that chown, whose EPERM (a
+        // non-owner's, on a set-ID file) is not an error: the operation that
+        // follows runs as the caller and clears the bits itself.
+        if nothing {
+            match sys::chown_fd(fd.as_fd(), u32::MAX, u32::MAX) {
+                Err(e) if e.raw_os_error() == Some(libc::EPERM) => {}
+                r => r?,
+            }
+        }
+        if a.uid.is_some() || a.gid.is_some() {
             sys::chown_fd(
                 fd.as_fd(),
                 a.uid.unwrap_or(u32::MAX),
@@ -1558,6 +1571,9 @@ impl Passthrough {
         if mode & destroys != 0 {
             self.preserve_handle(caller, &f, Why::Overwrite)?;
         }
+        // As the caller (the guard may have switched to the daemon): an
+        // unprivileged caller's fallocate clears the set-ID bits.
+        self.creds.become_caller(caller);
         sys::fallocate(f.file.as_fd(), mode, offset as i64, length as i64)?;
         Ok(())
     }
@@ -1585,6 +1601,8 @@ impl Passthrough {
             self.preserve_handle(caller, &fo, Why::Overwrite)?;
         }
         let len = len.min(u32::MAX as u64 & !0xfff) as usize;
+        // As the caller, as fallocate.
+        self.creds.become_caller(caller);
         let n = sys::copy_file_range(
             fi.file.as_fd(),
             off_in as i64,
@@ -1703,6 +1721,7 @@ impl Passthrough {
         self.stats.count(Op::Opendir);
         let (_, fd) = self.inode_fd(id)?;
         self.creds.become_caller(caller);
+        let st = sys::fstat(fd.as_fd())?;
         let entries = self.snapshot(&fd)?;
         let fh = self.new_fh();
         self.dirs.insert(
@@ -1710,6 +1729,7 @@ impl Passthrough {
             Arc::new(OpenDir {
                 dir: DirRef { id, fd },
                 state: Mutex::new((false, Arc::new(entries))),
+                ctime: (st.st_ctime, st.st_ctime_nsec),
             }),
         );
         Ok(fh)
@@ -1725,7 +1745,10 @@ impl Passthrough {
             .map(|d| Arc::clone(&d))
             .ok_or(Errno(libc::EBADF))?;
         let mut state = d.state.lock();
-        if offset == 0 && state.0 {
+        let changed = || {
+            !sys::fstat(d.dir.fd.as_fd()).is_ok_and(|st| (st.st_ctime, st.st_ctime_nsec) == d.ctime)
+        };
+        if offset == 0 && (state.0 || changed()) {
             self.creds.become_caller(caller);
             state.1 = Arc::new(self.snapshot(&d.dir.fd)?);
         }
@@ -2008,7 +2031,9 @@ impl Passthrough {
                 let entries = self.snapshot(&fd)?;
                 let state = Mutex::new((true, Arc::new(entries)));
                 let dir = DirRef { id, fd };
-                self.dirs.insert(fh, Arc::new(OpenDir { dir, state }));
+                let ctime = (st.st_ctime, st.st_ctime_nsec);
+                self.dirs
+                    .insert(fh, Arc::new(OpenDir { dir, state, ctime }));
                 fh
             }
             Handle::Lock { fh, owner } => {
