@@ -771,10 +771,19 @@ impl Passthrough {
             && a.size.is_none()
             && a.atime.is_none()
             && a.mtime.is_none();
-        // `chown(f, -1, -1)` reaches us as a setattr of nothing; it still
-        // changes the ctime (and whatever else the backing filesystem's
-        // chown does), so it is passed on as that chown.
-        if a.uid.is_some() || a.gid.is_some() || nothing {
+        // A setattr of nothing is `chown(f, -1, -1)` (which changes the
+        // ctime natively) or the kernel's request to remove privileges before
+        // a fallocate or copy_file_range by an unprivileged writer: the two
+        // look the same. It is passed on as that chown, whose EPERM (a
+        // non-owner's, on a set-ID file) is not an error: the operation that
+        // follows runs as the caller and clears the bits itself.
+        if nothing {
+            match sys::chown_fd(fd.as_fd(), u32::MAX, u32::MAX) {
+                Err(e) if e.raw_os_error() == Some(libc::EPERM) => {}
+                r => r?,
+            }
+        }
+        if a.uid.is_some() || a.gid.is_some() {
             sys::chown_fd(
                 fd.as_fd(),
                 a.uid.unwrap_or(u32::MAX),
@@ -1605,6 +1614,9 @@ impl Passthrough {
         if mode & destroys != 0 {
             self.preserve_handle(caller, &f, Why::Overwrite)?;
         }
+        // As the caller (the guard may have switched to the daemon): an
+        // unprivileged caller's fallocate clears the set-ID bits.
+        self.creds.become_caller(caller);
         sys::fallocate(f.file.as_fd(), mode, offset as i64, length as i64)?;
         Ok(())
     }
@@ -1632,6 +1644,8 @@ impl Passthrough {
             self.preserve_handle(caller, &fo, Why::Overwrite)?;
         }
         let len = len.min(u32::MAX as u64 & !0xfff) as usize;
+        // As the caller, as fallocate.
+        self.creds.become_caller(caller);
         let n = sys::copy_file_range(
             fi.file.as_fd(),
             off_in as i64,

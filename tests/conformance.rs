@@ -154,3 +154,33 @@ fn chown_to_no_change_updates_ctime() {
          done; done\n",
     );
 }
+
+/// xfstests generic/471: names created after `opendir` and before the first
+/// read (or a `rewinddir`) are listed, as on ext4 (POSIX mandates it after
+/// `rewinddir`, which is a read from offset 0 again).
+#[test]
+fn names_created_after_opendir_are_listed() {
+    same(
+        "mkdir d; chmod 0777 d\n\
+         for who in '' U; do\n\
+         $who /usr/bin/python3 -c \"import os; fd = os.open('d', os.O_RDONLY | os.O_DIRECTORY); \
+         open('d/new' + str(os.getuid()), 'w').close(); print(sorted(os.listdir(fd)))\"\n\
+         done\n",
+    );
+}
+
+/// xfstests generic/683, 684, 685: a fallocate (allocate, punch a hole, zero
+/// a range) or a copy_file_range by an unprivileged writer clears the set-ID
+/// bits, as a write does; root's keeps them.
+#[test]
+fn a_fallocate_by_a_non_owner_clears_suid_and_sgid() {
+    same(
+        "head -c 8192 /dev/zero > src; chmod 0644 src\n\
+         for op in '-l 65536' '-p -o 0 -l 4096' '-z -o 0 -l 4096' copy; do for who in U ''; do\n\
+         rm -f a; head -c 16384 /dev/zero | tr '\\0' X > a; chmod 06666 a\n\
+         if [ \"$op\" = copy ]; then $who /usr/bin/python3 -c \"import os; \
+         os.copy_file_range(os.open('src', os.O_RDONLY), os.open('a', os.O_WRONLY), 4096)\"\n\
+         else $who fallocate $op a; fi; echo \"$who $op: $(stat -c %a a)\"\n\
+         done; done\n",
+    );
+}
