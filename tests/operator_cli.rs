@@ -5,25 +5,16 @@ mod common;
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
+use common::nova::nfs_scratch;
 use common::*;
 use serde_json::Value;
 
 const SHA: &str = "7b4783508212f5d242cbf9ff56fb8d33b4ce6166";
 const UUID: &str = "6f1c2a8e-3b9d-4c4e-9a52-0c1d2e3f4a5b";
-
-/// A world-traversable scratch directory with `nfs/_base` (the backing dir).
-fn scratch() -> (tempfile::TempDir, PathBuf) {
-    let d = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let b = d.path().join("nfs");
-    std::fs::create_dir_all(b.join("_base")).unwrap();
-    (d, b)
-}
 
 fn bg<S: AsRef<OsStr>>(args: &[S], dir: &Path) -> Output {
     run(Command::new(BIN)
@@ -78,7 +69,7 @@ fn base_and_disk(m: &Mount) -> PathBuf {
 
 #[test]
 fn list_into_a_closed_pipe_ends_quietly() {
-    let (_t, b) = scratch();
+    let (_t, b) = nfs_scratch();
     let m = Mount::new(&b, &[]);
     for i in 0..300 {
         stash(&m, OsStr::new(&format!("f{i:04}")), b"x");
@@ -103,7 +94,7 @@ fn list_into_a_closed_pipe_ends_quietly() {
 
 #[test]
 fn a_plain_directory_is_not_called_empty_or_healthy() {
-    let (_t, b) = scratch();
+    let (_t, b) = nfs_scratch();
     let plain = tempfile::tempdir().unwrap();
     for cmd in [&["list"][..], &["check"], &["status"], &["list", "--json"]] {
         let o = bg(cmd, plain.path());
@@ -134,7 +125,7 @@ fn another_user_is_told_root_is_needed_never_lost() {
         eprintln!("skipped: qemu-img missing");
         return;
     }
-    let (_t, b) = scratch();
+    let (_t, b) = nfs_scratch();
     let m = Mount::new(&b, &["--no-heal"]);
     base_and_disk(&m);
     std::fs::remove_file(m.path(&format!("_base/{SHA}"))).unwrap();
@@ -166,7 +157,7 @@ fn another_user_is_told_root_is_needed_never_lost() {
 
 #[test]
 fn an_unwritable_log_file_fails_the_mount_in_one_sentence() {
-    let (t, b) = scratch();
+    let (t, b) = nfs_scratch();
     let mp = t.path().join("mnt");
     std::fs::create_dir(&mp).unwrap();
     let o = run(Command::new(BIN)
@@ -189,7 +180,7 @@ fn an_unwritable_log_file_fails_the_mount_in_one_sentence() {
 
 #[test]
 fn names_are_quoted_like_ls_and_odd_bytes_restore_by_path() {
-    let (_t, b) = scratch();
+    let (_t, b) = nfs_scratch();
     let m = Mount::new(&b, &[]);
     let evil = "evil\n20990101-000000-fake-1  fake-path \u{1b}[31mred";
     stash(&m, OsStr::new(evil), b"evil");
@@ -236,7 +227,7 @@ fn names_are_quoted_like_ls_and_odd_bytes_restore_by_path() {
 
 #[test]
 fn numbers_neither_wrap_nor_lie() {
-    let (_t, b) = scratch();
+    let (_t, b) = nfs_scratch();
     let m = Mount::new(&b, &[]);
     stash(&m, OsStr::new("one"), &vec![1u8; 100_000]);
     // Two hard links to one file, both deleted: one file held.
@@ -279,7 +270,7 @@ fn numbers_neither_wrap_nor_lie() {
 
 #[test]
 fn every_json_output_is_a_versioned_object() {
-    let (_t, b) = scratch();
+    let (_t, b) = nfs_scratch();
     let m = Mount::new(&b, &[]);
     stash(&m, OsStr::new("j"), b"json");
     let v = json(&bg(&["list", "--json"], &b));
@@ -308,7 +299,7 @@ fn show_takes_a_unique_prefix_and_says_what_next() {
         eprintln!("skipped: qemu-img missing");
         return;
     }
-    let (_t, b) = scratch();
+    let (_t, b) = nfs_scratch();
     let m = Mount::new(&b, &["--no-heal"]);
     base_and_disk(&m);
     std::fs::remove_file(m.path(&format!("_base/{SHA}"))).unwrap();
@@ -338,7 +329,7 @@ fn purge_dry_run_equals_the_real_run() {
         eprintln!("skipped: qemu-img missing");
         return;
     }
-    let (_t, b) = scratch();
+    let (_t, b) = nfs_scratch();
     let m = Mount::new(&b, &["--no-heal"]);
     base_and_disk(&m);
     std::fs::remove_file(m.path(&format!("_base/{SHA}"))).unwrap();
@@ -371,7 +362,7 @@ fn purge_dry_run_equals_the_real_run() {
 
 #[test]
 fn usage_errors_are_not_mistaken_for_a_loss() {
-    let (_t, b) = scratch();
+    let (_t, b) = nfs_scratch();
     let _m = Mount::new(&b, &[]);
     let o = bg(&["list", "--retain", "14"], &b);
     assert_eq!(code(&o), 64, "{}", err(&o));

@@ -5,21 +5,13 @@
 
 mod common;
 
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use common::nova::nfs_scratch;
 use common::*;
 use serde_json::Value;
-
-fn scratch() -> (tempfile::TempDir, PathBuf) {
-    let d = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let b = d.path().join("nfs");
-    std::fs::create_dir_all(b.join("_base")).unwrap();
-    (d, b)
-}
 
 /// The CLI with no configuration file at all unless `cfg` names one.
 fn cli(args: &[&str], cfg: Option<&Path>) -> Output {
@@ -75,22 +67,9 @@ fn has(opts: &[String], o: &str) -> bool {
     opts.iter().any(|x| x == o)
 }
 
-/// A detached mount made by a test, unmounted on drop.
-struct Detached {
-    mp: PathBuf,
-}
-
-impl Drop for Detached {
-    fn drop(&mut self) {
-        if is_mounted(&self.mp) {
-            let _ = Command::new("umount").arg(&self.mp).status();
-        }
-    }
-}
-
 #[test]
 fn the_config_file_gives_defaults_and_options_win() {
-    let (t, b) = scratch();
+    let (t, b) = nfs_scratch();
     let prom = t.path().join("node.prom");
     let log = t.path().join("from-config.log");
     let mp = t.path().join("mnt");
@@ -149,7 +128,7 @@ fn the_config_file_gives_defaults_and_options_win() {
 
 #[test]
 fn a_bad_config_file_is_one_sentence_with_file_line_and_key() {
-    let (t, b) = scratch();
+    let (t, b) = nfs_scratch();
     let mp = t.path().join("mnt");
     std::fs::create_dir(&mp).unwrap();
     let cfg = t.path().join("bad.toml");
@@ -233,7 +212,7 @@ fn a_bad_config_file_is_one_sentence_with_file_line_and_key() {
 
 #[test]
 fn node_local_files_must_be_absolute_and_other_paths_follow_the_backing_dir() {
-    let (t, b) = scratch();
+    let (t, b) = nfs_scratch();
     let mp = t.path().join("mnt");
     std::fs::create_dir(&mp).unwrap();
     for opt in [
@@ -315,7 +294,7 @@ fn undocumented(v: &Value, what: &[&str]) {
 
 #[test]
 fn json_is_pretty_by_default_and_compact_on_request() {
-    let (t, b) = scratch();
+    let (t, b) = nfs_scratch();
     let m = Mount::new(&b, &[]);
     std::fs::write(m.path("_base/img"), b"img").unwrap();
     std::fs::remove_file(m.path("_base/img")).unwrap();
@@ -379,7 +358,7 @@ fn proc_mounts(mp: &Path) -> (String, String, Vec<String>) {
 
 #[test]
 fn every_option_in_effect_is_shown_and_the_kernel_shows_its_own() {
-    let (t, b) = scratch();
+    let (t, b) = nfs_scratch();
     let log = t.path().join("l.log");
     let prom = t.path().join("m.prom");
     let opts = format!(
@@ -435,7 +414,7 @@ fn every_option_in_effect_is_shown_and_the_kernel_shows_its_own() {
 
 #[test]
 fn commands_on_a_mount_use_its_own_quarantine_without_repeating_it() {
-    let (_t, b) = scratch();
+    let (_t, b) = nfs_scratch();
     let m = Mount::new(&b, &["-o", "quarantine=elsewhere-q"]);
     std::fs::write(m.path("_base/img"), b"img").unwrap();
     std::fs::remove_file(m.path("_base/img")).unwrap();
@@ -461,7 +440,7 @@ fn commands_on_a_mount_use_its_own_quarantine_without_repeating_it() {
 
 #[test]
 fn a_mount_made_with_relative_paths_shows_its_options() {
-    let (t, _b) = scratch();
+    let (t, _b) = nfs_scratch();
     std::fs::create_dir(t.path().join("mnt")).unwrap();
     let mp = t.path().join("mnt");
     let o = run(Command::new(BIN)

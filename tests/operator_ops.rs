@@ -3,21 +3,13 @@
 
 mod common;
 
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use common::nova::nfs_scratch;
 use common::*;
 use serde_json::Value;
-
-fn scratch() -> (tempfile::TempDir, PathBuf) {
-    let d = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let b = d.path().join("nfs");
-    std::fs::create_dir_all(b.join("_base")).unwrap();
-    (d, b)
-}
 
 fn bg(args: &[&str], dir: &Path) -> Output {
     run(Command::new(BIN)
@@ -59,7 +51,7 @@ fn ids(dir: &Path) -> Vec<(String, String)> {
 
 #[test]
 fn restores_and_purges_leave_an_audit_trail() {
-    let (_t, b) = scratch();
+    let (_t, b) = nfs_scratch();
     let m = Mount::new(&b, &[]);
     stash(&m, "_base/a", b"a");
     stash(&m, "_base/b", b"bb");
@@ -96,7 +88,7 @@ fn metric(text: &str, name: &str) -> Option<f64> {
 
 #[test]
 fn metrics_in_prometheus_text_format() {
-    let (t, b) = scratch();
+    let (t, b) = nfs_scratch();
     let prom = t.path().join("baseguard.prom");
     let m = Mount::new(&b, &["-o", &format!("metrics_file={}", prom.display())]);
     stash(&m, "_base/x", &[1u8; 5000]);
@@ -161,22 +153,9 @@ fn metrics_in_prometheus_text_format() {
     assert!(f.contains("# TYPE baseguard_up gauge"), "{f}");
 }
 
-/// A detached mount, unmounted on drop.
-struct Detached {
-    mp: PathBuf,
-}
-
-impl Drop for Detached {
-    fn drop(&mut self) {
-        if is_mounted(&self.mp) {
-            let _ = Command::new("umount").arg(&self.mp).status();
-        }
-    }
-}
-
 #[test]
 fn a_detached_daemon_without_dev_log_logs_where_status_says() {
-    let (t, b) = scratch();
+    let (t, b) = nfs_scratch();
     let mp = t.path().join("mnt");
     std::fs::create_dir(&mp).unwrap();
     let fallback = t.path().join("fallback.log");
@@ -223,7 +202,7 @@ fn a_detached_daemon_without_dev_log_logs_where_status_says() {
 
 #[test]
 fn log_level_from_fstab_options() {
-    let (t, b) = scratch();
+    let (t, b) = nfs_scratch();
     let log = t.path().join("warn.log");
     let m = Mount::new(
         &b,
@@ -233,7 +212,7 @@ fn log_level_from_fstab_options() {
     drop(m);
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(!text.contains("quarantined"), "{text}");
-    let (t2, b2) = scratch();
+    let (t2, b2) = nfs_scratch();
     let mp = t2.path().join("mnt");
     std::fs::create_dir(&mp).unwrap();
     let o = run(Command::new(BIN)

@@ -8,18 +8,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use common::nova::nfs_scratch;
 use common::*;
 use serde_json::Value;
 
 const UUID: &str = "6f1c2a8e-3b9d-4c4e-9a52-0c1d2e3f4a5b";
-
-fn scratch() -> (tempfile::TempDir, PathBuf) {
-    let d = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let b = d.path().join("nfs");
-    std::fs::create_dir_all(b.join("_base")).unwrap();
-    (d, b)
-}
 
 fn bg(args: &[&str], dir: &Path) -> Output {
     run(Command::new(BIN)
@@ -60,7 +53,7 @@ fn log_of(p: &Path) -> String {
 
 #[test]
 fn a_short_retain_on_one_node_never_shortens_the_clouds() {
-    let (t, b) = scratch();
+    let (t, b) = nfs_scratch();
     let (la, lb) = (t.path().join("a.log"), t.path().join("b.log"));
     let a = Mount::new(&b, &["-o", "retain=1h", "--log-file", la.to_str().unwrap()]);
     let node_b = Mount::new(&b, &["-o", "retain=2s", "--log-file", lb.to_str().unwrap()]);
@@ -126,7 +119,7 @@ fn a_short_retain_on_one_node_never_shortens_the_clouds() {
 
 #[test]
 fn a_longer_retain_raises_the_shared_one_for_nodes_already_up() {
-    let (t, b) = scratch();
+    let (t, b) = nfs_scratch();
     let la = t.path().join("a.log");
     let a = Mount::new(&b, &["-o", "retain=2s", "--log-file", la.to_str().unwrap()]);
     let _b2 = Mount::new(&b, &["-o", "retain=1h"]);
@@ -158,7 +151,7 @@ fn a_longer_retain_raises_the_shared_one_for_nodes_already_up() {
 
 #[test]
 fn a_relative_quarantine_is_under_the_backing_directory() {
-    let (t, b) = scratch();
+    let (t, b) = nfs_scratch();
     let elsewhere = t.path().join("elsewhere");
     std::fs::create_dir(&elsewhere).unwrap();
     let name = format!("q-rel-{}", std::process::id());
@@ -310,7 +303,7 @@ fn an_expired_displaced_copy_of_an_image_in_use_is_not_kept_forever() {
         eprintln!("skipped: qemu-img missing");
         return;
     }
-    let (_t, b) = scratch();
+    let (_t, b) = nfs_scratch();
     let m = Mount::new(&b, &["-o", "retain=2s", "--no-heal"]);
     let uuid2 = "0d1e2f3a-4b5c-4d6e-8f70-0a1b2c3d4e5f";
     for (name, uuid) in [("gone", UUID), ("rewritten", uuid2)] {
@@ -372,7 +365,7 @@ fn until_quarantined(m: &Mount, b: &Path, dir: &str, stem: &str, want: bool) -> 
 
 #[test]
 fn shared_globs_protect_on_every_node_and_never_shrink_silently() {
-    let (t, b) = scratch();
+    let (t, b) = nfs_scratch();
     let (la, lc) = (t.path().join("a.log"), t.path().join("c.log"));
     let a = Mount::new(&b, &["--log-file", la.to_str().unwrap()]);
     // Node C lets its own snapshots/*.tmp through.

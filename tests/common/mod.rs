@@ -266,6 +266,20 @@ pub fn no_node_config(cmd: &mut Command) -> &mut Command {
     cmd
 }
 
+/// A mount made detached (by `baseguard mount` without `-f`, or mount(8)),
+/// unmounted on drop even when the test fails.
+pub struct Detached {
+    pub mp: PathBuf,
+}
+
+impl Drop for Detached {
+    fn drop(&mut self) {
+        if is_mounted(&self.mp) {
+            let _ = Command::new("umount").arg(&self.mp).status();
+        }
+    }
+}
+
 /// Run a shell snippet as an unprivileged user (uid/gid 65534).
 pub fn as_nobody(script: &str) -> Output {
     run(Command::new("setpriv").args([

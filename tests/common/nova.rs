@@ -4,7 +4,7 @@
 
 use std::ffi::OsStr;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use super::run;
@@ -14,6 +14,15 @@ pub fn scratch() -> tempfile::TempDir {
     let d = tempfile::tempdir().unwrap();
     std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     d
+}
+
+/// A scratch directory (as [`scratch`]) with `nfs/_base` in it: the backing
+/// directory the operator tests mount, laid out as Nova's.
+pub fn nfs_scratch() -> (tempfile::TempDir, PathBuf) {
+    let d = scratch();
+    let b = d.path().join("nfs");
+    std::fs::create_dir_all(b.join("_base")).unwrap();
+    (d, b)
 }
 
 /// Run `cmd`, insist it succeeds, return its standard output.
