@@ -5,28 +5,16 @@ mod common;
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use common::nova::nfs_scratch;
+use common::nova::{bg, nfs_scratch, out};
 use common::*;
 use serde_json::Value;
 
 const SHA: &str = "7b4783508212f5d242cbf9ff56fb8d33b4ce6166";
 const UUID: &str = "6f1c2a8e-3b9d-4c4e-9a52-0c1d2e3f4a5b";
-
-fn bg<S: AsRef<OsStr>>(args: &[S], dir: &Path) -> Output {
-    run(Command::new(BIN)
-        .args(args)
-        .arg("--dir")
-        .arg(dir)
-        .env_remove("RUST_LOG"))
-}
-
-fn out(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
 
 fn err(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()

@@ -7,21 +7,9 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use common::nova::nfs_scratch;
+use common::nova::{bg, nfs_scratch, out};
 use common::*;
 use serde_json::Value;
-
-fn bg(args: &[&str], dir: &Path) -> Output {
-    run(Command::new(BIN)
-        .args(args)
-        .arg("--dir")
-        .arg(dir)
-        .env_remove("RUST_LOG"))
-}
-
-fn out(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
 
 fn json(o: &Output) -> Value {
     let v: Value = serde_json::from_slice(&o.stdout)

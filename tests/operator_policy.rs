@@ -8,19 +8,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use common::nova::nfs_scratch;
+use common::nova::{bg, nfs_scratch};
 use common::*;
 use serde_json::Value;
 
 const UUID: &str = "6f1c2a8e-3b9d-4c4e-9a52-0c1d2e3f4a5b";
-
-fn bg(args: &[&str], dir: &Path) -> Output {
-    run(Command::new(BIN)
-        .args(args)
-        .arg("--dir")
-        .arg(dir)
-        .env_remove("RUST_LOG"))
-}
 
 fn json(o: &Output) -> Value {
     assert!(

@@ -5,9 +5,9 @@
 use std::ffi::OsStr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output};
 
-use super::run;
+use super::{BIN, run};
 
 /// A temporary directory every user may enter (the tests also run as 65534).
 pub fn scratch() -> tempfile::TempDir {
@@ -68,4 +68,19 @@ pub fn nova_remove(path: &Path) {
     ok(Command::new("python3")
         .args(["-c", "import os, sys; os.remove(sys.argv[1])"])
         .arg(path));
+}
+
+/// A `baseguard` command pointed at `dir` (`--dir`), without the test's log
+/// settings.
+pub fn bg<S: AsRef<OsStr>>(args: &[S], dir: &Path) -> Output {
+    run(Command::new(BIN)
+        .args(args)
+        .arg("--dir")
+        .arg(dir)
+        .env_remove("RUST_LOG"))
+}
+
+/// A command's standard output as text.
+pub fn out(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
 }
