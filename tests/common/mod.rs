@@ -274,9 +274,19 @@ pub struct Detached {
 
 impl Drop for Detached {
     fn drop(&mut self) {
-        if is_mounted(&self.mp) {
-            let _ = Command::new("umount").arg(&self.mp).status();
+        // Something may hold the mount for a moment (a `status` probe of
+        // another test): try again, and detach it as a last resort.
+        for _ in 0..30 {
+            if !is_mounted(&self.mp) {
+                return;
+            }
+            let _ = Command::new("umount")
+                .arg(&self.mp)
+                .stderr(Stdio::null())
+                .status();
+            std::thread::sleep(Duration::from_millis(100));
         }
+        let _ = Command::new("umount").arg("-l").arg(&self.mp).status();
     }
 }
 
