@@ -615,6 +615,14 @@ impl InodeStore {
             let left = prev.saturating_sub(n);
             e.get().nlookup.store(left, Ordering::Relaxed);
             if left == 0 {
+                // Into the graveyard before it leaves the table (under the
+                // entry's lock): a LOOKUP of "." in this node id (a file
+                // handle decoded after the kernel dropped its caches) that
+                // comes meanwhile finds it in one or the other, never in
+                // neither (it got ESTALE).
+                if let Some(handle) = e.get().handle.clone() {
+                    self.retire(id, e.get(), handle);
+                }
                 // `remove` consumes the entry and releases its lock before
                 // the synthetic map is touched (`create` takes them in the
                 // other order).
@@ -622,9 +630,6 @@ impl InodeStore {
                 self.cache.remove(id);
                 self.synthetic
                     .remove_if(&(inode.dev, inode.ino), |_, v| *v == inode.id);
-                if let Some(handle) = inode.handle.clone() {
-                    self.retire(id, &inode, handle);
-                }
             }
         }
     }
