@@ -266,12 +266,11 @@ impl FuseAdapter {
         if let Entry::Occupied(mut o) = self.shared.backing.entry(inode) {
             o.get_mut().1 -= 1;
             if o.get().1 == 0 {
+                // Closed in the kernel now: the `Del` of every file that used it has
+                // gone to the supervisor already (`release` sends it first), so no new
+                // server adopts an id the kernel may give to another file.
                 let (id, _) = o.remove();
-                // Closed in the kernel once the supervisor no longer names it.
-                match self.custody() {
-                    Some(c) => c.drop_after_flush(Box::new(id)),
-                    None => drop(id),
-                }
+                drop(id);
             }
         }
     }

@@ -1004,12 +1004,57 @@ pub fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok((owned(fds[0]), owned(fds[1])))
 }
 
+/// Wait up to `timeout` (forever if `None`) until one of `fds` is readable or its peer
+/// is gone; which ones are. An interrupted wait reports none.
+pub fn poll_readable(
+    fds: &[BorrowedFd<'_>],
+    timeout: Option<std::time::Duration>,
+) -> io::Result<Vec<bool>> {
+    let mut p: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|f| libc::pollfd {
+            fd: f.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    let ms = timeout.map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as i32);
+    // SAFETY: `p` is a live array of `p.len()` pollfd structures.
+    let n = unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, ms) };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::Interrupted {
+            return Ok(vec![false; fds.len()]);
+        }
+        return Err(e);
+    }
+    Ok(p.iter().map(|x| x.revents != 0).collect())
+}
+
 /// Most descriptors one message carries.
 pub const MAX_FDS_PER_MESSAGE: usize = 8;
 
 /// Send one message on a Unix socket with descriptors attached (`SCM_RIGHTS`). The receiver
 /// gets its own descriptors of the same open file descriptions.
 pub fn send_with_fds(sock: BorrowedFd<'_>, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+    send_with_fds_flags(sock, data, fds, 0)
+}
+
+/// `send_with_fds` without waiting for room: `WouldBlock` when the peer's queue is full.
+pub fn try_send_with_fds(
+    sock: BorrowedFd<'_>,
+    data: &[u8],
+    fds: &[BorrowedFd<'_>],
+) -> io::Result<()> {
+    send_with_fds_flags(sock, data, fds, libc::MSG_DONTWAIT)
+}
+
+fn send_with_fds_flags(
+    sock: BorrowedFd<'_>,
+    data: &[u8],
+    fds: &[BorrowedFd<'_>],
+    flags: i32,
+) -> io::Result<()> {
     if fds.len() > MAX_FDS_PER_MESSAGE {
         return Err(io::Error::from_raw_os_error(libc::EINVAL));
     }
@@ -1041,7 +1086,7 @@ pub fn send_with_fds(sock: BorrowedFd<'_>, data: &[u8], fds: &[BorrowedFd<'_>]) 
             );
         }
         loop {
-            let n = libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL);
+            let n = libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL | flags);
             if n >= 0 {
                 return Ok(());
             }
@@ -1056,6 +1101,22 @@ pub fn send_with_fds(sock: BorrowedFd<'_>, data: &[u8], fds: &[BorrowedFd<'_>]) 
 /// Receive one message (and its descriptors, close-on-exec) from a Unix socket. `Ok((0, []))`
 /// is end of file on a `SOCK_SEQPACKET` socket.
 pub fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+    recv_with_fds_flags(sock, buf, 0)
+}
+
+/// `recv_with_fds` without waiting: `WouldBlock` when no message is queued.
+pub fn try_recv_with_fds(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+) -> io::Result<(usize, Vec<OwnedFd>)> {
+    recv_with_fds_flags(sock, buf, libc::MSG_DONTWAIT)
+}
+
+fn recv_with_fds_flags(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+    flags: i32,
+) -> io::Result<(usize, Vec<OwnedFd>)> {
     let mut iov = libc::iovec {
         iov_base: buf.as_mut_ptr() as *mut libc::c_void,
         iov_len: buf.len(),
@@ -1070,7 +1131,7 @@ pub fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize,
         msg.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
         msg.msg_controllen = std::mem::size_of_val(&cbuf);
         let n = loop {
-            let n = libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC);
+            let n = libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC | flags);
             if n >= 0 {
                 break n as usize;
             }

@@ -43,89 +43,25 @@ pub fn key(k: HandleKey) -> String {
 /// How long to wait for the supervisor to confirm it closed a lock description.
 const ACK_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How long a forgotten handle may wait to be sent with others.
-const BATCH: Duration = Duration::from_millis(1);
-
-/// Everything sent to the supervisor goes out in order through here. Forgetting a handle
-/// (no lock) is only queued, and sent with the next message or by the flusher within
-/// [`BATCH`]: a lost one only leaks a descriptor until unmount, and queuing keeps the
-/// close path to one cross-process message per open file instead of two.
+/// Everything sent to the supervisor goes out through here, one message at a time, in
+/// the order the calls take the lock (a record's `Del` never overtakes a later `Put` of
+/// the same key). Sending costs one `sendmsg`: the supervisor reads lazily (see
+/// [`super::proto`]), so neither an open nor a close wakes it.
 struct Outbox {
     link: Arc<Link>,
-    pending: Mutex<Pending>,
-    wake: parking_lot::Condvar,
-}
-
-/// Deletions not sent yet, and what may only be dropped once they are (a passthrough
-/// backing id: closed in the kernel only after the supervisor no longer names it, so a
-/// new server never adopts an id the kernel gave to another file).
-#[derive(Default)]
-struct Pending {
-    keys: Vec<String>,
-    after: Vec<Box<dyn Send>>,
-}
-
-impl Pending {
-    fn is_empty(&self) -> bool {
-        self.keys.is_empty() && self.after.is_empty()
-    }
+    order: Mutex<()>,
 }
 
 impl Outbox {
-    /// Send `msg` after every queued deletion (the caller holds `pending`).
-    fn send_locked(
-        &self,
-        pending: &mut Pending,
-        msg: &ToSupervisor,
-        fds: &[std::os::fd::BorrowedFd<'_>],
-    ) -> io::Result<()> {
-        self.flush_locked(pending)?;
-        self.link.send(msg, fds)
-    }
-
-    fn flush_locked(&self, pending: &mut Pending) -> io::Result<()> {
-        if !pending.keys.is_empty() {
-            let keys = std::mem::take(&mut pending.keys);
-            self.link
-                .send(&ToSupervisor::Del { keys, ack: false }, &[])?;
-        }
-        pending.after.clear();
-        Ok(())
-    }
-
     fn send(&self, msg: &ToSupervisor, fds: &[std::os::fd::BorrowedFd<'_>]) -> io::Result<()> {
-        let mut p = self.pending.lock();
-        self.send_locked(&mut p, msg, fds)
-    }
-
-    fn queue(&self, keys: Vec<String>, after: Option<Box<dyn Send>>) {
-        let mut p = self.pending.lock();
-        let was_empty = p.is_empty();
-        p.keys.extend(keys);
-        p.after.extend(after);
-        if was_empty {
-            self.wake.notify_one();
-        }
-    }
-
-    fn flusher(self: Arc<Self>) {
-        let mut p = self.pending.lock();
-        loop {
-            if p.is_empty() {
-                self.wake.wait(&mut p);
-                continue;
-            }
-            self.wake.wait_for(&mut p, BATCH);
-            if let Err(e) = self.flush_locked(&mut p) {
-                tracing::warn!(error = %e, "cannot reach the supervisor");
-            }
-        }
+        let _order = self.order.lock();
+        self.link.send(msg, fds)
     }
 }
 
 /// The serving process's link to the supervisor's keeper.
 pub struct Custody {
-    out: Arc<Outbox>,
+    out: Outbox,
     /// Serialises the messages that wait for an `Ack`, and receives the acks.
     acks: Mutex<Receiver<()>>,
     /// Lock descriptions handed to the supervisor, by (fh, owner).
@@ -136,18 +72,10 @@ pub struct Custody {
 
 impl Custody {
     pub fn new(link: Arc<Link>, acks: Receiver<()>) -> Custody {
-        let out = Arc::new(Outbox {
+        let out = Outbox {
             link,
-            pending: Mutex::new(Pending::default()),
-            wake: parking_lot::Condvar::new(),
-        });
-        let o = Arc::clone(&out);
-        if let Err(e) = std::thread::Builder::new()
-            .name("custody".into())
-            .spawn(move || o.flusher())
-        {
-            tracing::error!(error = %e, "cannot start the custody flusher");
-        }
+            order: Mutex::new(()),
+        };
         Custody {
             out,
             acks: Mutex::new(acks),
@@ -167,7 +95,9 @@ impl Custody {
 
     fn del(&self, keys: Vec<String>, ack: bool) {
         if !ack {
-            self.out.queue(keys, None);
+            if let Err(e) = self.out.send(&ToSupervisor::Del { keys, ack }, &[]) {
+                tracing::warn!(error = %e, "cannot reach the supervisor");
+            }
             return;
         }
         // A lock's description: closed in the supervisor before the caller hears back.
@@ -176,6 +106,7 @@ impl Custody {
             while acks.try_recv().is_ok() {}
             self.out
                 .send(&ToSupervisor::Del { keys, ack }, &[])
+                .map(|()| self.out.link.ring())
                 .and_then(|_| match acks.recv_timeout(ACK_TIMEOUT) {
                     Ok(()) => Ok(()),
                     Err(RecvTimeoutError::Timeout) => Err(io::ErrorKind::TimedOut.into()),
@@ -281,25 +212,11 @@ impl Custody {
         }
     }
 
-    /// Drop `item` (a passthrough backing id) only once the supervisor has forgotten the
-    /// handles queued so far.
-    pub fn drop_after_flush(&self, item: Box<dyn Send>) {
-        self.out.queue(Vec::new(), Some(item));
-    }
-
     /// What INIT negotiated, sent before the kernel gets the INIT reply: a server killed
     /// right after it must not leave the next one waiting for an INIT that never comes.
     pub fn keep_params(&self, params: super::proto::Params) {
         if let Err(e) = self.out.send(&ToSupervisor::Params { params }, &[]) {
             tracing::error!(error = %e, "cannot reach the supervisor");
-        }
-    }
-
-    /// Send every queued deletion now (before a hand-over).
-    pub fn flush(&self) {
-        let mut p = self.out.pending.lock();
-        if let Err(e) = self.out.flush_locked(&mut p) {
-            tracing::warn!(error = %e, "cannot reach the supervisor");
         }
     }
 

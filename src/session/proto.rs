@@ -2,9 +2,19 @@
 //! `SOCK_SEQPACKET` socket pair (one message per packet), descriptors attached with
 //! `SCM_RIGHTS`. The supervisor treats records as opaque: it stores them with their
 //! descriptors by key and gives them all to the next serving process.
+//!
+//! The supervisor reads its end lazily: while records keep coming it takes them in batches
+//! every [`LINGER`], so a burst of opens does not wake it once per open (on a small VM a
+//! cross-CPU wake-up costs more than the message). Nothing waits on that: a message is
+//! safe once `send` returns (the socket holds it, descriptors included, until read, and
+//! the supervisor reads everything before it replaces a dead server). What does wait (a
+//! lock's `Del` that wants its `Ack`, or a full socket) rings the doorbell: a second
+//! socket pair whose far end the server hands over with [`ToSupervisor::Doorbell`].
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::OnceLock;
+use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -65,7 +75,14 @@ pub enum ToSupervisor {
     Drained,
     /// The server cannot start (one sentence); it exits next.
     Failed { msg: String },
+    /// Carries the supervisor's end of the doorbell (see the module comment): from now on
+    /// the supervisor may read lazily. A supervisor older than this message logs it as a
+    /// bad message and keeps reading at once, as it always did.
+    Doorbell,
 }
+
+/// How long the supervisor lets records gather while they keep coming.
+pub const LINGER: Duration = Duration::from_millis(5);
 
 /// Largest message.
 const MAX_MESSAGE: usize = 256 * 1024;
@@ -74,11 +91,34 @@ const MAX_MESSAGE: usize = 256 * 1024;
 #[derive(Debug)]
 pub struct Link {
     fd: OwnedFd,
+    /// The server's end of the doorbell, once installed.
+    bell: OnceLock<OwnedFd>,
 }
 
 impl Link {
     pub fn new(fd: OwnedFd) -> Link {
-        Link { fd }
+        Link {
+            fd,
+            bell: OnceLock::new(),
+        }
+    }
+
+    /// The server's side: make the doorbell and hand its far end to the supervisor.
+    pub fn install_doorbell(&self) -> io::Result<()> {
+        if self.bell.get().is_some() {
+            return Ok(());
+        }
+        let (mine, theirs) = sys::seqpacket_pair()?;
+        self.send(&ToSupervisor::Doorbell, &[theirs.as_fd()])?;
+        let _ = self.bell.set(mine);
+        Ok(())
+    }
+
+    /// Wake the supervisor now (no-op without a doorbell; a ring already pending is enough).
+    pub fn ring(&self) {
+        if let Some(b) = self.bell.get() {
+            let _ = sys::try_send_with_fds(b.as_fd(), b"!", &[]);
+        }
     }
 
     /// A connected pair.
@@ -93,11 +133,34 @@ impl Link {
 
     pub fn send<T: Serialize>(&self, msg: &T, fds: &[BorrowedFd<'_>]) -> io::Result<()> {
         let data = serde_json::to_vec(msg).map_err(io::Error::other)?;
-        sys::send_with_fds(self.fd.as_fd(), &data, fds)
+        match sys::try_send_with_fds(self.fd.as_fd(), &data, fds) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                // The supervisor is letting messages gather and the socket is full.
+                self.ring();
+                sys::send_with_fds(self.fd.as_fd(), &data, fds)
+            }
+            r => r,
+        }
+    }
+
+    /// `send`, then ring: for what the supervisor should see now.
+    pub fn send_now<T: Serialize>(&self, msg: &T, fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+        let r = self.send(msg, fds);
+        self.ring();
+        r
     }
 
     /// The next message; `None` when the peer has closed its end.
     pub fn recv<T: DeserializeOwned>(&self) -> io::Result<Option<(T, Vec<OwnedFd>)>> {
+        self.recv_how(false)
+    }
+
+    /// The next message if one is queued (`WouldBlock` if none).
+    pub fn try_recv<T: DeserializeOwned>(&self) -> io::Result<Option<(T, Vec<OwnedFd>)>> {
+        self.recv_how(true)
+    }
+
+    fn recv_how<T: DeserializeOwned>(&self, nowait: bool) -> io::Result<Option<(T, Vec<OwnedFd>)>> {
         // One buffer per thread, reused: a fresh one per message would cost more than the
         // message (the supervisor takes one per open and close).
         thread_local! {
@@ -107,7 +170,11 @@ impl Link {
             if buf.len() < MAX_MESSAGE {
                 buf.resize(MAX_MESSAGE, 0);
             }
-            let (n, fds) = sys::recv_with_fds(self.fd.as_fd(), buf)?;
+            let (n, fds) = if nowait {
+                sys::try_recv_with_fds(self.fd.as_fd(), buf)?
+            } else {
+                sys::recv_with_fds(self.fd.as_fd(), buf)?
+            };
             if n == 0 && fds.is_empty() {
                 return Ok(None);
             }
@@ -148,5 +215,71 @@ mod tests {
         assert_eq!(s, "hello");
         drop(a);
         assert!(b.recv::<ToSupervisor>().unwrap().is_none());
+    }
+
+    fn rung(bell: &OwnedFd, wait: Option<std::time::Duration>) -> bool {
+        let r = sys::poll_readable(&[bell.as_fd()], wait).unwrap()[0];
+        let mut buf = [0u8; 8];
+        while let Ok((n, _)) = sys::try_recv_with_fds(bell.as_fd(), &mut buf) {
+            if n == 0 {
+                break; // end of file: the server's end is closed
+            }
+        }
+        r
+    }
+
+    #[test]
+    fn the_doorbell_rings_for_urgent_messages_and_when_the_socket_is_full() {
+        let (server, sup) = Link::pair().unwrap();
+        server.install_doorbell().unwrap();
+        let (m, mut fds) = sup.recv::<ToSupervisor>().unwrap().unwrap();
+        assert!(matches!(m, ToSupervisor::Doorbell));
+        let bell = fds.pop().expect("the doorbell's far end");
+        // A plain message does not ring; an urgent one does.
+        server.send(&ToSupervisor::Serving, &[]).unwrap();
+        assert!(!rung(&bell, Some(Duration::ZERO)));
+        server.send_now(&ToSupervisor::Drained, &[]).unwrap();
+        assert!(rung(&bell, Some(Duration::ZERO)));
+        assert!(matches!(
+            sup.try_recv::<ToSupervisor>().unwrap(),
+            Some((ToSupervisor::Serving, _))
+        ));
+        assert!(matches!(
+            sup.try_recv::<ToSupervisor>().unwrap(),
+            Some((ToSupervisor::Drained, _))
+        ));
+        let e = sup.try_recv::<ToSupervisor>().unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+
+        // Far more records than the socket holds: the sender rings once it is full, and
+        // every record arrives, in order, once the reader takes them.
+        const N: usize = 20_000;
+        let sender = std::thread::spawn(move || {
+            let f = tempfile::tempfile().unwrap();
+            for i in 0..N {
+                let msg = ToSupervisor::Put {
+                    key: format!("f/{i}"),
+                    rec: serde_json::json!({ "i": i }),
+                };
+                server.send(&msg, &[f.as_fd()]).unwrap();
+            }
+            server
+        });
+        assert!(
+            rung(&bell, Some(Duration::from_secs(60))),
+            "a sender blocked on a full socket must ring"
+        );
+        for i in 0..N {
+            let (m, fds) = sup.recv::<ToSupervisor>().unwrap().unwrap();
+            match m {
+                ToSupervisor::Put { key, .. } => assert_eq!(key, format!("f/{i}")),
+                other => panic!("unexpected {other:?}"),
+            }
+            assert_eq!(fds.len(), 1);
+        }
+        drop(sender.join().unwrap());
+        // The server's end is gone: the doorbell reads end of file.
+        assert!(rung(&bell, Some(Duration::from_secs(60))));
+        assert!(sup.recv::<ToSupervisor>().unwrap().is_none());
     }
 }

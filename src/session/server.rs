@@ -84,7 +84,7 @@ impl Attached {
 
     /// Tell the supervisor why this server cannot start.
     pub fn failed(&self, msg: &str) {
-        let _ = self.link.send(
+        let _ = self.link.send_now(
             &ToSupervisor::Failed {
                 msg: msg.to_string(),
             },
@@ -122,6 +122,9 @@ impl Attached {
             .want_uring
             .store(transport.wants_uring(), Ordering::Relaxed);
         if handover {
+            if let Err(e) = link.install_doorbell() {
+                tracing::warn!(error = %e, "no doorbell: the supervisor reads every message at once");
+            }
             let _ = shared.custody.set(Arc::clone(&custody));
         }
         let adapter = FuseAdapter::with_handover(Arc::clone(&fs), passthrough, Arc::clone(&shared));
@@ -149,7 +152,7 @@ impl Attached {
                     passthrough: shared.passthrough.load(Ordering::Relaxed),
                     uring: shared.uring.load(Ordering::Relaxed),
                 };
-                link.send(&ToSupervisor::Params { params }, &[])
+                link.send_now(&ToSupervisor::Params { params }, &[])
                     .map_err(|e| format!("cannot reach the supervisor: {e}"))?;
                 agreed = Some(params);
                 s
@@ -174,7 +177,7 @@ impl Attached {
         let _ = shared.notifier.set(session.notifier());
         let uring = shared.uring.load(Ordering::Relaxed);
         let ring_stats = Arc::new(RingStats::default());
-        listen(&link, &session.gate(), &custody, &ring_stats, ack_tx);
+        listen(&link, &session.gate(), &ring_stats, ack_tx);
         if params.is_some() {
             let mut f = std::fs::File::from(notify);
             let mut msg = Vec::with_capacity(16);
@@ -206,7 +209,7 @@ impl Attached {
                         // REGISTER does): later servers must not try them again.
                         if let Some(mut p) = agreed {
                             p.uring = false;
-                            let _ = link.send(&ToSupervisor::Params { params: p }, &[]);
+                            let _ = link.send_now(&ToSupervisor::Params { params: p }, &[]);
                         }
                     }
                     t
@@ -216,7 +219,7 @@ impl Attached {
                 };
                 // Serving only once the rings (if any) are registered: `baseguard upgrade`
                 // returns then, and a request made after it goes to this server's entries.
-                if let Err(e) = link.send(&ToSupervisor::Serving, &[]) {
+                if let Err(e) = link.send_now(&ToSupervisor::Serving, &[]) {
                     tracing::error!(error = %e, "cannot reach the supervisor");
                 }
                 if let Some(f) = on_serving.take() {
@@ -374,11 +377,10 @@ fn take_over(
 fn listen(
     link: &Arc<Link>,
     gate: &Arc<fuser::Gate>,
-    custody: &Arc<Custody>,
     ring_stats: &Arc<RingStats>,
     acks: mpsc::Sender<()>,
 ) {
-    let (link, gate, custody) = (Arc::clone(link), Arc::clone(gate), Arc::clone(custody));
+    let (link, gate) = (Arc::clone(link), Arc::clone(gate));
     let ring_stats = Arc::clone(ring_stats);
     let spawned = std::thread::Builder::new()
         .name("supervisor".into())
@@ -395,9 +397,8 @@ fn listen(
                         while gate.busy() > 0 || ring_stats.busy.load(Ordering::SeqCst) > 0 {
                             std::thread::sleep(Duration::from_micros(200));
                         }
-                        custody.flush();
                         tracing::info!("handed over: every request started is answered");
-                        let _ = link.send(&ToSupervisor::Drained, &[]);
+                        let _ = link.send_now(&ToSupervisor::Drained, &[]);
                         std::process::exit(0);
                     }
                     Ok(Some(_)) => {}

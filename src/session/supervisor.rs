@@ -38,7 +38,7 @@ use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use super::proto::{Link, Params, ToServer, ToSupervisor};
+use super::proto::{LINGER, Link, Params, ToServer, ToSupervisor};
 use super::registry::{self, Entry};
 use crate::sys;
 
@@ -456,11 +456,33 @@ fn describe(status: Option<ExitStatus>) -> String {
 }
 
 /// Take a server's messages until it closes its end: keep and drop records, acknowledge.
+///
+/// Once the server has handed over its doorbell, messages are read in batches: after a
+/// batch the keeper lets [`LINGER`] pass (unless the server rings or goes away) before it
+/// looks again, and it blocks only when a look finds nothing. See [`super::proto`].
 fn keep(link: &Link, store: &Mutex<Store>, tx: &Sender<Event>, generation: u64) {
+    let mut bell: Option<OwnedFd> = None;
+    // The last look found a message: look again without waiting.
+    let mut busy = false;
     loop {
-        let (msg, mut fds) = match link.recv::<ToSupervisor>() {
+        let r = if busy {
+            link.try_recv::<ToSupervisor>()
+        } else {
+            link.recv::<ToSupervisor>()
+        };
+        let (msg, mut fds) = match r {
             Ok(Some(m)) => m,
             Ok(None) => return,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                busy = false;
+                if let Some(b) = &bell {
+                    if !linger(b.as_fd()) {
+                        // The server's end of the doorbell is closed: it is exiting.
+                        bell = None;
+                    }
+                }
+                continue;
+            }
             Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
                 tracing::warn!(error = %e, "bad message from the serving process");
                 continue;
@@ -468,6 +490,7 @@ fn keep(link: &Link, store: &Mutex<Store>, tx: &Sender<Event>, generation: u64) 
             // The server is gone (ECONNRESET when it died with messages unread).
             Err(_) => return,
         };
+        busy = bell.is_some();
         match msg {
             ToSupervisor::Params { params } => {
                 store.lock().unwrap_or_else(|p| p.into_inner()).params = Some(params);
@@ -497,6 +520,28 @@ fn keep(link: &Link, store: &Mutex<Store>, tx: &Sender<Event>, generation: u64) 
             ToSupervisor::Drained => {
                 tracing::info!(generation, "serving process drained");
             }
+            ToSupervisor::Doorbell => {
+                bell = fds.pop();
+                busy = bell.is_some();
+            }
+        }
+    }
+}
+
+/// Wait up to [`LINGER`] for the doorbell, and take its rings. False once the server's
+/// end is closed.
+fn linger(bell: BorrowedFd<'_>) -> bool {
+    match sys::poll_readable(&[bell], Some(LINGER)) {
+        Ok(ready) if ready.first() == Some(&true) => {}
+        _ => return true,
+    }
+    let mut buf = [0u8; 16];
+    loop {
+        match sys::try_recv_with_fds(bell, &mut buf) {
+            Ok((0, fds)) if fds.is_empty() => return false,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
+            Err(_) => return false,
         }
     }
 }
@@ -577,5 +622,51 @@ pub fn upgrade(mountpoint: &Path, binary: &Path) -> Result<u32, String> {
         Ok(v["server_pid"].as_u64().unwrap_or(0) as u32)
     } else {
         Err(v["error"].as_str().unwrap_or("upgrade failed").to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_keeper_takes_every_record_and_answers_acks_while_it_lingers() {
+        let (server, sup) = Link::pair().unwrap();
+        let store = Arc::new(Mutex::new(Store::default()));
+        let (tx, rx) = mpsc::channel();
+        let keeper = {
+            let store = Arc::clone(&store);
+            std::thread::spawn(move || keep(&sup, &store, &tx, 7))
+        };
+        server.install_doorbell().unwrap();
+        let f = tempfile::tempfile().unwrap();
+        for round in 0..50 {
+            // A burst of records, then a lock's Del that waits for its Ack: the keeper is
+            // lingering by then and must be woken by the doorbell.
+            for i in 0..20 {
+                let msg = ToSupervisor::Put {
+                    key: format!("f/{round}/{i}"),
+                    rec: serde_json::json!({ "round": round }),
+                };
+                server.send(&msg, &[f.as_fd()]).unwrap();
+            }
+            let del = ToSupervisor::Del {
+                keys: vec![format!("f/{round}/0")],
+                ack: true,
+            };
+            server.send_now(&del, &[]).unwrap();
+            match server.recv::<ToServer>().unwrap() {
+                Some((ToServer::Ack, _)) => {}
+                other => panic!("expected an Ack, got {other:?}"),
+            }
+        }
+        server.send(&ToSupervisor::Serving, &[]).unwrap();
+        drop(server);
+        keeper.join().unwrap();
+        assert!(matches!(rx.try_recv(), Ok(Event::Serving(7))));
+        let s = store.lock().unwrap();
+        assert_eq!(s.kept.len(), 50 * 19);
+        assert!(s.kept.values().all(|(_, fd)| fd.is_some()));
+        assert!(!s.kept.contains_key("f/3/0") && s.kept.contains_key("f/3/1"));
     }
 }
