@@ -2122,6 +2122,19 @@ impl Passthrough {
             return None;
         }
         let inode = self.inodes.get(id)?;
+        // Known by its handle: the record is that handle (what the inode
+        // store itself reopens it by), made without a syscall. Lookups and
+        // READDIRPLUS entries export every new node, so this is most of them.
+        if let Some(h) = inode.handle() {
+            let rec = InodeRecord {
+                id,
+                dev: inode.dev,
+                ino: inode.ino,
+                kind: inode.kind,
+                handle: Some(h.to_parts()),
+            };
+            return Some((rec, None));
+        }
         self.creds.become_daemon();
         let fd = match file {
             Some(f) => f.try_clone_to_owned().ok()?,

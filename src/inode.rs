@@ -99,6 +99,11 @@ impl Inode {
         self.kind == libc::S_IFDIR
     }
 
+    /// The handle this inode is known by (where the filesystem gives handles).
+    pub fn handle(&self) -> Option<&FileHandle> {
+        self.handle.as_ref()
+    }
+
     /// The kernel reached this inode as `parent/name`; `protected` says
     /// whether the guard protects that name.
     /// `linked`: the file has other hard links.
