@@ -141,10 +141,13 @@ fn a_stopped_daemon_is_not_answering_and_is_left_alone() {
     let backing = t.path().join("backing");
     std::fs::create_dir(&backing).unwrap();
     let m = Mount::new(&backing, &[]);
-    m.send("STOP");
+    // Answering first (its serving process started and past INIT).
+    let (code, _, err) = bg(&["status", "--dir", s(&m.mountpoint)]);
+    assert_eq!(code, 0, "{err}");
+    let stopped = m.stop();
     let (code, _, err) = bg(&["status", "--dir", s(&m.mountpoint)]);
     let out = run(Command::new(BIN).args(["mount", s(&backing), s(&m.mountpoint)]));
-    m.send("CONT");
+    drop(stopped);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("not answering"), "{err}");
     assert!(!out.status.success());
