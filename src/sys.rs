@@ -886,6 +886,76 @@ pub fn kill(pid: i32, sig: i32) -> io::Result<()> {
     Ok(())
 }
 
+/// `statfs` on `path`, made by a forked child process; returns once the
+/// child has ended, with its result.
+///
+/// Once a FUSE daemon has read a request, the kernel waits for its answer
+/// uninterruptibly: a thread left waiting on a daemon that took the request
+/// and never answers keeps its whole process from exiting (an unreapable
+/// zombie that still holds the caller's pipes). A child process bears that
+/// wait instead. It holds no descriptor of the caller (all are closed) and
+/// works from `/`, so an abandoned one pins nothing but the mount it probes,
+/// and ends by itself once the daemon answers or the mount is aborted. The
+/// caller waits with a timeout from another thread (waiting for a child is
+/// interruptible).
+pub fn statfs_in_child(path: &std::path::Path) -> io::Result<()> {
+    // Everything the child needs, allocated before the fork.
+    let path = cstr(path.as_os_str())?;
+    // SAFETY: the child of a multithreaded process may only make
+    // async-signal-safe calls: `statfs_child` makes raw syscalls on memory
+    // allocated before the fork and leaves with `_exit`, never returning.
+    let pid = cvt(unsafe { libc::fork() })?;
+    if pid == 0 {
+        statfs_child(&path);
+    }
+    let mut status = 0;
+    loop {
+        // SAFETY: waits for our own child; writes `status`.
+        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+        if r == pid {
+            break;
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINTR) {
+            return Err(e);
+        }
+    }
+    if libc::WIFEXITED(status) {
+        match libc::WEXITSTATUS(status) {
+            0 => Ok(()),
+            e => Err(io::Error::from_raw_os_error(e)),
+        }
+    } else {
+        // Killed before it had an answer.
+        Err(io::Error::from_raw_os_error(libc::EINTR))
+    }
+}
+
+/// The child of [`statfs_in_child`]: exits 0 if `statfs` answered, else
+/// with the errno.
+fn statfs_child(path: &CStr) -> ! {
+    // SAFETY: raw syscalls only (see `statfs_in_child`); errno is this
+    // thread's; `st` is a local out-pointer.
+    unsafe {
+        libc::syscall(libc::SYS_close_range, 0u32, u32::MAX, 0u32);
+        libc::chdir(c"/".as_ptr());
+        let fd = libc::open(
+            path.as_ptr(),
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        );
+        let mut st = MaybeUninit::<libc::statfs>::uninit();
+        let code = if fd >= 0 && libc::fstatfs(fd, st.as_mut_ptr()) == 0 {
+            0
+        } else {
+            match *libc::__errno_location() {
+                e @ 1..=255 => e,
+                _ => libc::EIO,
+            }
+        };
+        libc::_exit(code)
+    }
+}
+
 /// Block the given signals in this thread (and threads it spawns later) and
 /// wait for one of them in a dedicated thread with [`wait_signal`].
 pub fn block_signals(sigs: &[i32]) -> io::Result<()> {

@@ -141,10 +141,13 @@ fn a_stopped_daemon_is_not_answering_and_is_left_alone() {
     let backing = t.path().join("backing");
     std::fs::create_dir(&backing).unwrap();
     let m = Mount::new(&backing, &[]);
-    m.send("STOP");
+    // Answering first (its serving process started and past INIT).
+    let (code, _, err) = bg(&["status", "--dir", s(&m.mountpoint)]);
+    assert_eq!(code, 0, "{err}");
+    let stopped = m.stop();
     let (code, _, err) = bg(&["status", "--dir", s(&m.mountpoint)]);
     let out = run(Command::new(BIN).args(["mount", s(&backing), s(&m.mountpoint)]));
-    m.send("CONT");
+    drop(stopped);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("not answering"), "{err}");
     assert!(!out.status.success());
@@ -154,6 +157,78 @@ fn a_stopped_daemon_is_not_answering_and_is_left_alone() {
     // Resumed: healthy again.
     let (code, _, err) = bg(&["status", "--dir", s(&m.mountpoint)]);
     assert_eq!(code, 0, "{err}");
+}
+
+/// Runs `cmd`; `None` if it has not ended (and closed its output) within
+/// `limit`. Left running then: it ends once what holds it goes on.
+fn run_within(cmd: &mut Command, limit: Duration) -> Option<std::process::Output> {
+    let child = no_node_config(cmd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run command");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    rx.recv_timeout(limit)
+        .ok()
+        .map(|r| r.expect("wait for command"))
+}
+
+/// A daemon that took the probe's request and does not answer it (stuck in
+/// its backing filesystem, here another baseguard mount that is stopped):
+/// `status` and `mount` say so after the probe's timeout and end. The
+/// probe's request cannot be abandoned once the daemon has read it (the
+/// kernel waits for the answer uninterruptibly), so whatever waits on it must
+/// not keep the command from ending.
+#[test]
+fn a_daemon_holding_the_probe_unanswered_does_not_keep_status_or_mount_from_ending() {
+    let _serial = serial();
+    let t = scratch();
+    let inner = t.path().join("inner");
+    std::fs::create_dir_all(inner.join("sub")).unwrap();
+    let a = Mount::new(&inner, &[]);
+    // The stuck daemon: its backing directory is in `a`'s mount (a
+    // subdirectory: `a` hides its own top-level quarantine name).
+    let stuck_backing = a.path("sub");
+    let stuck = Mount::new(&stuck_backing, &[]);
+    std::fs::write(stuck.path("f"), "x").unwrap();
+    let stopped = a.stop();
+    // `status` probes every baseguard mount of the host; `stuck` reads the
+    // probe and waits on `a` in its statfs. DIR is `a`'s backing directory,
+    // read directly (not through a mount). Ends well within the limit
+    // (after its 2 s probe timeout).
+    let limit = Duration::from_secs(30);
+    let out = run_within(
+        Command::new(BIN).args(["status", "--dir", s(&inner)]),
+        limit,
+    );
+    let mount = run_within(
+        Command::new(BIN).args(["mount", s(&stuck_backing), s(&stuck.mountpoint)]),
+        limit,
+    );
+    drop(stopped);
+    let out = out.expect("status did not end while a daemon held its probe");
+    let err = String::from_utf8_lossy(&out.stderr);
+    // DIR is no mount: all well there; the stuck mount is said.
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let want = format!(
+        "the baseguard daemon for {} is not running or not answering",
+        stuck.mountpoint.display()
+    );
+    assert!(err.contains(&want), "{err}");
+    let mount = mount.expect("mount did not end while the daemon held its probe");
+    let merr = String::from_utf8_lossy(&mount.stderr);
+    assert!(!mount.status.success(), "{merr}");
+    assert!(merr.contains("not answering"), "{merr}");
+    // Resumed: the stuck daemon answers again.
+    assert_eq!(std::fs::read_to_string(stuck.path("f")).unwrap(), "x");
+    let (code, _, err) = bg(&["status", "--dir", s(&inner)]);
+    assert_eq!(code, 0, "{err}");
+    let mp = stuck.mountpoint.display().to_string();
+    assert!(!err.contains(&mp), "{err}");
 }
 
 #[test]

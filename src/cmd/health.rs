@@ -6,8 +6,12 @@
 //! stopped or stuck daemon answers nothing. Neither is healthy, and neither
 //! shows in `/proc/self/mountinfo`, so `status`, `check` and `mount` ask the
 //! filesystem itself: `statfs` on the mountpoint always reaches the daemon
-//! (the kernel caches no answer for it), from a helper thread given
-//! [`PROBE_TIMEOUT`] to answer.
+//! (the kernel caches no answer for it), given [`PROBE_TIMEOUT`] to answer.
+//! The `statfs` is made by a child process ([`sys::statfs_in_child`]): a
+//! daemon that read the request and never answers (stuck in its backing
+//! filesystem, or stopped just after it read it) holds the caller
+//! uninterruptibly, and a thread of ours held so would keep the command
+//! from ever ending.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -55,16 +59,17 @@ impl Probe {
     }
 }
 
-/// `statfs` on `mp` from a helper thread, waiting at most `timeout`. A
-/// thread stuck on a hung mount is left behind (it ends with the process).
+/// `statfs` on `mp` from a child process, waiting at most `timeout`. On a
+/// hung mount the child is left behind, and the thread waiting for it (which
+/// ends with the process); the child ends once the mount answers or is
+/// aborted.
 pub fn probe(mp: &Path, timeout: Duration) -> Probe {
     let (tx, rx) = mpsc::channel();
     let path = mp.to_path_buf();
     let spawned = std::thread::Builder::new()
         .name("probe".into())
         .spawn(move || {
-            let r = sys::open_path(&path, libc::O_PATH | libc::O_DIRECTORY)
-                .and_then(|fd| sys::fstatvfs(std::os::fd::AsFd::as_fd(&fd)).map(|_| ()));
+            let r = sys::statfs_in_child(&path);
             let _ = tx.send(r.map_err(|e| e.raw_os_error().unwrap_or(libc::EIO)));
         });
     if spawned.is_err() {
@@ -328,4 +333,21 @@ impl UmountArgs {
 fn fail(msg: &str) -> ExitCode {
     eprintln!("baseguard: {msg}");
     ExitCode::FAILURE
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_probe_reports_what_statfs_says() {
+        let d = tempfile::tempdir().unwrap();
+        assert!(probe(d.path(), PROBE_TIMEOUT).alive());
+        let p = probe(&d.path().join("missing"), PROBE_TIMEOUT);
+        assert_eq!((p.state, p.errno), (Liveness::Error, Some(libc::ENOENT)));
+        let f = d.path().join("file");
+        std::fs::write(&f, "x").unwrap();
+        let p = probe(&f, PROBE_TIMEOUT);
+        assert_eq!((p.state, p.errno), (Liveness::Error, Some(libc::ENOTDIR)));
+    }
 }

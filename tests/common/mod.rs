@@ -155,8 +155,10 @@ impl Mount {
         if let Some(c) = self.child.as_mut() {
             // The whole daemon: the supervisor (stopped first, so that it
             // starts no new serving process) and its serving process.
-            let pid = c.id().to_string();
-            let _ = Command::new("kill").args(["-STOP", &pid]).status();
+            // kill(2) only queues the signal: wait until it has stopped,
+            // or a server it starts meanwhile would be missed (and left
+            // serving the mount, which would then not be dead).
+            let _ = stop_and_wait(c.id());
             for p in children(c.id()) {
                 let _ = Command::new("kill")
                     .args(["-KILL", &p.to_string()])
@@ -172,12 +174,34 @@ impl Mount {
         children(self.pid())
     }
 
+    /// Stop the whole daemon (a stopped daemon is one that answers
+    /// nothing): the supervisor first, so that it starts no serving process
+    /// meanwhile, then its serving processes. Returns once every thread of
+    /// them is stopped: kill(2) only queues SIGSTOP, and a thread that has
+    /// not yet acted on it still reads and answers requests (a probe right
+    /// after `kill -STOP` was answered, or read and then left unanswered).
+    /// The daemon goes on when the returned guard is dropped, also when the
+    /// test fails (a stopped serving process would outlive the test).
+    #[must_use = "the daemon resumes when this is dropped"]
+    pub fn stop(&self) -> Stopped<'_> {
+        let stopped = Stopped(self);
+        assert!(stop_and_wait(self.pid()), "the supervisor did not stop");
+        for p in self.servers() {
+            assert!(stop_and_wait(p), "the serving process did not stop");
+        }
+        stopped
+    }
+
     /// Send a signal to the daemon without waiting for it: to the
-    /// supervisor, and STOP/CONT to its serving process too (a stopped
-    /// daemon is one that answers nothing).
+    /// supervisor, and CONT to its serving process too (see [`Mount::stop`]
+    /// for STOP).
     pub fn send(&self, sig: &str) {
+        assert_ne!(
+            sig, "STOP",
+            "use Mount::stop, which waits until it is stopped"
+        );
         let mut pids = vec![self.pid()];
-        if sig == "STOP" || sig == "CONT" {
+        if sig == "CONT" {
             pids.extend(self.servers());
         }
         for p in pids {
@@ -204,6 +228,62 @@ impl Mount {
             .arg(&self.mountpoint)
             .status();
     }
+}
+
+/// A daemon stopped by [`Mount::stop`]; dropping this resumes it.
+pub struct Stopped<'a>(&'a Mount);
+
+impl Drop for Stopped<'_> {
+    fn drop(&mut self) {
+        let m = self.0;
+        for p in std::iter::once(m.pid()).chain(m.servers()) {
+            let _ = Command::new("kill")
+                .args(["-CONT", &p.to_string()])
+                .status();
+        }
+    }
+}
+
+/// Send SIGSTOP to process `pid` and wait until every one of its threads
+/// is stopped (state `T` in `/proc/PID/task/*/stat`); `false` if it is
+/// gone or did not stop within 10 s.
+pub fn stop_and_wait(pid: u32) -> bool {
+    let st = Command::new("kill")
+        .args(["-STOP", &pid.to_string()])
+        .status();
+    if !st.is_ok_and(|s| s.success()) {
+        return false;
+    }
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(10) {
+        if all_threads_stopped(pid) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    false
+}
+
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    let mut any = false;
+    for t in tasks.flatten() {
+        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+        // "TID (comm) S ...": the state follows the last ')'.
+        let state = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next());
+        match state {
+            Some('T') => any = true,
+            // A thread that ended meanwhile (or a leader that did, its
+            // other threads going on).
+            None | Some('Z' | 'X') => {}
+            Some(_) => return false,
+        }
+    }
+    any
 }
 
 /// The child processes of `pid`.
