@@ -150,6 +150,11 @@ impl Link {
         r
     }
 
+    /// Whether a message (or the peer's end of file) is waiting, within `timeout`.
+    pub fn wait_readable(&self, timeout: Duration) -> io::Result<bool> {
+        Ok(sys::poll_readable(&[self.fd.as_fd()], Some(timeout))?[0])
+    }
+
     /// The next message; `None` when the peer has closed its end.
     pub fn recv<T: DeserializeOwned>(&self) -> io::Result<Option<(T, Vec<OwnedFd>)>> {
         self.recv_how(false)

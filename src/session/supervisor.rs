@@ -461,6 +461,18 @@ fn describe(status: Option<ExitStatus>) -> String {
 /// batch the keeper lets [`LINGER`] pass (unless the server rings or goes away) before it
 /// looks again, and it blocks only when a look finds nothing. See [`super::proto`].
 fn keep(link: &Link, store: &Mutex<Store>, tx: &Sender<Event>, generation: u64) {
+    keep_lingering(link, store, tx, generation, LINGER)
+}
+
+/// [`keep`], letting records gather for `pause` (a test makes it long: only the doorbell
+/// may wake the keeper then).
+fn keep_lingering(
+    link: &Link,
+    store: &Mutex<Store>,
+    tx: &Sender<Event>,
+    generation: u64,
+    pause: Duration,
+) {
     let mut bell: Option<OwnedFd> = None;
     // The last look found a message: look again without waiting.
     let mut busy = false;
@@ -476,7 +488,7 @@ fn keep(link: &Link, store: &Mutex<Store>, tx: &Sender<Event>, generation: u64) 
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 busy = false;
                 if let Some(b) = &bell {
-                    if !linger(b.as_fd()) {
+                    if !linger(b.as_fd(), pause) {
                         // The server's end of the doorbell is closed: it is exiting.
                         bell = None;
                     }
@@ -528,10 +540,10 @@ fn keep(link: &Link, store: &Mutex<Store>, tx: &Sender<Event>, generation: u64) 
     }
 }
 
-/// Wait up to [`LINGER`] for the doorbell, and take its rings. False once the server's
+/// Wait up to `pause` for the doorbell, and take its rings. False once the server's
 /// end is closed.
-fn linger(bell: BorrowedFd<'_>) -> bool {
-    match sys::poll_readable(&[bell], Some(LINGER)) {
+fn linger(bell: BorrowedFd<'_>, pause: Duration) -> bool {
+    match sys::poll_readable(&[bell], Some(pause)) {
         Ok(ready) if ready.first() == Some(&true) => {}
         _ => return true,
     }
@@ -636,7 +648,9 @@ mod tests {
         let (tx, rx) = mpsc::channel();
         let keeper = {
             let store = Arc::clone(&store);
-            std::thread::spawn(move || keep(&sup, &store, &tx, 7))
+            // Records gather for an hour: an Ack can only come from the doorbell.
+            let pause = Duration::from_secs(3600);
+            std::thread::spawn(move || keep_lingering(&sup, &store, &tx, 7, pause))
         };
         server.install_doorbell().unwrap();
         let f = tempfile::tempfile().unwrap();
@@ -655,11 +669,17 @@ mod tests {
                 ack: true,
             };
             server.send_now(&del, &[]).unwrap();
+            assert!(
+                server.wait_readable(Duration::from_secs(60)).unwrap(),
+                "round {round}: no Ack (the doorbell did not wake the keeper)"
+            );
             match server.recv::<ToServer>().unwrap() {
                 Some((ToServer::Ack, _)) => {}
                 other => panic!("expected an Ack, got {other:?}"),
             }
         }
+        // A server that goes away ends the keeper's pause too (its doorbell closes), after
+        // every message it sent is taken.
         server.send(&ToSupervisor::Serving, &[]).unwrap();
         drop(server);
         keeper.join().unwrap();
