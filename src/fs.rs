@@ -1478,6 +1478,7 @@ impl Passthrough {
     pub fn count_read(&self, bytes: usize) {
         self.stats.count(Op::Read);
         self.stats.add(Op::ReadBytes, bytes as u64);
+        self.stats.add(Op::SplicedBytes, bytes as u64);
     }
 
     /// Read up to `size` bytes at `offset` and hand them to `reply` (from

@@ -28,6 +28,8 @@ ops! {
     Removexattr => "removexattr", Passthrough => "passthrough_opens",
     Quarantined => "quarantined", Healed => "healed", Errors => "errors",
     UringRequests => "uring_requests",
+    // Of `read_bytes`, those spliced from the backing file into the reply.
+    SplicedBytes => "spliced_bytes",
 }
 
 /// The counters.

@@ -784,6 +784,13 @@ print("ok", reads)
         st["read"].as_u64().unwrap() > 0,
         "served by the daemon: {st}"
     );
+    // And spliced, not copied through the daemon (a reply may fall back to a
+    // copy, so not necessarily all of them).
+    let (read, spliced) = (
+        st["read_bytes"].as_u64().unwrap(),
+        st["spliced_bytes"].as_u64().unwrap(),
+    );
+    assert!(spliced > 0 && spliced * 2 >= read, "{st}");
     assert_eq!(st["errors"].as_u64().unwrap(), 0, "{st}");
 }
 
@@ -817,4 +824,9 @@ fn a_sequential_read_reaches_the_daemon_in_large_requests() {
         "{reqs} requests for {bytes} bytes: {} KiB each",
         (bytes / reqs) >> 10
     );
+    // Every one of them spliced from the backing file (they fit a pipe of the
+    // default maximum size, which a daemon without CAP_SYS_RESOURCE keeps to).
+    let spliced =
+        after["spliced_bytes"].as_u64().unwrap() - before["spliced_bytes"].as_u64().unwrap();
+    assert_eq!(spliced, bytes, "{after}");
 }
