@@ -4,11 +4,19 @@
 //! the filesystem asks for at INIT (`max_readahead` can only lower it), so
 //! without kernel passthrough a sequential read reaches the daemon as 128 KiB
 //! requests. Root may raise it, as for any block device, in
-//! `/sys/class/bdi/MAJOR:MINOR/read_ahead_kb`: to 1 MiB, the largest request
-//! the kernel sends (`max_pages`), so a base image is read in 1 MiB requests.
+//! `/sys/class/bdi/MAJOR:MINOR/read_ahead_kb`: to [`READ_KIB`], so a base
+//! image is read in requests of almost 1 MiB.
 
 use std::io;
 use std::path::Path;
+
+/// The largest read request wanted from the kernel, in KiB: 254 pages. A
+/// reply is spliced through one pipe holding its header and payload (a page
+/// more when the payload starts mid-page), and a pipe may not exceed
+/// `/proc/sys/fs/pipe-max-size`, 1 MiB by default, without
+/// `CAP_SYS_RESOURCE` (which daemons are often run without). A 1 MiB request
+/// would not fit, and would be copied.
+pub const READ_KIB: u32 = 1016;
 
 /// Where the readahead window of the filesystem `dev` (`major:minor`) is set.
 fn knob(dev: &str) -> std::path::PathBuf {

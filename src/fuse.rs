@@ -356,7 +356,7 @@ impl fuser::Filesystem for FuseAdapter {
             | InitFlags::FUSE_DONT_MASK;
         let _ = config.add_capabilities(want & caps);
         // Large requests where the daemon serves data (1 MiB reads ahead).
-        let _ = config.set_max_readahead(1 << 20);
+        let _ = config.set_max_readahead(crate::bdi::READ_KIB << 10);
         if self.passthrough {
             let ok = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
                 && config.set_max_stack_depth(1).is_ok();

@@ -591,8 +591,8 @@ impl MountArgs {
                     "serving"
                 );
                 // Without kernel passthrough, base images reach the daemon
-                // in 1 MiB read requests rather than 128 KiB ones.
-                match crate::bdi::raise_readahead(&mountpoint, 1024) {
+                // in ~1 MiB read requests rather than 128 KiB ones.
+                match crate::bdi::raise_readahead(&mountpoint, crate::bdi::READ_KIB) {
                     Ok(kib) => tracing::debug!(kib, "readahead window"),
                     Err(e) => tracing::debug!(error = %e, "readahead window left as it is"),
                 }

@@ -147,8 +147,11 @@ fn splice_pipes(slot: &mut Option<SplicePipes>, need: usize) -> io::Result<&Spli
         let msg = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
         // A page per pipe buffer, one more for an unaligned start, one for the header.
         let want = (need.div_ceil(4096) + 2) * 4096;
-        let a = fcntl(&data.1, FcntlArg::F_SETPIPE_SZ(want as i32))?;
-        let b = fcntl(&msg.1, FcntlArg::F_SETPIPE_SZ(want as i32))?;
+        // Past /proc/sys/fs/pipe-max-size only with CAP_SYS_RESOURCE (EPERM): this
+        // reply is then too large to splice, and is copied (ENOSPC, below); smaller
+        // ones still splice.
+        let size = |fd| fcntl(fd, FcntlArg::F_SETPIPE_SZ(want as i32)).unwrap_or(16 * 4096);
+        let (a, b) = (size(&data.1), size(&msg.1));
         *slot = Some(SplicePipes {
             data,
             msg,
