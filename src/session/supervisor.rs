@@ -11,8 +11,9 @@
 //!                                                         import the handles, FUSE_NOTIFY_RESEND
 //!   READY to `mount`'s parent                       ◀──  Serving
 //!   store records by key, hold their descriptors    ◀──  Put{key}+fd / Del{keys} (before the
-//!                                                         kernel hears of a handle / after it
-//!                                                         released it)
+//!   (read in batches every 5 ms while they come;          kernel hears of a handle / after it
+//!   at once when the doorbell rings)                      released it); the doorbell's end, and
+//!                                                         a ring on it when something waits
 //!   server died (kill -9, panic, OOM): read the rest of its messages, start the next one at
 //!   once with the same connection and every kept descriptor (files stay open, locks held).
 //!   `baseguard upgrade`: Drain ──▶ server stops taking requests, finishes the started ones,
