@@ -43,25 +43,11 @@ pub fn key(k: HandleKey) -> String {
 /// How long to wait for the supervisor to confirm it closed a lock description.
 const ACK_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Everything sent to the supervisor goes out through here, one message at a time, in
-/// the order the calls take the lock (a record's `Del` never overtakes a later `Put` of
-/// the same key). Sending costs one `sendmsg`: the supervisor reads lazily (see
-/// [`super::proto`]), so neither an open nor a close wakes it.
-struct Outbox {
-    link: Arc<Link>,
-    order: Mutex<()>,
-}
-
-impl Outbox {
-    fn send(&self, msg: &ToSupervisor, fds: &[std::os::fd::BorrowedFd<'_>]) -> io::Result<()> {
-        let _order = self.order.lock();
-        self.link.send(msg, fds)
-    }
-}
-
 /// The serving process's link to the supervisor's keeper.
 pub struct Custody {
-    out: Outbox,
+    /// Every message is one `sendmsg`, atomic on the socket, so messages need no lock of
+    /// their own; and none wakes the supervisor (it reads lazily, see [`super::proto`]).
+    out: Arc<Link>,
     /// Serialises the messages that wait for an `Ack`, and receives the acks.
     acks: Mutex<Receiver<()>>,
     /// Lock descriptions handed to the supervisor, by (fh, owner).
@@ -72,12 +58,8 @@ pub struct Custody {
 
 impl Custody {
     pub fn new(link: Arc<Link>, acks: Receiver<()>) -> Custody {
-        let out = Outbox {
-            link,
-            order: Mutex::new(()),
-        };
         Custody {
-            out,
+            out: link,
             acks: Mutex::new(acks),
             locks: Mutex::new(HashSet::new()),
             inodes: dashmap::DashSet::new(),
@@ -106,7 +88,7 @@ impl Custody {
             while acks.try_recv().is_ok() {}
             self.out
                 .send(&ToSupervisor::Del { keys, ack }, &[])
-                .map(|()| self.out.link.ring())
+                .map(|()| self.out.ring())
                 .and_then(|_| match acks.recv_timeout(ACK_TIMEOUT) {
                     Ok(()) => Ok(()),
                     Err(RecvTimeoutError::Timeout) => Err(io::ErrorKind::TimedOut.into()),
