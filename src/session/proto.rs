@@ -84,6 +84,34 @@ pub enum ToSupervisor {
 /// How long the supervisor lets records gather while they keep coming.
 pub const LINGER: Duration = Duration::from_millis(5);
 
+/// What the supervisor's end of the doorbell said.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bell {
+    /// No ring within the pause.
+    Quiet,
+    /// Rung (every ring waiting is taken).
+    Rung,
+    /// The server's end is closed: it is exiting.
+    Closed,
+}
+
+/// Wait up to `pause` on the supervisor's end of the doorbell, and take every ring waiting.
+pub fn wait_for_ring(bell: BorrowedFd<'_>, pause: Duration) -> Bell {
+    match sys::poll_readable(&[bell], Some(pause)) {
+        Ok(ready) if ready.first() == Some(&true) => {}
+        _ => return Bell::Quiet,
+    }
+    let mut buf = [0u8; 16];
+    loop {
+        match sys::try_recv_with_fds(bell, &mut buf) {
+            Ok((0, fds)) if fds.is_empty() => return Bell::Closed,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Bell::Rung,
+            Err(_) => return Bell::Closed,
+        }
+    }
+}
+
 /// Largest message.
 const MAX_MESSAGE: usize = 256 * 1024;
 
@@ -222,17 +250,6 @@ mod tests {
         assert!(b.recv::<ToSupervisor>().unwrap().is_none());
     }
 
-    fn rung(bell: &OwnedFd, wait: Option<std::time::Duration>) -> bool {
-        let r = sys::poll_readable(&[bell.as_fd()], wait).unwrap()[0];
-        let mut buf = [0u8; 8];
-        while let Ok((n, _)) = sys::try_recv_with_fds(bell.as_fd(), &mut buf) {
-            if n == 0 {
-                break; // end of file: the server's end is closed
-            }
-        }
-        r
-    }
-
     #[test]
     fn the_doorbell_rings_for_urgent_messages_and_when_the_socket_is_full() {
         let (server, sup) = Link::pair().unwrap();
@@ -242,9 +259,9 @@ mod tests {
         let bell = fds.pop().expect("the doorbell's far end");
         // A plain message does not ring; an urgent one does.
         server.send(&ToSupervisor::Serving, &[]).unwrap();
-        assert!(!rung(&bell, Some(Duration::ZERO)));
+        assert_eq!(wait_for_ring(bell.as_fd(), Duration::ZERO), Bell::Quiet);
         server.send_now(&ToSupervisor::Drained, &[]).unwrap();
-        assert!(rung(&bell, Some(Duration::ZERO)));
+        assert_eq!(wait_for_ring(bell.as_fd(), Duration::ZERO), Bell::Rung);
         assert!(matches!(
             sup.try_recv::<ToSupervisor>().unwrap(),
             Some((ToSupervisor::Serving, _))
@@ -270,8 +287,9 @@ mod tests {
             }
             server
         });
-        assert!(
-            rung(&bell, Some(Duration::from_secs(60))),
+        assert_eq!(
+            wait_for_ring(bell.as_fd(), Duration::from_secs(60)),
+            Bell::Rung,
             "a sender blocked on a full socket must ring"
         );
         for i in 0..N {
@@ -284,7 +302,10 @@ mod tests {
         }
         drop(sender.join().unwrap());
         // The server's end is gone: the doorbell reads end of file.
-        assert!(rung(&bell, Some(Duration::from_secs(60))));
+        assert_eq!(
+            wait_for_ring(bell.as_fd(), Duration::from_secs(60)),
+            Bell::Closed
+        );
         assert!(sup.recv::<ToSupervisor>().unwrap().is_none());
     }
 }

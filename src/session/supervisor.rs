@@ -39,7 +39,7 @@ use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use super::proto::{LINGER, Link, Params, ToServer, ToSupervisor};
+use super::proto::{Bell, LINGER, Link, Params, ToServer, ToSupervisor, wait_for_ring};
 use super::registry::{self, Entry};
 use crate::sys;
 
@@ -489,9 +489,8 @@ fn keep_lingering(
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 busy = false;
                 if let Some(b) = &bell {
-                    if !linger(b.as_fd(), pause) {
-                        // The server's end of the doorbell is closed: it is exiting.
-                        bell = None;
+                    if wait_for_ring(b.as_fd(), pause) == Bell::Closed {
+                        bell = None; // the server is exiting: its messages end with EOF
                     }
                 }
                 continue;
@@ -537,24 +536,6 @@ fn keep_lingering(
                 bell = fds.pop();
                 busy = bell.is_some();
             }
-        }
-    }
-}
-
-/// Wait up to `pause` for the doorbell, and take its rings. False once the server's
-/// end is closed.
-fn linger(bell: BorrowedFd<'_>, pause: Duration) -> bool {
-    match sys::poll_readable(&[bell], Some(pause)) {
-        Ok(ready) if ready.first() == Some(&true) => {}
-        _ => return true,
-    }
-    let mut buf = [0u8; 16];
-    loop {
-        match sys::try_recv_with_fds(bell, &mut buf) {
-            Ok((0, fds)) if fds.is_empty() => return false,
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
-            Err(_) => return false,
         }
     }
 }
