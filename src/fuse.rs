@@ -269,8 +269,7 @@ impl FuseAdapter {
                 // Closed in the kernel now: the `Del` of every file that used it has
                 // gone to the supervisor already (`release` sends it first), so no new
                 // server adopts an id the kernel may give to another file.
-                let (id, _) = o.remove();
-                drop(id);
+                o.remove();
             }
         }
     }
