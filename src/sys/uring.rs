@@ -95,26 +95,32 @@ struct Map {
     len: usize,
 }
 
-impl Map {
-    fn new(fd: BorrowedFd<'_>, len: usize, offset: i64) -> io::Result<Map> {
-        // SAFETY: a fresh shared mapping of the ring's own memory; checked for MAP_FAILED.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_POPULATE,
-                fd.as_raw_fd(),
-                offset,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(Map {
-            ptr: ptr.cast(),
+/// A fresh read-write mapping of `len` bytes (`fd` -1 for anonymous memory).
+fn mmap(len: usize, flags: i32, fd: i32, offset: i64) -> io::Result<*mut u8> {
+    // SAFETY: a new mapping at an address the kernel picks (no existing memory is
+    // touched); checked for MAP_FAILED.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
             len,
-        })
+            libc::PROT_READ | libc::PROT_WRITE,
+            flags,
+            fd,
+            offset,
+        )
+    };
+    if ptr == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(ptr.cast())
+}
+
+impl Map {
+    /// The ring's own memory, shared with the kernel.
+    fn new(fd: BorrowedFd<'_>, len: usize, offset: i64) -> io::Result<Map> {
+        let flags = libc::MAP_SHARED | libc::MAP_POPULATE;
+        let ptr = mmap(len, flags, fd.as_raw_fd(), offset)?;
+        Ok(Map { ptr, len })
     }
 
     /// The u32 at byte `off` (a ring index shared with the kernel).
@@ -157,21 +163,7 @@ impl Entry {
         let page = 4096;
         let head_len = page; // header + the two iovecs, one page
         let len = head_len + payload_len.div_ceil(page) * page;
-        // SAFETY: a fresh private anonymous mapping; checked for MAP_FAILED.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let base: *mut u8 = ptr.cast();
+        let base = mmap(len, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)?;
         // SAFETY: all three are inside the mapping: header at 0, iovecs at 512 (aligned),
         // payload from one page on.
         let (header, iov, payload) = unsafe {
