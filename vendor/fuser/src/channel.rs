@@ -108,9 +108,12 @@ impl ChannelSender {
         SPLICE_PIPES.with(|cell| {
             let mut slot = cell.borrow_mut();
             let r = splice_reply_through(&mut slot, &self.0, unique, file, offset, len);
-            if r.is_err() {
+            match &r {
+                // Too large for this thread's pipes: nothing was put in them.
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {}
                 // Whatever is left in the pipes goes with them.
-                *slot = None;
+                Err(_) => *slot = None,
+                Ok(_) => {}
             }
             r
         })
@@ -130,6 +133,8 @@ struct SplicePipes {
     data: (std::os::fd::OwnedFd, std::os::fd::OwnedFd),
     msg: (std::os::fd::OwnedFd, std::os::fd::OwnedFd),
     capacity: usize,
+    /// They could not be made as large as asked: larger ones cannot be made either.
+    capped: bool,
 }
 
 thread_local! {
@@ -139,23 +144,32 @@ thread_local! {
 
 fn splice_pipes(slot: &mut Option<SplicePipes>, need: usize) -> io::Result<&SplicePipes> {
     use nix::fcntl::{FcntlArg, OFlag, fcntl};
-    if slot.as_ref().is_some_and(|p| p.capacity < need) {
-        *slot = None;
+    match slot.as_ref() {
+        Some(p) if p.capacity < need && p.capped => {
+            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+        }
+        Some(p) if p.capacity < need => *slot = None,
+        _ => {}
     }
     if slot.is_none() {
         let data = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
         let msg = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
         // A page per pipe buffer, one more for an unaligned start, one for the header.
         let want = (need.div_ceil(4096) + 2) * 4096;
-        // Past /proc/sys/fs/pipe-max-size only with CAP_SYS_RESOURCE (EPERM): this
-        // reply is then too large to splice, and is copied (ENOSPC, below); smaller
-        // ones still splice.
-        let size = |fd| fcntl(fd, FcntlArg::F_SETPIPE_SZ(want as i32)).unwrap_or(16 * 4096);
+        // Past /proc/sys/fs/pipe-max-size (1 MiB by default) only with CAP_SYS_RESOURCE
+        // (EPERM): then as large as that allows, and a reply too large for it is copied
+        // (ENOSPC, below) while smaller ones still splice.
+        let size = |fd| {
+            fcntl(fd, FcntlArg::F_SETPIPE_SZ(want as i32))
+                .or_else(|_| fcntl(fd, FcntlArg::F_SETPIPE_SZ(1 << 20)))
+                .unwrap_or(16 * 4096)
+        };
         let (a, b) = (size(&data.1), size(&msg.1));
         *slot = Some(SplicePipes {
             data,
             msg,
             capacity: (a.min(b) as usize).saturating_sub(2 * 4096),
+            capped: (a.min(b) as usize) < want,
         });
     }
     match slot.as_ref() {
