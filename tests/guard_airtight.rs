@@ -406,6 +406,67 @@ fn novas_download_flow_quarantines_nothing_new() {
     assert_eq!(counts.get("quarantined").copied().unwrap_or(0), 0);
 }
 
+// ---- a protected name that is a symlink to a directory -----------------------
+
+/// `_base` as a symlink to another directory of the same share (relative, or
+/// absolute through the mountpoint): the kernel follows
+/// it and asks for the target directory's entries, never naming `_base`, so
+/// the guard must protect the directory the protected name leads to, from
+/// the first request on (even one that never went through `_base`).
+#[test]
+fn a_protected_name_that_is_a_symlink_protects_the_directory_it_leads_to() {
+    let t = tempfile::tempdir().unwrap();
+    let bk = t.path().join("bk");
+    let mp = t.path().join("mnt");
+    fs::create_dir_all(bk.join("cache")).unwrap();
+    fs::create_dir_all(bk.join("abs")).unwrap();
+    fs::create_dir(&mp).unwrap();
+    std::os::unix::fs::symlink("cache", bk.join("_base")).unwrap();
+    fs::write(bk.join("cache/direct"), b"DIRECT").unwrap();
+    let m = Mount::at(&bk, &mp, &[]);
+    // Straight through the target's own name, before anything looked at `_base`.
+    fs::remove_file(m.path("cache/direct")).unwrap();
+    assert_eq!(held_for(&bk, "cache/direct"), vec![b"DIRECT".to_vec()]);
+    // Through the symlink.
+    fs::write(m.path("_base/img"), b"IMG").unwrap();
+    fs::remove_file(m.path("_base/img")).unwrap();
+    assert_eq!(held_for(&bk, "cache/img"), vec![b"IMG".to_vec()]);
+    let (ok, out) = sh(&format!(
+        "printf OLD > '{0}' && truncate -s0 '{0}'",
+        m.path("_base/u").display()
+    ));
+    assert!(ok, "{out}");
+    assert_eq!(held_for(&bk, "cache/u"), vec![b"OLD".to_vec()]);
+    // The symlink made through the mount, absolute through the mountpoint,
+    // after `_base` is gone.
+    fs::remove_file(m.path("_base")).unwrap();
+    std::os::unix::fs::symlink(mp.join("abs"), m.path("_base")).unwrap();
+    fs::write(m.path("_base/a1"), b"A1").unwrap();
+    fs::remove_file(m.path("_base/a1")).unwrap();
+    assert_eq!(held_for(&bk, "abs/a1"), vec![b"A1".to_vec()]);
+    // Relative, through another directory and `..`.
+    fs::create_dir_all(bk.join("inst")).unwrap();
+    fs::create_dir_all(bk.join("c2")).unwrap();
+    fs::remove_file(m.path("_base")).unwrap();
+    std::os::unix::fs::symlink("inst/../c2", m.path("_base")).unwrap();
+    fs::write(m.path("_base/b1"), b"B1").unwrap();
+    fs::remove_file(m.path("_base/b1")).unwrap();
+    assert_eq!(held_for(&bk, "c2/b1"), vec![b"B1".to_vec()]);
+    // A symlink renamed onto the name (the kernel keeps its entry: no lookup).
+    fs::create_dir_all(bk.join("c3")).unwrap();
+    fs::remove_file(m.path("_base")).unwrap();
+    std::os::unix::fs::symlink("c3", m.path("tmp")).unwrap();
+    fs::rename(m.path("tmp"), m.path("_base")).unwrap();
+    fs::write(m.path("_base/r1"), b"R1").unwrap();
+    fs::remove_file(m.path("_base/r1")).unwrap();
+    assert_eq!(held_for(&bk, "c3/r1"), vec![b"R1".to_vec()]);
+    // What is not below a protected name stays unprotected.
+    fs::write(m.path("inst_file"), b"I").unwrap();
+    fs::remove_file(m.path("inst_file")).unwrap();
+    assert!(held_for(&bk, "inst_file").is_empty());
+    drop(m);
+}
+
 // ---- 12. descriptors --------------------------------------------------------
 
 #[test]
