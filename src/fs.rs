@@ -191,6 +191,7 @@ pub struct Passthrough {
     locks: DashMap<(u64, u64), Arc<OwnedFd>>,
     hidden: Mutex<Vec<Hidden>>,
     protection: Option<Protection>,
+    aliases: Aliases,
     nofile: u64,
     no_exchange: bool,
     /// When the descriptor warning was last logged (seconds since start).
@@ -208,6 +209,23 @@ pub struct Protection {
     pub heal: Option<Arc<References>>,
     /// The quarantine's entries by path, for restore on access.
     pub quarantined: QuarantinedPaths,
+    /// Absolute paths that name this mount's root for its callers (the
+    /// mountpoint), to follow an absolute symlink into the mount. (One to the
+    /// backing path leaves the mount, unless the mount is over it.)
+    pub roots: Vec<PathBuf>,
+}
+
+/// Directories that a symlink with a protected name leads to (a `_base` that
+/// is a symlink to another directory of the share): the kernel follows the
+/// symlink itself and then asks for the target's entries by the target's own
+/// names, never naming `_base`. Known by identity, each with the protected
+/// name it stands for; never forgotten (a retargeted symlink leaves the old
+/// directory protected too: more protection, never less).
+#[derive(Default)]
+struct Aliases {
+    dirs: parking_lot::RwLock<std::collections::HashMap<(u64, u64), PathBuf>>,
+    /// Symlinks already followed (by identity), with the target they had.
+    seen: Mutex<std::collections::HashMap<(u64, u64), Vec<u8>>>,
 }
 
 fn cstr(name: &OsStr) -> Result<CString> {
@@ -304,6 +322,7 @@ impl Passthrough {
             locks: DashMap::new(),
             hidden: Mutex::new(Vec::new()),
             protection: None,
+            aliases: Aliases::default(),
             nofile: opts.nofile,
             no_exchange: opts.no_exchange,
             fd_warned: AtomicU64::new(0),
@@ -330,6 +349,7 @@ impl Passthrough {
         .unwrap_or_else(|| ".baseguard".into());
         self.hide(Hidden { dev, ino, name });
         self.protection = Some(p);
+        self.note_root_aliases();
     }
 
     pub fn protection(&self) -> Option<&Protection> {
@@ -363,7 +383,12 @@ impl Passthrough {
             },
         };
         let rel = dir.join(name);
-        if p.guard.protects(&rel) || sticky {
+        if p.guard.protects(&rel)
+            || sticky
+            || self
+                .aliased(parent, name)
+                .is_some_and(|v| p.guard.protects(&v))
+        {
             Ok(Some((p, rel)))
         } else {
             Ok(None)
@@ -662,7 +687,129 @@ impl Passthrough {
     fn lookup_at(&self, parent: u64, pfd: &OwnedFd, name: &OsStr) -> Result<(Arc<Inode>, Stat)> {
         let (inode, st) = self.lookup_name(parent, pfd, name)?;
         self.reached(&inode, &st, parent, name);
+        if inode.kind == libc::S_IFLNK {
+            self.note_alias(pfd, parent, name);
+        }
         Ok((inode, st))
+    }
+
+    /// The path a name below an aliased directory stands for (`_base/x` for
+    /// `cache/x` when `_base` is a symlink to `cache`), if it is below one.
+    fn aliased(&self, parent: u64, name: &OsStr) -> Option<PathBuf> {
+        let dirs = self.aliases.dirs.read();
+        if dirs.is_empty() {
+            return None;
+        }
+        let mut below = vec![name.to_os_string()];
+        let mut at = parent;
+        for _ in 0..4096 {
+            let inode = self.inodes.get(at)?;
+            if let Some(prefix) = dirs.get(&(inode.dev, inode.ino)) {
+                let mut v = prefix.clone();
+                v.extend(below.iter().rev());
+                return Some(v);
+            }
+            if at == ROOT_ID {
+                return None;
+            }
+            let (up, n) = inode.dir_name()?;
+            below.push(n);
+            at = up;
+        }
+        None
+    }
+
+    /// The symlink `parent/name` (in the directory `pfd`): if files below its
+    /// name may be protected, the directory it leads to inside this mount is
+    /// protected as that name. Done with the credentials in effect (the
+    /// caller's during a lookup): one that may not resolve the target leaves
+    /// it to the next lookup.
+    fn note_alias(&self, pfd: &OwnedFd, parent: u64, name: &OsStr) {
+        let Some(p) = self.protection.as_ref() else {
+            return;
+        };
+        let Some(dir) = self.inodes.dir_path(parent) else {
+            return;
+        };
+        let rel = dir.join(name);
+        if !p.guard.may_protect_below(&rel) {
+            return;
+        }
+        let Ok(c) = cstr(name) else { return };
+        let Ok(link) = sys::openat(pfd.as_fd(), &c, libc::O_PATH | libc::O_NOFOLLOW, 0) else {
+            return;
+        };
+        let (Ok(lst), Ok(target)) = (sys::fstat(link.as_fd()), sys::readlink_fd(link.as_fd()))
+        else {
+            return;
+        };
+        if lst.st_mode & libc::S_IFMT != libc::S_IFLNK {
+            return;
+        }
+        let key = (lst.st_dev, lst.st_ino);
+        if self.aliases.seen.lock().get(&key) == Some(&target) {
+            return;
+        }
+        let t = Path::new(OsStr::from_bytes(&target));
+        let inside = if t.is_absolute() {
+            p.roots
+                .iter()
+                .find_map(|r| t.strip_prefix(r).ok())
+                .map(Path::to_path_buf)
+        } else {
+            Some(dir.join(t))
+        };
+        let Some(inside) = inside else {
+            tracing::warn!(
+                path = %rel.display(),
+                target = %t.display(),
+                "a protected name is a symlink that leaves this mount: deletions there do not go through baseguard (mount baseguard over the target too)"
+            );
+            self.aliases.seen.lock().insert(key, target);
+            return;
+        };
+        let root = self.root_fd();
+        // Not a directory (yet): nothing below it; the next lookup tries again.
+        let Ok(st) =
+            sys::open_dir_in_root(root.as_fd(), &inside).and_then(|d| sys::fstat(d.as_fd()))
+        else {
+            return;
+        };
+        let new = self
+            .aliases
+            .dirs
+            .write()
+            .insert((st.st_dev, st.st_ino), rel.clone())
+            .is_none();
+        if new {
+            tracing::info!(
+                path = %rel.display(),
+                target = %inside.display(),
+                "a protected name is a symlink: the directory it leads to is protected as that name"
+            );
+        }
+        self.aliases.seen.lock().insert(key, target);
+    }
+
+    /// At start: protect globs that begin with a plain name (`_base/**`) whose
+    /// entry in the root is a symlink (files may be reached through the
+    /// target's own name before anything looks the symlink up).
+    fn note_root_aliases(&self) {
+        let Some(p) = self.protection.as_ref() else {
+            return;
+        };
+        let root = self.root_fd();
+        let mut firsts: Vec<String> = p
+            .guard
+            .protect_globs()
+            .iter()
+            .filter_map(|g| g.split('/').find(|c| !c.is_empty()).map(str::to_string))
+            .filter(|c| !c.contains(['*', '?', '[', '{', '\\']))
+            .collect();
+        firsts.dedup();
+        for first in firsts {
+            self.note_alias(&root, ROOT_ID, OsStr::new(&first));
+        }
     }
 
     /// Record that the kernel reached `inode` as `parent/name`.
@@ -1146,7 +1293,14 @@ impl Passthrough {
             self.drop_kept(&kept);
         }
         r?;
-        // The names moved.
+        // The names moved. A symlink renamed to a protected name is followed
+        // now: the kernel keeps its entry and never looks it up again.
+        if src.st_mode & libc::S_IFMT == libc::S_IFLNK {
+            self.note_alias(&npfd, newparent, newname);
+        }
+        if exchange && dst.is_some_and(|d| d.st_mode & libc::S_IFMT == libc::S_IFLNK) {
+            self.note_alias(&pfd, parent, name);
+        }
         self.left(&src, parent, name);
         if let Some(inode) = self.inodes.peek(&src) {
             inode.reached(newparent, newname, target_protected, src.st_nlink > 1);

@@ -157,6 +157,19 @@ impl LiveGuard {
         self.node.may_protect_below(rel) || self.shared.read().may_protect_below(rel)
     }
 
+    /// The protect globs of both layers, as given.
+    pub fn protect_globs(&self) -> Vec<String> {
+        let shared = self.shared.read();
+        let mut v: Vec<String> = self
+            .node
+            .protect_globs()
+            .into_iter()
+            .map(String::from)
+            .collect();
+        v.extend(shared.protect_globs().into_iter().map(String::from));
+        v
+    }
+
     /// This node's own guard.
     pub fn node(&self) -> &Guard {
         &self.node

@@ -183,7 +183,7 @@ impl Inode {
     }
 
     /// A directory's (parent id, name), as the kernel last reached it.
-    fn dir_name(&self) -> Option<(u64, OsString)> {
+    pub fn dir_name(&self) -> Option<(u64, OsString)> {
         let p = self.place.lock();
         p.names.first().map(|(i, n, _)| (*i, n.clone()))
     }

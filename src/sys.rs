@@ -67,6 +67,29 @@ pub fn openat(dir: BorrowedFd<'_>, name: &CStr, flags: i32, mode: u32) -> io::Re
     Ok(owned(fd))
 }
 
+/// Open the directory `path` as `O_PATH`, resolving every component (symlinks
+/// included, absolute ones too) as if `root` were `/` (`RESOLVE_IN_ROOT`):
+/// whatever `path` says, the result is `root` or below it.
+pub fn open_dir_in_root(root: BorrowedFd<'_>, path: &std::path::Path) -> io::Result<OwnedFd> {
+    let c = cstr(path.as_os_str())?;
+    // SAFETY: `open_how` is plain integers; all-zero is a valid value.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC) as u64;
+    how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
+    // SAFETY: valid descriptor, C string and `open_how` of the size passed; the
+    // result is checked.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            root.as_raw_fd(),
+            c.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    Ok(owned(cvt(fd as libc::c_int)?))
+}
+
 /// Open a path (used once at start-up for the backing directory).
 pub fn open_path(path: &std::path::Path, flags: i32) -> io::Result<OwnedFd> {
     let c = cstr(path.as_os_str())?;
