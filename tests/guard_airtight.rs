@@ -260,6 +260,26 @@ fn a_hard_link_elsewhere_does_not_switch_the_guard_off() {
     assert!(all.contains(&b"Y-CONTENTS".to_vec()), "{all:?}");
 }
 
+/// A file linked at a protected and an unprotected name, seen through both
+/// on node B, whose protected name node A then quarantines: the file lives
+/// on at the other name, sharing its bytes with the quarantined version.
+/// Truncating it there through B is a legitimate operation (no `ESTALE` for
+/// a name that is still there), and the quarantined bytes survive it.
+#[test]
+fn a_linked_file_whose_protected_name_another_node_removed_is_copied_not_stale() {
+    let (_t, bk) = scratch();
+    let a = Mount::new(&bk, &[]);
+    let b = Mount::new(&bk, &[]);
+    fs::write(a.path("_base/h2"), b"H2DATA").unwrap();
+    fs::hard_link(b.path("_base/h2"), b.path("inst/h2")).unwrap();
+    fs::remove_file(a.path("_base/h2")).unwrap();
+    let (ok, out) = sh(&format!(": > '{}'", b.path("inst/h2").display()));
+    assert!(ok, "truncating the live name: {out}");
+    assert_eq!(fs::read(b.path("inst/h2")).unwrap(), b"");
+    let all: Vec<Vec<u8>> = held(&bk).into_iter().map(|h| h.3).collect();
+    assert!(all.contains(&b"H2DATA".to_vec()), "{all:?}");
+}
+
 // ---- 5. moved and over-long backing paths -----------------------------------
 
 #[test]
