@@ -419,7 +419,13 @@ impl Passthrough {
         if inode.was_protected() {
             return match self.protected_place(inode)? {
                 Some(rel) => Ok(Some((p, rel))),
-                None => Err(Errno(libc::ESTALE)),
+                // Gone from its protected names but still at another one (a
+                // hard link): a live file whose bytes the quarantine may
+                // share; copied first, under the name it is at.
+                None => match self.live_place(inode)? {
+                    Some(rel) => Ok(Some((p, rel))),
+                    None => Err(Errno(libc::ESTALE)),
+                },
             };
         }
         if st.st_nlink > 1 {
@@ -441,8 +447,18 @@ impl Passthrough {
     /// One protected name at which `inode` still is (checked by identity
     /// against the backing directory), as a path below the root.
     fn protected_place(&self, inode: &Inode) -> Result<Option<PathBuf>> {
+        self.place_among(inode, inode.protected_names())
+    }
+
+    /// One name of any kind the guard saw `inode` at (a hard link's) at
+    /// which it still is.
+    fn live_place(&self, inode: &Inode) -> Result<Option<PathBuf>> {
+        self.place_among(inode, inode.names())
+    }
+
+    fn place_among(&self, inode: &Inode, names: Vec<(u64, OsString)>) -> Result<Option<PathBuf>> {
         self.creds.become_daemon();
-        for (parent, name) in inode.protected_names() {
+        for (parent, name) in names {
             let Ok((_, pfd)) = self.inode_fd(parent) else {
                 continue;
             };
@@ -1014,6 +1030,7 @@ impl Passthrough {
             return match self.protected_place(&inode)? {
                 Some(_) => Ok(()),
                 None if !inode.was_protected() => Ok(()),
+                None if self.live_place(&inode)?.is_some() => Ok(()),
                 None => Err(Errno(libc::ESTALE)),
             };
         }
@@ -1568,7 +1585,7 @@ impl Passthrough {
         }
         if inode.was_protected() {
             self.creds.become_daemon();
-            if self.protected_place(inode)?.is_none() {
+            if self.protected_place(inode)?.is_none() && self.live_place(inode)?.is_none() {
                 return Err(Errno(libc::ESTALE));
             }
         }
