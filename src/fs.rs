@@ -1358,7 +1358,11 @@ impl Passthrough {
             };
             let sticky = self.inodes.under_protected(from.parent)
                 || self.inodes.peek(st).is_some_and(|i| i.was_protected());
-            let from_may = sticky || p.guard.may_protect_below(&fdir.join(from.name));
+            let from_may = sticky
+                || p.guard.may_protect_below(&fdir.join(from.name))
+                || self
+                    .aliased(from.parent, from.name)
+                    .is_some_and(|v| p.guard.may_protect_below(&v));
             if from_may && !p.guard.may_protect_below(&tdir.join(to.name)) {
                 return Err(Errno(libc::EXDEV));
             }

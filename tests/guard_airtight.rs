@@ -480,6 +480,12 @@ fn a_protected_name_that_is_a_symlink_protects_the_directory_it_leads_to() {
     fs::write(m.path("_base/r1"), b"R1").unwrap();
     fs::remove_file(m.path("_base/r1")).unwrap();
     assert_eq!(held_for(&bk, "c3/r1"), vec![b"R1".to_vec()]);
+    // A directory of protected files may not leave the target whole (EXDEV:
+    // mv copies, then deletes file by file, each deletion guarded).
+    fs::create_dir(m.path("_base/sub")).unwrap();
+    fs::write(m.path("_base/sub/s"), b"S").unwrap();
+    let e = fs::rename(m.path("c3/sub"), m.path("inst/sub")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EXDEV), "{e}");
     // What is not below a protected name stays unprotected.
     fs::write(m.path("inst_file"), b"I").unwrap();
     fs::remove_file(m.path("inst_file")).unwrap();
