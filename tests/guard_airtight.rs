@@ -493,6 +493,20 @@ fn a_protected_name_that_is_a_symlink_protects_the_directory_it_leads_to() {
     drop(m);
 }
 
+/// A symlink dropped *into* the protected directory is a protected file; it
+/// does not make the directory it points to protected (or any user could
+/// turn every instance disk's deletion into a quarantined copy).
+#[test]
+fn a_symlink_inside_the_protected_directory_protects_only_itself() {
+    let (_t, bk) = scratch();
+    let m = Mount::new(&bk, &[]);
+    fs::write(m.path("inst/z"), b"Z").unwrap();
+    std::os::unix::fs::symlink("../inst", m.path("_base/evil")).unwrap();
+    assert_eq!(fs::read(m.path("_base/evil/z")).unwrap(), b"Z");
+    fs::remove_file(m.path("inst/z")).unwrap();
+    assert!(held_for(&bk, "inst/z").is_empty(), "{:?}", held(&bk));
+}
+
 // ---- 12. descriptors --------------------------------------------------------
 
 #[test]
