@@ -228,6 +228,23 @@ struct Aliases {
     seen: Mutex<std::collections::HashMap<(u64, u64), Vec<u8>>>,
 }
 
+/// Is `rel` a directory that some glob names literally, component by
+/// component, with more below it (`_base` and `a/b` for `a/b/_base/**`)?
+fn spelled_out(globs: &[String], rel: &Path) -> bool {
+    let want: Vec<&[u8]> = rel.iter().map(|c| c.as_bytes()).collect();
+    globs.iter().any(|g| {
+        let segs: Vec<&str> = g
+            .split('/')
+            .filter(|c| !c.is_empty() && *c != ".")
+            .collect();
+        segs.len() > want.len()
+            && segs
+                .iter()
+                .zip(&want)
+                .all(|(s, w)| !s.contains(['*', '?', '[', '{', '\\']) && s.as_bytes() == *w)
+    })
+}
+
 fn cstr(name: &OsStr) -> Result<CString> {
     Ok(sys::cstr(name)?)
 }
@@ -748,7 +765,10 @@ impl Passthrough {
             return;
         };
         let rel = dir.join(name);
-        if !p.guard.may_protect_below(&rel) {
+        // Only a name a protect glob spells out as a directory (`_base` of
+        // `_base/**`): a symlink a user drops *into* `_base` is a protected
+        // file, and must not make its target protected.
+        if !spelled_out(&p.guard.protect_globs(), &rel) {
             return;
         }
         let Ok(c) = cstr(name) else { return };
