@@ -493,6 +493,23 @@ fn a_protected_name_that_is_a_symlink_protects_the_directory_it_leads_to() {
     drop(m);
 }
 
+/// Node A replaces `_base` with a symlink after node B started: B, asked
+/// straight for the target's files (never naming `_base`), must still know.
+#[test]
+fn a_protected_name_made_a_symlink_on_another_node_protects_its_target_there_too() {
+    let (_t, bk) = scratch();
+    let a = Mount::new(&bk, &[]);
+    let b = Mount::new(&bk, &[]);
+    // B is serving, and has seen `_base` as a directory.
+    assert!(fs::metadata(b.path("_base")).unwrap().is_dir());
+    fs::create_dir(a.path("cache")).unwrap();
+    fs::remove_dir(a.path("_base")).unwrap();
+    std::os::unix::fs::symlink("cache", a.path("_base")).unwrap();
+    fs::write(b.path("cache/x"), b"X").unwrap();
+    fs::remove_file(b.path("cache/x")).unwrap();
+    assert_eq!(held_for(&bk, "cache/x"), vec![b"X".to_vec()]);
+}
+
 /// A symlink dropped *into* the protected directory is a protected file; it
 /// does not make the directory it points to protected (or any user could
 /// turn every instance disk's deletion into a quarantined copy).
