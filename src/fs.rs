@@ -226,6 +226,9 @@ struct Aliases {
     dirs: parking_lot::RwLock<std::collections::HashMap<(u64, u64), PathBuf>>,
     /// Symlinks already followed (by identity), with the target they had.
     seen: Mutex<std::collections::HashMap<(u64, u64), Vec<u8>>>,
+    /// The root directory's times when its names were last looked at (another
+    /// node may make `_base` a symlink at any time).
+    root_stamp: Mutex<Option<(i64, i64, i64, i64)>>,
 }
 
 /// Is `rel` a directory that some glob names literally, component by
@@ -400,11 +403,13 @@ impl Passthrough {
             },
         };
         let rel = dir.join(name);
-        if p.guard.protects(&rel)
-            || sticky
-            || self
-                .aliased(parent, name)
-                .is_some_and(|v| p.guard.protects(&v))
+        if p.guard.protects(&rel) || sticky {
+            return Ok(Some((p, rel)));
+        }
+        self.refresh_root_aliases();
+        if self
+            .aliased(parent, name)
+            .is_some_and(|v| p.guard.protects(&v))
         {
             Ok(Some((p, rel)))
         } else {
@@ -825,6 +830,25 @@ impl Passthrough {
             );
         }
         self.aliases.seen.lock().insert(key, target);
+    }
+
+    /// Look at the root's protected names again if the root changed since
+    /// (another node may have made `_base` a symlink): one `fstat` when it
+    /// did not. A change too recent to tell a later one apart (see
+    /// [`settled`]) is looked at again next time.
+    fn refresh_root_aliases(&self) {
+        let root = self.root_fd();
+        let Ok(st) = sys::fstat(root.as_fd()) else {
+            return;
+        };
+        let now = (st.st_mtime, st.st_mtime_nsec, st.st_ctime, st.st_ctime_nsec);
+        if *self.aliases.root_stamp.lock() == Some(now) {
+            return;
+        }
+        self.note_root_aliases();
+        if settled(&st) {
+            *self.aliases.root_stamp.lock() = Some(now);
+        }
     }
 
     /// At start: protect globs that begin with a plain name (`_base/**`) whose
