@@ -154,6 +154,43 @@ print(" ".join(res))
     );
 }
 
+/// A file open for writing on this node when it gets a protected name (a
+/// rename or a link into `_base`): its writes may bypass the daemon (kernel
+/// passthrough), so what it holds then is copied at once; an overwrite
+/// through the old descriptor afterwards loses nothing.
+#[test]
+fn a_file_open_for_writing_when_it_becomes_protected_is_copied_then() {
+    let (_t, bk) = scratch();
+    let m = Mount::new(&bk, &[]);
+    let script = r#"
+import os, sys
+inst, base = sys.argv[1], sys.argv[2]
+fd = os.open(inst + "/f", os.O_RDWR | os.O_CREAT, 0o644)
+os.write(fd, b"ORIGDATA")
+os.fsync(fd)
+os.rename(inst + "/f", base + "/f")
+os.pwrite(fd, b"XXXXXXXX", 0)
+os.close(fd)
+fd = os.open(inst + "/g", os.O_RDWR | os.O_CREAT, 0o644)
+os.write(fd, b"GDATA")
+os.link(inst + "/g", base + "/g")
+os.ftruncate(fd, 0)
+os.close(fd)
+# Opened read-only: nothing to copy.
+with open(inst + "/r", "wb") as w:
+    w.write(b"R")
+fd = os.open(inst + "/r", os.O_RDONLY)
+os.rename(inst + "/r", base + "/r")
+os.close(fd)
+"#;
+    let (ok, out) = py(script, &[&m.path("inst"), &m.path("_base")]);
+    assert!(ok, "{out}");
+    assert_eq!(fs::read(m.path("_base/f")).unwrap(), b"XXXXXXXX");
+    assert_eq!(held_for(&bk, "_base/f"), vec![b"ORIGDATA".to_vec()]);
+    assert_eq!(held_for(&bk, "_base/g"), vec![b"GDATA".to_vec()]);
+    assert!(held_for(&bk, "_base/r").is_empty());
+}
+
 // ---- 2. rename-over races ---------------------------------------------------
 
 #[test]
@@ -643,5 +680,12 @@ os.close(w)
     let (ok, out) = py(script, &[&m.path("_base")]);
     assert!(ok, "{out}");
     assert_eq!(fs::read(bk.join("_base/img")).unwrap(), b"OVERWRITTENION");
-    assert_eq!(held_for(&bk, "_base/img"), vec![b"PLACED-VERSION".to_vec()]);
+    // Copied when it got its protected name with a writer still open, and
+    // again before the overwrite (the open writer may have written since).
+    let kept = held_for(&bk, "_base/img");
+    assert!(!kept.is_empty(), "the placed version is kept");
+    assert!(
+        kept.iter().all(|k| k.as_slice() == b"PLACED-VERSION"),
+        "{kept:?}"
+    );
 }
