@@ -1179,10 +1179,65 @@ impl Passthrough {
         newname: &OsStr,
     ) -> Result<(Arc<Inode>, Stat)> {
         self.stats.count(Op::Link);
-        let (_, fd) = self.inode_fd(id)?;
-        self.make_node(caller, newparent, newname, |p, c| {
+        let (inode, fd) = self.inode_fd(id)?;
+        let kept = match self.guard_name(newparent, newname)? {
+            Some((p, rel)) if !inode.was_protected() => {
+                self.copy_for_open_writers(caller, &inode, p, &rel)?
+            }
+            _ => Vec::new(),
+        };
+        let r = self.make_node(caller, newparent, newname, |p, c| {
             sys::link_fd(fd.as_fd(), p.as_fd(), c)
-        })
+        });
+        if r.is_err() {
+            self.drop_kept(&kept);
+        }
+        r
+    }
+
+    /// A regular file about to get a protected name (`rel`) while this node
+    /// has it open for writing: those writes may never reach the daemon
+    /// (kernel passthrough), so the bytes it holds now are copied into the
+    /// quarantine first (returned, to drop if the operation fails), and the
+    /// handles count as copied.
+    fn copy_for_open_writers<'p>(
+        &self,
+        caller: Caller,
+        inode: &Inode,
+        p: &'p Protection,
+        rel: &Path,
+    ) -> Result<Vec<(String, &'p Protection)>> {
+        if inode.kind != libc::S_IFREG {
+            return Ok(Vec::new());
+        }
+        let writers: Vec<Arc<OpenFile>> = self
+            .files
+            .iter()
+            .filter(|f| {
+                f.inode == inode.id
+                    && f.flags & libc::O_ACCMODE != libc::O_RDONLY
+                    && f.guard.load(Ordering::Relaxed) == UNGUARDED
+            })
+            .map(|f| Arc::clone(f.value()))
+            .collect();
+        if writers.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.creds.become_daemon();
+        let fd = self.fd(inode)?;
+        if sys::fstat(fd.as_fd())?.st_blocks == 0 {
+            return Ok(Vec::new());
+        }
+        let ro = sys::reopen(fd.as_fd(), libc::O_RDONLY | libc::O_NOFOLLOW)?;
+        let who = Who::from_pid(caller.pid, caller.uid, caller.gid);
+        let e = p
+            .quarantine
+            .stash_copy(ro.as_fd(), rel, &who, Why::Overwrite)?;
+        self.stats.count(Op::Quarantined);
+        for f in writers {
+            f.guard.store(COPIED, Ordering::Relaxed);
+        }
+        Ok(vec![(e.id, p)])
     }
 
     pub fn unlink(&self, caller: Caller, parent: u64, name: &OsStr) -> Result<()> {
@@ -1334,7 +1389,24 @@ impl Passthrough {
             (Some(d), false) => self.guard_removal(newparent, newname, d)?,
             _ => None,
         };
-        let target_protected = self.guard_name(newparent, newname)?.is_some();
+        let target = self.guard_name(newparent, newname)?;
+        let target_protected = target.is_some();
+        // A file open for writing that gets a protected name: copied first.
+        if let Some((p, rel)) = &target
+            && !exchange
+            && !same
+            && self.guard_name(parent, name)?.is_none()
+            && let Some(inode) = self.inodes.peek(&src)
+            && !inode.was_protected()
+        {
+            match self.copy_for_open_writers(caller, &inode, p, rel) {
+                Ok(k) => kept.extend(k),
+                Err(e) => {
+                    self.drop_kept(&kept);
+                    return Err(e);
+                }
+            }
+        }
         let r = match replaced {
             Some((p, rel)) => self.replace_protected(caller, p, &rel, &from, &to),
             // A protected name that is absent must still be absent when
