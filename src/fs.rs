@@ -1395,7 +1395,9 @@ impl Passthrough {
         if let Some((p, rel)) = &target
             && !exchange
             && !same
-            && self.guard_name(parent, name)?.is_none()
+            // (A source the guard cannot place counts as unprotected: a copy
+            // too many, never one too few.)
+            && !matches!(self.guard_name(parent, name), Ok(Some(_)))
             && let Some(inode) = self.inodes.peek(&src)
             && !inode.was_protected()
         {
