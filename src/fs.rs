@@ -57,7 +57,14 @@ pub struct OpenFile {
     /// credentials, which would keep them).
     /// (Cleared once a write has dropped the bits.)
     pub kills_privs: AtomicBool,
+    /// A `close` of it was seen (FLUSH): its release may be on its way.
+    pub flushed: AtomicBool,
 }
+
+/// How long a file renamed or linked to a protected name waits for the
+/// release of handles that were closed but not yet released, before it is
+/// copied as a file still open for writing.
+const RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A handle the guard does not watch.
 pub const UNGUARDED: u8 = 0;
@@ -88,6 +95,7 @@ impl OpenFile {
             flags,
             guard: AtomicU8::new(guard),
             kills_privs: AtomicBool::new(kills_privs),
+            flushed: AtomicBool::new(false),
         }
     }
 
@@ -1210,19 +1218,33 @@ impl Passthrough {
         if inode.kind != libc::S_IFREG {
             return Ok(Vec::new());
         }
-        let writers: Vec<Arc<OpenFile>> = self
-            .files
-            .iter()
-            .filter(|f| {
-                f.inode == inode.id
-                    && f.flags & libc::O_ACCMODE != libc::O_RDONLY
-                    && f.guard.load(Ordering::Relaxed) == UNGUARDED
-            })
-            .map(|f| Arc::clone(f.value()))
-            .collect();
-        if writers.is_empty() {
+        let writers = || -> Vec<Arc<OpenFile>> {
+            self.files
+                .iter()
+                .filter(|f| {
+                    f.inode == inode.id
+                        && f.flags & libc::O_ACCMODE != libc::O_RDONLY
+                        && f.guard.load(Ordering::Relaxed) == UNGUARDED
+                })
+                .map(|f| Arc::clone(f.value()))
+                .collect()
+        };
+        let mut open = writers();
+        // Closed already, their release not in yet (the kernel sends it after
+        // `close` returns: a download renamed into place right after it was
+        // closed): wait a little for it rather than copy a whole image.
+        let wait = std::time::Instant::now();
+        while !open.is_empty()
+            && open.iter().all(|f| f.flushed.load(Ordering::Relaxed))
+            && wait.elapsed() < RELEASE_WAIT
+        {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            open = writers();
+        }
+        if open.is_empty() {
             return Ok(Vec::new());
         }
+        let writers = open;
         self.creds.become_daemon();
         let fd = self.fd(inode)?;
         if sys::fstat(fd.as_fd())?.st_blocks == 0 {
@@ -1870,6 +1892,7 @@ impl Passthrough {
         // the process, and are kept until release).
         self.locks.remove(&(fh, lock_owner));
         let f = self.file(fh)?;
+        f.flushed.store(true, Ordering::Relaxed);
         sys::flush_fd(f.file.as_fd())?;
         Ok(f.flags & libc::O_ACCMODE != libc::O_RDONLY)
     }
