@@ -547,6 +547,35 @@ fn a_protected_name_made_a_symlink_on_another_node_protects_its_target_there_too
     assert_eq!(held_for(&bk, "cache/x"), vec![b"X".to_vec()]);
 }
 
+/// The root's names are looked at again during whoever's request comes
+/// first after a change: an unprivileged caller, who may not search the way
+/// to the target, must not leave the symlink unfollowed for good.
+#[test]
+fn a_symlinked_base_first_seen_during_an_unprivileged_request_is_still_followed() {
+    let (_t, bk) = scratch();
+    let m = Mount::new(&bk, &[]);
+    fs::write(m.path("inst/seen"), b"S").unwrap();
+    // Made on the raw backing directory, as another node would.
+    fs::create_dir_all(bk.join("priv/cache")).unwrap();
+    fs::set_permissions(
+        bk.join("priv"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
+    fs::remove_dir(bk.join("_base")).unwrap();
+    std::os::unix::fs::symlink("priv/cache", bk.join("_base")).unwrap();
+    fs::write(bk.join("priv/cache/x"), b"X").unwrap();
+    // Past the 2 s in which a change of the root is never taken as settled.
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let (ok, out) = sh(&format!(
+        "setpriv --reuid=65534 --regid=65534 --clear-groups -- stat '{}' >/dev/null",
+        m.path("inst/seen").display()
+    ));
+    assert!(ok, "{out}");
+    fs::remove_file(m.path("priv/cache/x")).unwrap();
+    assert_eq!(held_for(&bk, "priv/cache/x"), vec![b"X".to_vec()]);
+}
+
 /// A symlink dropped *into* the protected directory is a protected file; it
 /// does not make the directory it points to protected (or any user could
 /// turn every instance disk's deletion into a quarantined copy).
