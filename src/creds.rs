@@ -101,6 +101,19 @@ impl Credentials {
         }
     }
 
+    /// Run `f` with the daemon's credentials, then go back to those the
+    /// thread had (work of the guard's own in the middle of a caller's
+    /// request).
+    pub fn as_daemon<R>(&self, f: impl FnOnce() -> R) -> R {
+        let prev = CURRENT.with(|c| c.borrow().clone());
+        self.become_daemon();
+        let r = f();
+        if let Some(p) = prev {
+            set(p);
+        }
+        r
+    }
+
     /// Switch this thread back to the daemon's own credentials (root).
     pub fn become_daemon(&self) {
         set(ThreadCreds {

@@ -767,10 +767,15 @@ impl Passthrough {
 
     /// The symlink `parent/name` (in the directory `pfd`): if files below its
     /// name may be protected, the directory it leads to inside this mount is
-    /// protected as that name. Done with the credentials in effect (the
-    /// caller's during a lookup): one that may not resolve the target leaves
-    /// it to the next lookup.
+    /// protected as that name. Resolved with the daemon's credentials (a
+    /// caller who may not search the way there must not leave it unknown),
+    /// inside the mount only; the thread's credentials are kept.
     fn note_alias(&self, pfd: &OwnedFd, parent: u64, name: &OsStr) {
+        self.creds
+            .as_daemon(|| self.note_alias_as_daemon(pfd, parent, name));
+    }
+
+    fn note_alias_as_daemon(&self, pfd: &OwnedFd, parent: u64, name: &OsStr) {
         let Some(p) = self.protection.as_ref() else {
             return;
         };
