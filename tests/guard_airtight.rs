@@ -576,6 +576,22 @@ fn a_symlinked_base_first_seen_during_an_unprivileged_request_is_still_followed(
     assert_eq!(held_for(&bk, "priv/cache/x"), vec![b"X".to_vec()]);
 }
 
+/// A protect glob that spells out a deeper directory (`nova/_base/**`) whose
+/// last name is a symlink: followed from the first request too, before
+/// anything looked the symlink up (as after a restart, when the kernel still
+/// holds its entry).
+#[test]
+fn a_deeper_protected_name_that_is_a_symlink_is_followed_from_the_start() {
+    let t = tempfile::tempdir().unwrap();
+    let bk = t.path().join("bk");
+    fs::create_dir_all(bk.join("nova/cache")).unwrap();
+    std::os::unix::fs::symlink("cache", bk.join("nova/_base")).unwrap();
+    fs::write(bk.join("nova/cache/deep"), b"DEEP").unwrap();
+    let m = Mount::new(&bk, &["-o", "protect=nova/_base/**"]);
+    fs::remove_file(m.path("nova/cache/deep")).unwrap();
+    assert_eq!(held_for(&bk, "nova/cache/deep"), vec![b"DEEP".to_vec()]);
+}
+
 /// A symlink dropped *into* the protected directory is a protected file; it
 /// does not make the directory it points to protected (or any user could
 /// turn every instance disk's deletion into a quarantined copy).
