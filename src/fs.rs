@@ -771,15 +771,19 @@ impl Passthrough {
     /// caller who may not search the way there must not leave it unknown),
     /// inside the mount only; the thread's credentials are kept.
     fn note_alias(&self, pfd: &OwnedFd, parent: u64, name: &OsStr) {
-        self.creds
-            .as_daemon(|| self.note_alias_as_daemon(pfd, parent, name));
-    }
-
-    fn note_alias_as_daemon(&self, pfd: &OwnedFd, parent: u64, name: &OsStr) {
-        let Some(p) = self.protection.as_ref() else {
+        if self.protection.is_none() {
+            return;
+        }
+        let Some(dir) = self.inodes.dir_path(parent) else {
             return;
         };
-        let Some(dir) = self.inodes.dir_path(parent) else {
+        self.creds
+            .as_daemon(|| self.note_alias_as_daemon(pfd, &dir, name));
+    }
+
+    /// [`Self::note_alias`] for the directory `pfd` at `dir` below the root.
+    fn note_alias_as_daemon(&self, pfd: &OwnedFd, dir: &Path, name: &OsStr) {
+        let Some(p) = self.protection.as_ref() else {
             return;
         };
         let rel = dir.join(name);
@@ -864,25 +868,55 @@ impl Passthrough {
         }
     }
 
-    /// At start: protect globs that begin with a plain name (`_base/**`) whose
-    /// entry in the root is a symlink (files may be reached through the
-    /// target's own name before anything looks the symlink up).
+    /// At start, and whenever the root changed: every directory a protect
+    /// glob spells out (`_base` of `_base/**`, `nova` and `nova/_base` of
+    /// `nova/_base/**`) that is a symlink is followed, since files may be
+    /// reached through the target's own names before anything looks the
+    /// symlink up (or, after a restart, while the kernel still holds it).
     fn note_root_aliases(&self) {
         let Some(p) = self.protection.as_ref() else {
             return;
         };
         let root = self.root_fd();
-        let mut firsts: Vec<String> = p
-            .guard
-            .protect_globs()
-            .iter()
-            .filter_map(|g| g.split('/').find(|c| !c.is_empty()).map(str::to_string))
-            .filter(|c| !c.contains(['*', '?', '[', '{', '\\']))
-            .collect();
-        firsts.dedup();
-        for first in firsts {
-            self.note_alias(&root, ROOT_ID, OsStr::new(&first));
+        // Every directory a glob spells out (`nova`, `nova/_base` of
+        // `nova/_base/**`), each looked at in the directory above it.
+        let mut spelled: Vec<PathBuf> = Vec::new();
+        for g in p.guard.protect_globs() {
+            let segs: Vec<&str> = g
+                .split('/')
+                .filter(|c| !c.is_empty() && *c != ".")
+                .collect();
+            let mut at = PathBuf::new();
+            for seg in segs.iter().take(segs.len().saturating_sub(1)) {
+                if seg.contains(['*', '?', '[', '{', '\\']) || *seg == ".." {
+                    break;
+                }
+                at.push(seg);
+                if !spelled.contains(&at) {
+                    spelled.push(at.clone());
+                }
+            }
         }
+        self.creds.as_daemon(|| {
+            for rel in &spelled {
+                let (Some(name), Some(dir)) = (rel.file_name(), rel.parent()) else {
+                    continue;
+                };
+                let opened;
+                let pfd: &OwnedFd = if dir.as_os_str().is_empty() {
+                    &root
+                } else {
+                    match sys::open_dir_in_root(root.as_fd(), dir) {
+                        Ok(fd) => {
+                            opened = fd;
+                            &opened
+                        }
+                        Err(_) => continue,
+                    }
+                };
+                self.note_alias_as_daemon(pfd, dir, name);
+            }
+        });
     }
 
     /// Record that the kernel reached `inode` as `parent/name`.
