@@ -1227,8 +1227,10 @@ impl Passthrough {
     ) -> Result<(Arc<Inode>, Stat)> {
         self.stats.count(Op::Link);
         let (inode, fd) = self.inode_fd(id)?;
-        let kept = match self.guard_name(newparent, newname)? {
-            Some((p, rel)) if !inode.was_protected() => {
+        // (A new name the guard cannot place refuses nothing here: a link
+        // destroys no bytes, and the new name is judged when it is used.)
+        let kept = match self.guard_name(newparent, newname) {
+            Ok(Some((p, rel))) if !inode.was_protected() => {
                 self.copy_for_open_writers(caller, &inode, p, &rel)?
             }
             _ => Vec::new(),
