@@ -592,6 +592,28 @@ fn a_deeper_protected_name_that_is_a_symlink_is_followed_from_the_start() {
     assert_eq!(held_for(&bk, "nova/cache/deep"), vec![b"DEEP".to_vec()]);
 }
 
+/// The same for a deeper name made a symlink on node A after node B started:
+/// B, asked straight for the target's files, must know.
+#[test]
+fn a_deeper_protected_name_made_a_symlink_on_another_node_protects_its_target_there_too() {
+    let (_t, bk) = scratch();
+    fs::create_dir_all(bk.join("nova/_base")).unwrap();
+    let args = ["-o", "protect=nova/_base/**"];
+    let a = Mount::new(&bk, &args);
+    let b = Mount::new(&bk, &args);
+    // The root's last change (the quarantine made at mount) settled (2 s),
+    // and B took note of it: from here on only `nova` changes.
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    assert!(fs::metadata(b.path("nova/_base")).unwrap().is_dir());
+    assert!(fs::metadata(b.path("inst")).unwrap().is_dir());
+    fs::create_dir(a.path("nova/cache")).unwrap();
+    fs::remove_dir(a.path("nova/_base")).unwrap();
+    std::os::unix::fs::symlink("cache", a.path("nova/_base")).unwrap();
+    fs::write(b.path("nova/cache/x"), b"X").unwrap();
+    fs::remove_file(b.path("nova/cache/x")).unwrap();
+    assert_eq!(held_for(&bk, "nova/cache/x"), vec![b"X".to_vec()]);
+}
+
 /// A symlink dropped *into* the protected directory is a protected file; it
 /// does not make the directory it points to protected (or any user could
 /// turn every instance disk's deletion into a quarantined copy).
