@@ -234,9 +234,12 @@ struct Aliases {
     dirs: parking_lot::RwLock<std::collections::HashMap<(u64, u64), PathBuf>>,
     /// Symlinks already followed (by identity), with the target they had.
     seen: Mutex<std::collections::HashMap<(u64, u64), Vec<u8>>>,
-    /// The root directory's times when its names were last looked at (another
-    /// node may make `_base` a symlink at any time).
-    root_stamp: Mutex<Option<(i64, i64, i64, i64)>>,
+    /// The times of the root and of every other directory holding a name a
+    /// glob spells out, when those names were last looked at (another node
+    /// may make `_base` a symlink at any time).
+    stamps: Mutex<Option<Vec<(i64, i64, i64, i64)>>>,
+    /// Those other directories (`nova` for `nova/_base/**`), below the root.
+    spelled_parents: Mutex<Vec<PathBuf>>,
 }
 
 /// Is `rel` a directory that some glob names literally, component by
@@ -849,22 +852,36 @@ impl Passthrough {
         self.aliases.seen.lock().insert(key, target);
     }
 
-    /// Look at the root's protected names again if the root changed since
-    /// (another node may have made `_base` a symlink): one `fstat` when it
-    /// did not. A change too recent to tell a later one apart (see
-    /// [`settled`]) is looked at again next time.
+    /// Look at the names the globs spell out again if a directory holding
+    /// one changed since (another node may have made `_base` a symlink): one
+    /// `fstat` of the root when nothing did (the default `_base/**`), one
+    /// more open and `fstat` for each deeper such directory. A change too
+    /// recent to tell a later one apart (see [`settled`]) is looked at again
+    /// next time.
     fn refresh_root_aliases(&self) {
         let root = self.root_fd();
         let Ok(st) = sys::fstat(root.as_fd()) else {
             return;
         };
-        let now = (st.st_mtime, st.st_mtime_nsec, st.st_ctime, st.st_ctime_nsec);
-        if *self.aliases.root_stamp.lock() == Some(now) {
+        let stamp = |st: &Stat| (st.st_mtime, st.st_mtime_nsec, st.st_ctime, st.st_ctime_nsec);
+        let mut now = vec![stamp(&st)];
+        let mut calm = settled(&st);
+        let parents = self.aliases.spelled_parents.lock().clone();
+        for dir in &parents {
+            match sys::open_dir_in_root(root.as_fd(), dir).and_then(|d| sys::fstat(d.as_fd())) {
+                Ok(st) => {
+                    now.push(stamp(&st));
+                    calm &= settled(&st);
+                }
+                Err(_) => now.push((0, 0, 0, 0)),
+            }
+        }
+        if self.aliases.stamps.lock().as_ref() == Some(&now) {
             return;
         }
         self.note_root_aliases();
-        if settled(&st) {
-            *self.aliases.root_stamp.lock() = Some(now);
+        if calm {
+            *self.aliases.stamps.lock() = Some(now);
         }
     }
 
@@ -897,6 +914,18 @@ impl Passthrough {
                 }
             }
         }
+        let parents: Vec<PathBuf> = spelled
+            .iter()
+            .filter_map(|r| r.parent())
+            .filter(|d| !d.as_os_str().is_empty())
+            .map(Path::to_path_buf)
+            .fold(Vec::new(), |mut v, d| {
+                if !v.contains(&d) {
+                    v.push(d);
+                }
+                v
+            });
+        *self.aliases.spelled_parents.lock() = parents;
         self.creds.as_daemon(|| {
             for rel in &spelled {
                 let (Some(name), Some(dir)) = (rel.file_name(), rel.parent()) else {
