@@ -237,10 +237,13 @@ struct Aliases {
     /// The times of the root and of every other directory holding a name a
     /// glob spells out, when those names were last looked at (another node
     /// may make `_base` a symlink at any time).
-    stamps: Mutex<Option<Vec<(i64, i64, i64, i64)>>>,
+    stamps: Mutex<Option<Vec<TimeStamp>>>,
     /// Those other directories (`nova` for `nova/_base/**`), below the root.
     spelled_parents: Mutex<Vec<PathBuf>>,
 }
+
+/// A directory's modification and change times (seconds, nanoseconds).
+type TimeStamp = (i64, i64, i64, i64);
 
 /// Is `rel` a directory that some glob names literally, component by
 /// component, with more below it (`_base` and `a/b` for `a/b/_base/**`)?
@@ -863,7 +866,9 @@ impl Passthrough {
         let Ok(st) = sys::fstat(root.as_fd()) else {
             return;
         };
-        let stamp = |st: &Stat| (st.st_mtime, st.st_mtime_nsec, st.st_ctime, st.st_ctime_nsec);
+        let stamp = |st: &Stat| -> TimeStamp {
+            (st.st_mtime, st.st_mtime_nsec, st.st_ctime, st.st_ctime_nsec)
+        };
         let mut now = vec![stamp(&st)];
         let mut calm = settled(&st);
         let parents = self.aliases.spelled_parents.lock().clone();
