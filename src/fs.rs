@@ -245,20 +245,29 @@ struct Aliases {
 /// A directory's modification and change times (seconds, nanoseconds).
 type TimeStamp = (i64, i64, i64, i64);
 
-/// Is `rel` a directory that some glob names literally, component by
-/// component, with more below it (`_base` and `a/b` for `a/b/_base/**`)?
+/// The directories a glob spells out, outermost first: its leading literal
+/// names that have more of the glob below them (`nova`, `_base` of
+/// `nova/_base/**`; nothing from `*/x`).
+fn spelled_dirs(glob: &str) -> Vec<&str> {
+    let segs: Vec<&str> = glob
+        .split('/')
+        .filter(|c| !c.is_empty() && *c != ".")
+        .collect();
+    segs.iter()
+        .take(segs.len().saturating_sub(1))
+        .take_while(|c| !c.contains(['*', '?', '[', '{', '\\']) && **c != "..")
+        .copied()
+        .collect()
+}
+
+/// Is `rel` a directory that some glob spells out ([`spelled_dirs`])?
 fn spelled_out(globs: &[String], rel: &Path) -> bool {
     let want: Vec<&[u8]> = rel.iter().map(|c| c.as_bytes()).collect();
     globs.iter().any(|g| {
-        let segs: Vec<&str> = g
-            .split('/')
-            .filter(|c| !c.is_empty() && *c != ".")
-            .collect();
-        segs.len() > want.len()
-            && segs
-                .iter()
-                .zip(&want)
-                .all(|(s, w)| !s.contains(['*', '?', '[', '{', '\\']) && s.as_bytes() == *w)
+        let dirs = spelled_dirs(g);
+        !want.is_empty()
+            && dirs.len() >= want.len()
+            && dirs.iter().zip(&want).all(|(d, w)| d.as_bytes() == *w)
     })
 }
 
@@ -904,15 +913,8 @@ impl Passthrough {
         // `nova/_base/**`), each looked at in the directory above it.
         let mut spelled: Vec<PathBuf> = Vec::new();
         for g in p.guard.protect_globs() {
-            let segs: Vec<&str> = g
-                .split('/')
-                .filter(|c| !c.is_empty() && *c != ".")
-                .collect();
             let mut at = PathBuf::new();
-            for seg in segs.iter().take(segs.len().saturating_sub(1)) {
-                if seg.contains(['*', '?', '[', '{', '\\']) || *seg == ".." {
-                    break;
-                }
+            for seg in spelled_dirs(&g) {
                 at.push(seg);
                 if !spelled.contains(&at) {
                     spelled.push(at.clone());
@@ -2607,5 +2609,32 @@ impl Passthrough {
         }
         let path = sys::reopen(fd.as_fd(), libc::O_PATH)?;
         Ok(self.inodes.lookup_fd(path, st, None)?.id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spelled_dirs_are_the_leading_literal_directories() {
+        assert_eq!(spelled_dirs("_base/**"), vec!["_base"]);
+        assert_eq!(spelled_dirs("nova/_base/**"), vec!["nova", "_base"]);
+        assert_eq!(spelled_dirs("/./nova/_base/*.img"), vec!["nova", "_base"]);
+        assert_eq!(spelled_dirs("a/*/b/**"), vec!["a"]);
+        assert!(spelled_dirs("**").is_empty());
+        assert!(
+            spelled_dirs("_base").is_empty(),
+            "a file glob names no directory"
+        );
+        let globs = vec!["nova/_base/**".to_string()];
+        assert!(spelled_out(&globs, Path::new("nova")));
+        assert!(spelled_out(&globs, Path::new("nova/_base")));
+        assert!(
+            !spelled_out(&globs, Path::new("nova/_base/x")),
+            "a name inside"
+        );
+        assert!(!spelled_out(&globs, Path::new("_base")));
+        assert!(!spelled_out(&globs, Path::new("")));
     }
 }
