@@ -547,6 +547,22 @@ fn a_protected_name_made_a_symlink_on_another_node_protects_its_target_there_too
     assert_eq!(held_for(&bk, "cache/x"), vec![b"X".to_vec()]);
 }
 
+/// The symlink stays, the directory it names is made anew (`rm -rf cache;
+/// mkdir cache`): the new directory is the one protected.
+#[test]
+fn a_symlinked_base_whose_target_is_made_anew_protects_the_new_directory() {
+    let (_t, bk) = scratch();
+    fs::create_dir(bk.join("cache")).unwrap();
+    fs::remove_dir(bk.join("_base")).unwrap();
+    std::os::unix::fs::symlink("cache", bk.join("_base")).unwrap();
+    let m = Mount::new(&bk, &[]);
+    fs::remove_dir(m.path("cache")).unwrap();
+    fs::create_dir(m.path("cache")).unwrap();
+    fs::write(m.path("cache/x"), b"X").unwrap();
+    fs::remove_file(m.path("cache/x")).unwrap();
+    assert_eq!(held_for(&bk, "cache/x"), vec![b"X".to_vec()]);
+}
+
 /// The root's names are looked at again during whoever's request comes
 /// first after a change: an unprivileged caller, who may not search the way
 /// to the target, must not leave the symlink unfollowed for good.
