@@ -217,10 +217,10 @@ pub struct Protection {
     pub heal: Option<Arc<References>>,
     /// The quarantine's entries by path, for restore on access.
     pub quarantined: QuarantinedPaths,
-    /// Absolute paths that name this mount's root for its callers (the
-    /// mountpoint), to follow an absolute symlink into the mount. (One to the
-    /// backing path leaves the mount, unless the mount is over it.)
-    pub roots: Vec<PathBuf>,
+    /// The mountpoint: an absolute symlink below it leads into the mount.
+    /// (One to the backing path leaves the mount, unless the mount is over
+    /// it.)
+    pub mountpoint: PathBuf,
 }
 
 /// Directories that a symlink with a protected name leads to (a `_base` that
@@ -232,8 +232,9 @@ pub struct Protection {
 #[derive(Default)]
 struct Aliases {
     dirs: parking_lot::RwLock<std::collections::HashMap<(u64, u64), PathBuf>>,
-    /// Symlinks already followed (by identity), with the target they had.
-    seen: Mutex<std::collections::HashMap<(u64, u64), Vec<u8>>>,
+    /// Symlinks that leave the mount (by identity), with the target they had
+    /// when that was logged.
+    left: Mutex<std::collections::HashMap<(u64, u64), Vec<u8>>>,
     /// The times of the root and of every other directory holding a name a
     /// glob spells out, when those names were last looked at (another node
     /// may make `_base` a symlink at any time).
@@ -819,26 +820,30 @@ impl Passthrough {
         if lst.st_mode & libc::S_IFMT != libc::S_IFLNK {
             return;
         }
-        let key = (lst.st_dev, lst.st_ino);
-        if self.aliases.seen.lock().get(&key) == Some(&target) {
-            return;
-        }
         let t = Path::new(OsStr::from_bytes(&target));
         let inside = if t.is_absolute() {
-            p.roots
-                .iter()
-                .find_map(|r| t.strip_prefix(r).ok())
-                .map(Path::to_path_buf)
+            t.strip_prefix(&p.mountpoint).ok().map(Path::to_path_buf)
         } else {
             Some(dir.join(t))
         };
+        // Resolved every time (the directory it names may have been made
+        // anew); only the warning for one that leaves is said once.
         let Some(inside) = inside else {
-            tracing::warn!(
-                path = %rel.display(),
-                target = %t.display(),
-                "a protected name is a symlink that leaves this mount: deletions there do not go through baseguard (mount baseguard over the target too)"
-            );
-            self.aliases.seen.lock().insert(key, target);
+            let key = (lst.st_dev, lst.st_ino);
+            if self
+                .aliases
+                .left
+                .lock()
+                .insert(key, target.clone())
+                .as_ref()
+                != Some(&target)
+            {
+                tracing::warn!(
+                    path = %rel.display(),
+                    target = %t.display(),
+                    "a protected name is a symlink that leaves this mount: deletions there do not go through baseguard (mount baseguard over the target too)"
+                );
+            }
             return;
         };
         let root = self.root_fd();
@@ -861,7 +866,6 @@ impl Passthrough {
                 "a protected name is a symlink: the directory it leads to is protected as that name"
             );
         }
-        self.aliases.seen.lock().insert(key, target);
     }
 
     /// Look at the names the globs spell out again if a directory holding

@@ -756,7 +756,7 @@ impl MountArgs {
                 quarantine: Arc::clone(q),
                 heal: (!self.no_heal).then(|| Arc::clone(&refs)),
                 quarantined: Default::default(),
-                roots: vec![mountpoint.clone()],
+                mountpoint: mountpoint.clone(),
             });
         }
         Ok(Built {
