@@ -235,10 +235,10 @@ struct Aliases {
     /// Symlinks that leave the mount (by identity), with the target they had
     /// when that was logged.
     left: Mutex<std::collections::HashMap<(u64, u64), Vec<u8>>>,
-    /// The times of the root and of every other directory holding a name a
+    /// The times of the root, and of every other directory holding a name a
     /// glob spells out, when those names were last looked at (another node
     /// may make `_base` a symlink at any time).
-    stamps: Mutex<Option<Vec<TimeStamp>>>,
+    stamps: Mutex<Option<(TimeStamp, Vec<TimeStamp>)>>,
     /// Those other directories (`nova` for `nova/_base/**`), below the root.
     spelled_parents: Mutex<Vec<PathBuf>>,
 }
@@ -496,10 +496,10 @@ impl Passthrough {
         self.place_among(inode, inode.protected_names())
     }
 
-    /// One name of any kind the guard saw `inode` at (a hard link's) at
-    /// which it still is.
+    /// One unprotected name the guard saw `inode` at (a hard link's) at
+    /// which it still is (asked after [`Self::protected_place`] found none).
     fn live_place(&self, inode: &Inode) -> Result<Option<PathBuf>> {
-        self.place_among(inode, inode.names())
+        self.place_among(inode, inode.other_names())
     }
 
     fn place_among(&self, inode: &Inode, names: Vec<(u64, OsString)>) -> Result<Option<PathBuf>> {
@@ -882,18 +882,20 @@ impl Passthrough {
         let stamp = |st: &Stat| -> TimeStamp {
             (st.st_mtime, st.st_mtime_nsec, st.st_ctime, st.st_ctime_nsec)
         };
-        let mut now = vec![stamp(&st)];
         let mut calm = settled(&st);
+        // (No allocation for the default `_base/**`: no deeper directory.)
         let parents = self.aliases.spelled_parents.lock().clone();
+        let mut deeper = Vec::new();
         for dir in &parents {
             match sys::open_dir_in_root(root.as_fd(), dir).and_then(|d| sys::fstat(d.as_fd())) {
                 Ok(st) => {
-                    now.push(stamp(&st));
+                    deeper.push(stamp(&st));
                     calm &= settled(&st);
                 }
-                Err(_) => now.push((0, 0, 0, 0)),
+                Err(_) => deeper.push((0, 0, 0, 0)),
             }
         }
+        let now = (stamp(&st), deeper);
         if self.aliases.stamps.lock().as_ref() == Some(&now) {
             return;
         }

@@ -156,6 +156,12 @@ impl Inode {
         self.names_where(|prot| prot)
     }
 
+    /// The names the guard recorded for this file that are not protected
+    /// (a hard link's elsewhere).
+    pub fn other_names(&self) -> Vec<(u64, OsString)> {
+        self.names_where(|prot| !prot)
+    }
+
     /// Every name the guard recorded for this file.
     pub fn names(&self) -> Vec<(u64, OsString)> {
         self.names_where(|_| true)
