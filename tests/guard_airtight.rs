@@ -539,12 +539,20 @@ fn a_protected_name_made_a_symlink_on_another_node_protects_its_target_there_too
     let b = Mount::new(&bk, &[]);
     // B is serving, and has seen `_base` as a directory.
     assert!(fs::metadata(b.path("_base")).unwrap().is_dir());
-    fs::create_dir(a.path("cache")).unwrap();
-    fs::remove_dir(a.path("_base")).unwrap();
-    std::os::unix::fs::symlink("cache", a.path("_base")).unwrap();
-    fs::write(b.path("cache/x"), b"X").unwrap();
-    fs::remove_file(b.path("cache/x")).unwrap();
-    assert_eq!(held_for(&bk, "cache/x"), vec![b"X".to_vec()]);
+    symlinked_on_a_deleted_on_b(&bk, &a, &b, "");
+}
+
+/// On node A, make `{dir}_base` a symlink to a new `{dir}cache`; then on
+/// node B, which never looks the symlink up, write `{dir}cache/x` and delete
+/// it through the target's own name: it must be kept.
+fn symlinked_on_a_deleted_on_b(bk: &Path, a: &Mount, b: &Mount, dir: &str) {
+    fs::create_dir(a.path(&format!("{dir}cache"))).unwrap();
+    fs::remove_dir(a.path(&format!("{dir}_base"))).unwrap();
+    std::os::unix::fs::symlink("cache", a.path(&format!("{dir}_base"))).unwrap();
+    let x = format!("{dir}cache/x");
+    fs::write(b.path(&x), b"X").unwrap();
+    fs::remove_file(b.path(&x)).unwrap();
+    assert_eq!(held_for(bk, &x), vec![b"X".to_vec()]);
 }
 
 /// The symlink stays, the directory it names is made anew (`rm -rf cache;
@@ -622,12 +630,7 @@ fn a_deeper_protected_name_made_a_symlink_on_another_node_protects_its_target_th
     std::thread::sleep(std::time::Duration::from_millis(2500));
     assert!(fs::metadata(b.path("nova/_base")).unwrap().is_dir());
     assert!(fs::metadata(b.path("inst")).unwrap().is_dir());
-    fs::create_dir(a.path("nova/cache")).unwrap();
-    fs::remove_dir(a.path("nova/_base")).unwrap();
-    std::os::unix::fs::symlink("cache", a.path("nova/_base")).unwrap();
-    fs::write(b.path("nova/cache/x"), b"X").unwrap();
-    fs::remove_file(b.path("nova/cache/x")).unwrap();
-    assert_eq!(held_for(&bk, "nova/cache/x"), vec![b"X".to_vec()]);
+    symlinked_on_a_deleted_on_b(&bk, &a, &b, "nova/");
 }
 
 /// A symlink dropped *into* the protected directory is a protected file; it
